@@ -1,0 +1,381 @@
+// SPDX-FileCopyrightText: The peft authors
+// SPDX-License-Identifier: Apache-2.0
+// LoRA adapter over a caller-owned frozen dense weight: y = x Wᵀ + b + s (drop(x) Aᵀ) Bᵀ.
+#pragma once
+#include <peft/config.hpp>
+#include <peft/detail/checks.hpp>
+#include <peft/detail/parameter_storage.hpp>
+#include <peft/error.hpp>
+#include <peft/random.hpp>
+#include <peft/types.hpp>
+#include <peft/workspace.hpp>
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+PEFT_NAMESPACE_BEGIN
+
+/// How A is drawn (B starts at zero either way, so the adapter is a no-op at step 0).
+enum class LoraInit {
+  kaiming_uniform,  ///< PEFT's default (`init_lora_weights=True`): A ~ U(±1/√in), as nn.Linear.
+  gaussian,         ///< PEFT's "gaussian": A ~ N(0, (1/r)²) — std 1/r, not 1/√r.
+};
+
+/** Options for LoraLinear. Field names follow PEFT's `adapter_config.json` keys. */
+struct LoraOptions {
+  Index r = 8;                ///< rank; 0 < r <= min(in, out).
+  double lora_alpha = 8.0;    ///< scaling numerator: s = lora_alpha / r (or / √r with rsLoRA).
+  double lora_dropout = 0.0;  ///< dropout probability on the adapter input, in [0, 1).
+  bool use_rslora = false;    ///< rank-stabilised scaling s = lora_alpha / √r.
+  LoraInit init = LoraInit::kaiming_uniform;
+  std::uint64_t seed = 0;  ///< init stream when no Rng is passed (give each layer its own).
+};
+
+/**
+ * LoRA adapter (Hu et al. 2021, arXiv 2106.09685) over a frozen `[out, in]` weight W it does
+ * not own: `y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ` with A `[r, in]`, B `[out, r]`.
+ *
+ * W (and the bias) must outlive the adapter; the adapter only views them. Trainable A and B live
+ * in one contiguous buffer (`parameters()`: A row-major, then B row-major, PEFT's tensor
+ * layouts). `forward`, `add_delta` and `backward` are const, take caller-owned outputs and a
+ * Workspace, allocate nothing in the adapter's own path once the workspace is warm, and may run
+ * concurrently on one adapter from several threads with separate workspaces.
+ *
+ * \tparam Scalar_      float or double: type of A, B, the weight, inputs and outputs.
+ * \tparam WeightOrder_ storage order of W: Eigen::RowMajor (nn.Linear) or Eigen::ColMajor.
+ */
+template <typename Scalar_, int WeightOrder_ = Eigen::RowMajor>
+class LoraLinear {
+  static_assert(std::is_floating_point_v<Scalar_>,
+                "peft::LoraLinear: Scalar must be float or double.");
+  static_assert(WeightOrder_ == Eigen::RowMajor || WeightOrder_ == Eigen::ColMajor,
+                "peft::LoraLinear: WeightOrder must be Eigen::RowMajor or Eigen::ColMajor.");
+
+ public:
+  using Scalar = Scalar_;
+  static constexpr int WeightOrder = WeightOrder_;
+  using Matrix = RowMatrix<Scalar>;  ///< activations [tokens, features] and factors A, B
+  using ConstRef = Eigen::Ref<const Matrix>;
+  using Ref = Eigen::Ref<Matrix>;
+  using Weight = FrozenWeight<Scalar, WeightOrder>;
+  using Bias = FrozenBias<Scalar>;
+  using WeightMatrix = peft::Matrix<Scalar, WeightOrder>;
+  using WeightRef = Eigen::Ref<WeightMatrix>;
+  using GradientRef = Eigen::Ref<Vector<Scalar>>;
+  using Options = LoraOptions;
+
+  /// Binds (does not copy) W and draws A from `opts.seed`: `LoraLinear<float>(frozen(W), opts)`.
+  template <int Order>
+  LoraLinear(FrozenWeight<Scalar, Order> weight, const LoraOptions& opts)
+      : LoraLinear(weight, no_bias<Scalar>(), opts) {}
+  /// As above, drawing A from a shared stream (one Rng for a whole model).
+  template <int Order>
+  LoraLinear(FrozenWeight<Scalar, Order> weight, const LoraOptions& opts, Rng& rng)
+      : LoraLinear(weight, no_bias<Scalar>(), opts, rng) {}
+  /// With a frozen bias of length out (`peft::frozen_bias(b)`).
+  template <int Order>
+  LoraLinear(FrozenWeight<Scalar, Order> weight, Bias bias, const LoraOptions& opts)
+      : LoraLinear(weight, bias, opts, seeded(opts)) {}
+  template <int Order>
+  LoraLinear(FrozenWeight<Scalar, Order> weight, Bias bias, const LoraOptions& opts, Rng& rng)
+      : LoraLinear(weight, bias, opts, rng, 0) {}
+
+  Index in_features() const noexcept { return in_; }
+  Index out_features() const noexcept { return out_; }
+  Index rank() const noexcept { return options_.r; }
+  /// s = lora_alpha / r, or lora_alpha / √r with use_rslora.
+  Scalar scaling() const noexcept { return scaling_; }
+  const LoraOptions& options() const noexcept { return options_; }
+  /// r (in + out): the trainable parameter count.
+  Index num_parameters() const noexcept { return storage_.size(); }
+  /// True between merge_into and unmerge_from.
+  bool merged() const noexcept { return merged_; }
+
+  /// The frozen weight view (aliases the caller's buffer).
+  Weight weight() const noexcept { return Weight(w_data_, out_, in_, Eigen::OuterStride<>(w_ld_)); }
+  bool has_bias() const noexcept { return bias_data_ != nullptr; }
+  Bias bias() const noexcept { return Bias(bias_data_, has_bias() ? out_ : 0); }
+
+  /// All trainable values, flat: [A (r x in, row-major) | B (out x r, row-major)].
+  Eigen::Map<Vector<Scalar>> parameters() noexcept { return storage_.view(); }
+  Eigen::Map<const Vector<Scalar>> parameters() const noexcept { return storage_.view(); }
+  /// A `[r, in]` (PEFT's lora_A.weight), a view into parameters().
+  Eigen::Map<Matrix> a() noexcept { return {storage_.data(), rank(), in_}; }
+  Eigen::Map<const Matrix> a() const noexcept { return {storage_.data(), rank(), in_}; }
+  /// B `[out, r]` (PEFT's lora_B.weight), a view into parameters().
+  Eigen::Map<Matrix> b() noexcept { return {storage_.data() + rank() * in_, out_, rank()}; }
+  Eigen::Map<const Matrix> b() const noexcept {
+    return {storage_.data() + rank() * in_, out_, rank()};
+  }
+  /// Shaped views of a gradient buffer laid out like parameters().
+  Eigen::Map<Matrix> grad_a(GradientRef grad) const noexcept { return {grad.data(), rank(), in_}; }
+  Eigen::Map<Matrix> grad_b(GradientRef grad) const noexcept {
+    return {grad.data() + rank() * in_, out_, rank()};
+  }
+
+  /// Uses `external` (num_parameters() values, which receive the current ones) as storage.
+  void bind_parameters(Scalar* external) { storage_.bind(external); }
+  /// Returns to owned storage (values copied back).
+  void unbind_parameters() { storage_.unbind(); }
+
+  /// y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ. While merged, W already holds the delta.
+  void forward(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
+    check_forward("LoraLinear::forward()", x, y);
+    y.noalias() = x * weight().transpose();
+    if (has_bias()) y.rowwise() += bias().transpose();
+    if (!merged_) add_delta_unchecked(x, y, ws);
+  }
+
+  /// y += s · (drop(x) Aᵀ) Bᵀ only, for trainers that run the base product themselves.
+  /// Adds nothing while merged (the delta is in W then).
+  void add_delta(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
+    check_forward("LoraLinear::add_delta()", x, y);
+    if (!merged_) add_delta_unchecked(x, y, ws);
+  }
+
+  /**
+   * Exact gradients for the loss gradient `dy` at output: accumulates (+=) dA, dB into `grad`
+   * (laid out like parameters()) and writes dx = dy Wᵀᵀ + s ((dy B) A) ⊙ mask. With dropout on,
+   * reuses the mask that the matching forward recorded in `ws`.
+   */
+  void backward(const ConstRef& x, const ConstRef& dy, Ref dx, GradientRef grad,
+                Workspace<Scalar>& ws) const {
+    constexpr const char* where = "LoraLinear::backward()";
+    check_backward(where, x, dy, grad);
+    detail::check_shape(where, detail::operand("dx", dx), x.rows(), in_, detail::operand("x", x),
+                        weight_operand());
+    detail::check_no_overlap(where, "dy", dy, "dx", dx);
+    detail::check_no_overlap(where, "x", x, "dx", dx);
+    const Index n = x.rows();
+    auto u = ws.buffer(slot_u, n, rank());
+    u.noalias() = dy * b();  // dy B: [n, r], shared by dA and dx
+    const auto xd = dropped_input(where, x, ws);
+    accumulate_parameter_grads(xd, dy, u, grad, ws);
+    dx.noalias() = dy * weight();
+    if (dropout_active(ws)) {
+      const auto mask = ws.recorded_dropout_mask(this, where, n, in_);
+      auto v = ws.buffer(slot_x, n, in_);  // xd is no longer needed
+      v.noalias() = u * a();
+      dx.array() += scaling_ * v.array() * mask.array();
+    } else {
+      dx.noalias() += scaling_ * (u * a());
+    }
+  }
+
+  /// As backward() without the input gradient (first layer of a model).
+  void backward(const ConstRef& x, const ConstRef& dy, GradientRef grad,
+                Workspace<Scalar>& ws) const {
+    constexpr const char* where = "LoraLinear::backward()";
+    check_backward(where, x, dy, grad);
+    auto u = ws.buffer(slot_u, x.rows(), rank());
+    u.noalias() = dy * b();
+    accumulate_parameter_grads(dropped_input(where, x, ws), dy, u, grad, ws);
+  }
+
+  /// ΔW = s · B A, `[out, in]`, in the weight's storage order.
+  WeightMatrix delta_weight() const {
+    WeightMatrix delta(out_, in_);
+    delta.noalias() = scaling_ * (b() * a());
+    return delta;
+  }
+
+  /**
+   * W += s · B A into the weight this adapter views (pass the same matrix). Returns false and
+   * changes nothing if already merged. Throws numerical_error before touching W if A or B holds
+   * a non-finite value.
+   */
+  bool merge_into(WeightRef w) {
+    check_bound_weight("LoraLinear::merge_into()", w);
+    if (merged_) return false;
+    check_finite_factors("LoraLinear::merge_into()");
+    // One GEMM straight into W: the rank-r sum is accumulated in registers and rounded once.
+    w.noalias() += scaling_ * (b() * a());
+    merged_ = true;
+    return true;
+  }
+
+  /// W -= s · B A, undoing merge_into. Returns false and changes nothing if not merged.
+  bool unmerge_from(WeightRef w) {
+    check_bound_weight("LoraLinear::unmerge_from()", w);
+    if (!merged_) return false;
+    w.noalias() -= scaling_ * (b() * a());
+    merged_ = false;
+    return true;
+  }
+
+  /// Re-draws A with `rng` as at construction and zeroes B (the adapter becomes a no-op).
+  void reset_parameters(Rng& rng) {
+    if (options_.init == LoraInit::kaiming_uniform) {
+      // kaiming_uniform(a = √5) on [r, in]: gain √(2/(1+5)), bound gain·√(3/in) = 1/√in.
+      const double bound = 1.0 / std::sqrt(static_cast<double>(in_));
+      rng.fill_uniform(a(), -bound, bound);
+    } else {
+      rng.fill_normal(a(), 0.0, 1.0 / static_cast<double>(rank()));
+    }
+    b().setZero();
+  }
+
+ private:
+  static constexpr int slot_t = 0;  // x Aᵀ           [n, r]
+  static constexpr int slot_u = 1;  // dy B           [n, r]
+  static constexpr int slot_x = 2;  // dropout(x)     [n, in]
+
+  template <int Order>
+  LoraLinear(FrozenWeight<Scalar, Order> weight, Bias bias, const LoraOptions& opts, Rng& rng, int)
+      : options_(opts),
+        w_data_(weight.data()),
+        w_ld_(weight.outerStride()),
+        out_(weight.rows()),
+        in_(weight.cols()),
+        bias_data_(bias.data()) {
+    static_assert(Order == WeightOrder_,
+                  "peft::LoraLinear: the weight's storage order differs from the adapter's "
+                  "WeightOrder; use LoraLinear<Scalar, Eigen::ColMajor> for column-major weights.");
+    validate(bias);
+    scaling_ = static_cast<Scalar>(
+        options_.use_rslora ? options_.lora_alpha / std::sqrt(static_cast<double>(options_.r))
+                            : options_.lora_alpha / static_cast<double>(options_.r));
+    storage_ = detail::ParameterStorage<Scalar>(options_.r * (in_ + out_));
+    reset_parameters(rng);
+  }
+
+  // Owns the Rng of the seed-only constructors for the duration of the delegation.
+  struct SeededRng {
+    Rng rng;
+  };
+  static SeededRng seeded(const LoraOptions& opts) { return SeededRng{Rng(opts.seed)}; }
+  template <int Order>
+  LoraLinear(FrozenWeight<Scalar, Order> weight, Bias bias, const LoraOptions& opts,
+             SeededRng&& rng)
+      : LoraLinear(weight, bias, opts, rng.rng, 0) {}
+
+  void validate(const Bias& bias) const {
+    constexpr const char* where = "LoraLinear::LoraLinear()";
+    if (options_.r <= 0 || options_.r > std::min(in_, out_)) {
+      PEFT_THROW(config_error(std::string(where) + ": r = " + std::to_string(options_.r) +
+                              " must satisfy 0 < r <= min(out, in) = " +
+                              std::to_string(std::min(in_, out_)) + " (W is " +
+                              detail::shape_string(out_, in_) + ")"));
+    }
+    detail::check_finite_option(where, "lora_alpha", options_.lora_alpha);
+    if (!(options_.lora_dropout >= 0.0 && options_.lora_dropout < 1.0)) {
+      PEFT_THROW(config_error(std::string(where) + ": lora_dropout = " +
+                              std::to_string(options_.lora_dropout) + " must be in [0, 1)"));
+    }
+    if (bias.data() != nullptr && bias.size() != out_) {
+      PEFT_THROW(dimension_error(std::string(where) + ": bias has " + std::to_string(bias.size()) +
+                                 " entries, expected out_features = " + std::to_string(out_) +
+                                 " (W is " + detail::shape_string(out_, in_) + ")"));
+    }
+  }
+
+  detail::Operand weight_operand() const noexcept { return {"W", out_, in_}; }
+
+  void check_forward(const char* where, const ConstRef& x, const Ref& y) const {
+    detail::check_cols(where, detail::operand("x", x), in_, "in_features", weight_operand());
+    detail::check_shape(where, detail::operand("y", y), x.rows(), out_, detail::operand("x", x),
+                        weight_operand());
+    detail::check_no_overlap(where, "x", x, "y", y);
+  }
+
+  void check_backward(const char* where, const ConstRef& x, const ConstRef& dy,
+                      const GradientRef& grad) const {
+    if (merged_) {
+      PEFT_THROW(state_error(std::string(where) +
+                             ": the adapter is merged into W; unmerge_from(W) before training "
+                             "(a step taken while merged would make the unmerge subtract the "
+                             "wrong delta)"));
+    }
+    detail::check_cols(where, detail::operand("x", x), in_, "in_features", weight_operand());
+    detail::check_shape(where, detail::operand("dy", dy), x.rows(), out_, detail::operand("x", x),
+                        weight_operand());
+    detail::check_size(where, "grad", grad.size(), num_parameters(), "num_parameters()");
+  }
+
+  void check_bound_weight(const char* where, const WeightRef& w) const {
+    detail::check_shape(where, detail::operand("w", w), out_, in_, weight_operand());
+    if (w.data() != w_data_ || w.outerStride() != w_ld_) {
+      PEFT_THROW(config_error(std::string(where) +
+                              ": w is not the weight this adapter views; pass the same matrix "
+                              "(use delta_weight() to build a merged copy elsewhere)"));
+    }
+  }
+
+  void check_finite_factors(const char* where) const {
+    if (!detail::all_finite(parameters())) {
+      PEFT_THROW(numerical_error(std::string(where) +
+                                 ": A or B holds a non-finite value; W left unchanged"));
+    }
+  }
+
+  bool dropout_active(const Workspace<Scalar>& ws) const noexcept {
+    return options_.lora_dropout > 0.0 && ws.dropout_enabled();
+  }
+
+  // x itself, or x ⊙ mask (mask recorded by forward) in the workspace.
+  using InputView = Eigen::Map<const Matrix, Eigen::Unaligned, Eigen::OuterStride<>>;
+  InputView dropped_input(const char* where, const ConstRef& x, Workspace<Scalar>& ws) const {
+    if (!dropout_active(ws))
+      return InputView(x.data(), x.rows(), x.cols(), Eigen::OuterStride<>(x.outerStride()));
+    const auto mask = ws.recorded_dropout_mask(this, where, x.rows(), in_);
+    auto xd = ws.buffer(slot_x, x.rows(), in_);
+    xd.array() = x.array() * mask.array();
+    return InputView(xd.data(), xd.rows(), xd.cols(), Eigen::OuterStride<>(xd.cols()));
+  }
+
+  void accumulate_parameter_grads(const InputView& xd, const ConstRef& dy,
+                                  const Eigen::Map<Matrix>& u, GradientRef grad,
+                                  Workspace<Scalar>& ws) const {
+    auto t = ws.buffer(slot_t, xd.rows(), rank());
+    t.noalias() = xd * a().transpose();                               // [n, r]
+    grad_a(grad).noalias() += scaling_ * (u.transpose() * xd);        // s (dy B)ᵀ xd
+    grad_b(grad).noalias() += scaling_ * (dy.transpose() * t);        // s dyᵀ (xd Aᵀ)
+  }
+
+  void add_delta_unchecked(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
+    const Index n = x.rows();
+    auto t = ws.buffer(slot_t, n, rank());
+    if (dropout_active(ws)) {
+      const auto mask = ws.draw_dropout_mask(this, "LoraLinear::forward()", n, in_,
+                                             options_.lora_dropout);
+      auto xd = ws.buffer(slot_x, n, in_);
+      xd.array() = x.array() * mask.array();
+      t.noalias() = xd * a().transpose();
+    } else {
+      t.noalias() = x * a().transpose();
+    }
+    // Never form B A here: two thin products keep the cost at O(n r (in + out)).
+    y.noalias() += scaling_ * (t * b().transpose());
+  }
+
+  LoraOptions options_;
+  const Scalar* w_data_;
+  Index w_ld_;
+  Index out_;
+  Index in_;
+  const Scalar* bias_data_;
+  Scalar scaling_ = 0;
+  bool merged_ = false;
+  detail::ParameterStorage<Scalar> storage_;
+};
+
+template <typename Scalar, int Order>
+LoraLinear(FrozenWeight<Scalar, Order>, const LoraOptions&) -> LoraLinear<Scalar, Order>;
+template <typename Scalar, int Order>
+LoraLinear(FrozenWeight<Scalar, Order>, const LoraOptions&, Rng&) -> LoraLinear<Scalar, Order>;
+template <typename Scalar, int Order>
+LoraLinear(FrozenWeight<Scalar, Order>, FrozenBias<Scalar>, const LoraOptions&)
+    -> LoraLinear<Scalar, Order>;
+template <typename Scalar, int Order>
+LoraLinear(FrozenWeight<Scalar, Order>, FrozenBias<Scalar>, const LoraOptions&, Rng&)
+    -> LoraLinear<Scalar, Order>;
+
+using LoraLinearf = LoraLinear<float>;
+using LoraLineard = LoraLinear<double>;
+
+PEFT_NAMESPACE_END

@@ -1,0 +1,16 @@
+// SPDX-FileCopyrightText: The peft authors
+// SPDX-License-Identifier: Apache-2.0
+// Umbrella header: everything public in one include.
+#pragma once
+#include <peft/config.hpp>
+#include <peft/version.hpp>
+#include <peft/error.hpp>
+#include <peft/types.hpp>
+#include <peft/random.hpp>
+#include <peft/workspace.hpp>
+#include <peft/adapter.hpp>
+#include <peft/lora.hpp>
+#if __has_include(<peft/optim/adamw.hpp>)
+#  include <peft/optim/adamw.hpp>
+#  include <peft/optim/schedule.hpp>
+#endif
