@@ -1,0 +1,27 @@
+// SPDX-FileCopyrightText: The peft authors
+// SPDX-License-Identifier: Apache-2.0
+// One of two translation units that include every public header and link into one binary.
+#include <peft/peft.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <string>
+
+double odr_forward_b();
+
+static double odr_forward_a() {
+  peft::RowMatrix<double> w = peft::RowMatrix<double>::Identity(4, 4);
+  peft::LoraOptions o;
+  o.r = 2;
+  peft::LoraLinear<double> lora(peft::frozen(w), o);
+  lora.b().setOnes();
+  peft::RowMatrix<double> x = peft::RowMatrix<double>::Ones(1, 4), y(1, 4);
+  peft::Workspace<double> ws;
+  lora.forward(x, y, ws);
+  return y.sum();
+}
+
+TEST_CASE("Two translation units including peft.hpp link into one program", "[odr]") {
+  REQUIRE(odr_forward_a() == odr_forward_b());
+  REQUIRE(std::string(peft::version_string()) == PEFT_VERSION_STRING);
+}
