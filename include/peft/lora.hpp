@@ -4,6 +4,7 @@
 #pragma once
 #include <peft/config.hpp>
 #include <peft/detail/checks.hpp>
+#include <peft/detail/frozen_linear.hpp>
 #include <peft/detail/parameter_storage.hpp>
 #include <peft/error.hpp>
 #include <peft/random.hpp>
@@ -55,6 +56,7 @@ class LoraLinear {
                 "peft::LoraLinear: Scalar must be float or double.");
   static_assert(WeightOrder_ == Eigen::RowMajor || WeightOrder_ == Eigen::ColMajor,
                 "peft::LoraLinear: WeightOrder must be Eigen::RowMajor or Eigen::ColMajor.");
+  using Base = detail::FrozenLinear<Scalar_, WeightOrder_>;
 
  public:
   using Scalar = Scalar_;
@@ -80,13 +82,20 @@ class LoraLinear {
   /// With a frozen bias of length out (`peft::frozen_bias(b)`).
   template <int Order>
   LoraLinear(FrozenWeight<Scalar, Order> weight, Bias bias, const LoraOptions& opts)
-      : LoraLinear(weight, bias, opts, seeded(opts)) {}
+      : LoraLinear(weight, bias, opts, Seeded{Rng(opts.seed)}) {}
   template <int Order>
   LoraLinear(FrozenWeight<Scalar, Order> weight, Bias bias, const LoraOptions& opts, Rng& rng)
-      : LoraLinear(weight, bias, opts, rng, 0) {}
+      : base_("LoraLinear", check_order(weight), bias), options_(opts) {
+    validate();
+    scaling_ = static_cast<Scalar>(
+        options_.use_rslora ? options_.lora_alpha / std::sqrt(static_cast<double>(options_.r))
+                            : options_.lora_alpha / static_cast<double>(options_.r));
+    storage_ = detail::ParameterStorage<Scalar>(options_.r * (in_features() + out_features()));
+    reset_parameters(rng);
+  }
 
-  Index in_features() const noexcept { return in_; }
-  Index out_features() const noexcept { return out_; }
+  Index in_features() const noexcept { return base_.in(); }
+  Index out_features() const noexcept { return base_.out(); }
   Index rank() const noexcept { return options_.r; }
   /// s = lora_alpha / r, or lora_alpha / √r with use_rslora.
   Scalar scaling() const noexcept { return scaling_; }
@@ -94,28 +103,30 @@ class LoraLinear {
   /// r (in + out): the trainable parameter count.
   Index num_parameters() const noexcept { return storage_.size(); }
   /// True between merge_into and unmerge_from.
-  bool merged() const noexcept { return merged_; }
+  bool merged() const noexcept { return base_.merged(); }
 
   /// The frozen weight view (aliases the caller's buffer).
-  Weight weight() const noexcept { return Weight(w_data_, out_, in_, Eigen::OuterStride<>(w_ld_)); }
-  bool has_bias() const noexcept { return bias_data_ != nullptr; }
-  Bias bias() const noexcept { return Bias(bias_data_, has_bias() ? out_ : 0); }
+  Weight weight() const noexcept { return base_.weight(); }
+  bool has_bias() const noexcept { return base_.has_bias(); }
+  Bias bias() const noexcept { return base_.bias(); }
 
   /// All trainable values, flat: [A (r x in, row-major) | B (out x r, row-major)].
   Eigen::Map<Vector<Scalar>> parameters() noexcept { return storage_.view(); }
   Eigen::Map<const Vector<Scalar>> parameters() const noexcept { return storage_.view(); }
   /// A `[r, in]` (PEFT's lora_A.weight), a view into parameters().
-  Eigen::Map<Matrix> a() noexcept { return {storage_.data(), rank(), in_}; }
-  Eigen::Map<const Matrix> a() const noexcept { return {storage_.data(), rank(), in_}; }
+  Eigen::Map<Matrix> a() noexcept { return {storage_.data(), rank(), in_features()}; }
+  Eigen::Map<const Matrix> a() const noexcept { return {storage_.data(), rank(), in_features()}; }
   /// B `[out, r]` (PEFT's lora_B.weight), a view into parameters().
-  Eigen::Map<Matrix> b() noexcept { return {storage_.data() + rank() * in_, out_, rank()}; }
+  Eigen::Map<Matrix> b() noexcept { return {storage_.data() + b_offset(), out_features(), rank()}; }
   Eigen::Map<const Matrix> b() const noexcept {
-    return {storage_.data() + rank() * in_, out_, rank()};
+    return {storage_.data() + b_offset(), out_features(), rank()};
   }
   /// Shaped views of a gradient buffer laid out like parameters().
-  Eigen::Map<Matrix> grad_a(GradientRef grad) const noexcept { return {grad.data(), rank(), in_}; }
+  Eigen::Map<Matrix> grad_a(GradientRef grad) const noexcept {
+    return {grad.data(), rank(), in_features()};
+  }
   Eigen::Map<Matrix> grad_b(GradientRef grad) const noexcept {
-    return {grad.data() + rank() * in_, out_, rank()};
+    return {grad.data() + b_offset(), out_features(), rank()};
   }
 
   /// Uses `external` (num_parameters() values, which receive the current ones) as storage.
@@ -125,41 +136,33 @@ class LoraLinear {
 
   /// y = x Wᵀ + b + s · (drop(x) Aᵀ) Bᵀ. While merged, W already holds the delta.
   void forward(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
-    check_forward("LoraLinear::forward()", x, y);
-    y.noalias() = x * weight().transpose();
-    if (has_bias()) y.rowwise() += bias().transpose();
-    if (!merged_) add_delta_unchecked(x, y, ws);
+    base_.check_forward("forward()", x, y);
+    base_.base_forward(x, y);
+    if (!merged()) add_delta_unchecked(x, y, ws);
   }
 
   /// y += s · (drop(x) Aᵀ) Bᵀ only, for trainers that run the base product themselves.
   /// Adds nothing while merged (the delta is in W then).
   void add_delta(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
-    check_forward("LoraLinear::add_delta()", x, y);
-    if (!merged_) add_delta_unchecked(x, y, ws);
+    base_.check_forward("add_delta()", x, y);
+    if (!merged()) add_delta_unchecked(x, y, ws);
   }
 
   /**
-   * Exact gradients for the loss gradient `dy` at output: accumulates (+=) dA, dB into `grad`
-   * (laid out like parameters()) and writes dx = dy Wᵀᵀ + s ((dy B) A) ⊙ mask. With dropout on,
-   * reuses the mask that the matching forward recorded in `ws`.
+   * Exact gradients for the loss gradient `dy` at the output: accumulates (+=) dA and dB into
+   * `grad` (laid out like parameters()) and writes dx = dy W + s ((dy B) A) ⊙ mask. With dropout
+   * on, reuses the mask that the matching forward recorded in `ws`.
    */
   void backward(const ConstRef& x, const ConstRef& dy, Ref dx, GradientRef grad,
                 Workspace<Scalar>& ws) const {
-    constexpr const char* where = "LoraLinear::backward()";
-    check_backward(where, x, dy, grad);
-    detail::check_shape(where, detail::operand("dx", dx), x.rows(), in_, detail::operand("x", x),
-                        weight_operand());
-    detail::check_no_overlap(where, "dy", dy, "dx", dx);
-    detail::check_no_overlap(where, "x", x, "dx", dx);
-    const Index n = x.rows();
-    auto u = ws.buffer(slot_u, n, rank());
-    u.noalias() = dy * b();  // dy B: [n, r], shared by dA and dx
-    const auto xd = dropped_input(where, x, ws);
-    accumulate_parameter_grads(xd, dy, u, grad, ws);
+    base_.check_backward("backward()", x, dy, grad.size(), num_parameters());
+    base_.check_dx("backward()", x, dy, dx);
+    const auto& u = parameter_gradients(x, dy, grad, ws);
     dx.noalias() = dy * weight();
-    if (dropout_active(ws)) {
-      const auto mask = ws.recorded_dropout_mask(this, where, n, in_);
-      auto v = ws.buffer(slot_x, n, in_);  // xd is no longer needed
+    if (Base::dropout_active(options_.lora_dropout, ws)) {
+      const auto mask = ws.recorded_dropout_mask(this, "LoraLinear::backward()", x.rows(),
+                                                 in_features());
+      auto v = ws.buffer(slot_x, x.rows(), in_features());  // dropout(x) is no longer needed
       v.noalias() = u * a();
       dx.array() += scaling_ * v.array() * mask.array();
     } else {
@@ -167,19 +170,16 @@ class LoraLinear {
     }
   }
 
-  /// As backward() without the input gradient (first layer of a model).
+  /// As backward() without the input gradient (e.g. the first layer of a model).
   void backward(const ConstRef& x, const ConstRef& dy, GradientRef grad,
                 Workspace<Scalar>& ws) const {
-    constexpr const char* where = "LoraLinear::backward()";
-    check_backward(where, x, dy, grad);
-    auto u = ws.buffer(slot_u, x.rows(), rank());
-    u.noalias() = dy * b();
-    accumulate_parameter_grads(dropped_input(where, x, ws), dy, u, grad, ws);
+    base_.check_backward("backward()", x, dy, grad.size(), num_parameters());
+    parameter_gradients(x, dy, grad, ws);
   }
 
   /// ΔW = s · B A, `[out, in]`, in the weight's storage order.
   WeightMatrix delta_weight() const {
-    WeightMatrix delta(out_, in_);
+    WeightMatrix delta(out_features(), in_features());
     delta.noalias() = scaling_ * (b() * a());
     return delta;
   }
@@ -190,21 +190,21 @@ class LoraLinear {
    * a non-finite value.
    */
   bool merge_into(WeightRef w) {
-    check_bound_weight("LoraLinear::merge_into()", w);
-    if (merged_) return false;
-    check_finite_factors("LoraLinear::merge_into()");
+    base_.check_bound_weight("merge_into()", w);
+    if (merged()) return false;
+    base_.check_finite_parameters("merge_into()", parameters());
     // One GEMM straight into W: the rank-r sum is accumulated in registers and rounded once.
     w.noalias() += scaling_ * (b() * a());
-    merged_ = true;
+    base_.set_merged(true);
     return true;
   }
 
   /// W -= s · B A, undoing merge_into. Returns false and changes nothing if not merged.
   bool unmerge_from(WeightRef w) {
-    check_bound_weight("LoraLinear::unmerge_from()", w);
-    if (!merged_) return false;
+    base_.check_bound_weight("unmerge_from()", w);
+    if (!merged()) return false;
     w.noalias() -= scaling_ * (b() * a());
-    merged_ = false;
+    base_.set_merged(false);
     return true;
   }
 
@@ -212,7 +212,7 @@ class LoraLinear {
   void reset_parameters(Rng& rng) {
     if (options_.init == LoraInit::kaiming_uniform) {
       // kaiming_uniform(a = √5) on [r, in]: gain √(2/(1+5)), bound gain·√(3/in) = 1/√in.
-      const double bound = 1.0 / std::sqrt(static_cast<double>(in_));
+      const double bound = 1.0 / std::sqrt(static_cast<double>(in_features()));
       rng.fill_uniform(a(), -bound, bound);
     } else {
       rng.fill_normal(a(), 0.0, 1.0 / static_cast<double>(rank()));
@@ -221,146 +221,70 @@ class LoraLinear {
   }
 
  private:
-  static constexpr int slot_t = 0;  // x Aᵀ           [n, r]
+  static constexpr int slot_t = 0;  // dropout(x) Aᵀ  [n, r]
   static constexpr int slot_u = 1;  // dy B           [n, r]
   static constexpr int slot_x = 2;  // dropout(x)     [n, in]
 
+  // Owns the Rng of the seed-only constructors for the duration of the delegation.
+  struct Seeded {
+    Rng rng;
+  };
   template <int Order>
-  LoraLinear(FrozenWeight<Scalar, Order> weight, Bias bias, const LoraOptions& opts, Rng& rng, int)
-      : options_(opts),
-        w_data_(weight.data()),
-        w_ld_(weight.outerStride()),
-        out_(weight.rows()),
-        in_(weight.cols()),
-        bias_data_(bias.data()) {
+  LoraLinear(FrozenWeight<Scalar, Order> weight, Bias bias, const LoraOptions& opts, Seeded&& s)
+      : LoraLinear(weight, bias, opts, s.rng) {}
+
+  template <int Order>
+  static const Weight& check_order(const FrozenWeight<Scalar, Order>& weight) {
     static_assert(Order == WeightOrder_,
                   "peft::LoraLinear: the weight's storage order differs from the adapter's "
                   "WeightOrder; use LoraLinear<Scalar, Eigen::ColMajor> for column-major weights.");
-    validate(bias);
-    scaling_ = static_cast<Scalar>(
-        options_.use_rslora ? options_.lora_alpha / std::sqrt(static_cast<double>(options_.r))
-                            : options_.lora_alpha / static_cast<double>(options_.r));
-    storage_ = detail::ParameterStorage<Scalar>(options_.r * (in_ + out_));
-    reset_parameters(rng);
+    return weight;
   }
 
-  // Owns the Rng of the seed-only constructors for the duration of the delegation.
-  struct SeededRng {
-    Rng rng;
-  };
-  static SeededRng seeded(const LoraOptions& opts) { return SeededRng{Rng(opts.seed)}; }
-  template <int Order>
-  LoraLinear(FrozenWeight<Scalar, Order> weight, Bias bias, const LoraOptions& opts,
-             SeededRng&& rng)
-      : LoraLinear(weight, bias, opts, rng.rng, 0) {}
-
-  void validate(const Bias& bias) const {
-    constexpr const char* where = "LoraLinear::LoraLinear()";
-    if (options_.r <= 0 || options_.r > std::min(in_, out_)) {
-      PEFT_THROW(config_error(std::string(where) + ": r = " + std::to_string(options_.r) +
+  void validate() const {
+    const Index in = in_features(), out = out_features();
+    const std::string where = "LoraLinear::LoraLinear()";
+    if (options_.r <= 0 || options_.r > std::min(in, out)) {
+      PEFT_THROW(config_error(where + ": r = " + std::to_string(options_.r) +
                               " must satisfy 0 < r <= min(out, in) = " +
-                              std::to_string(std::min(in_, out_)) + " (W is " +
-                              detail::shape_string(out_, in_) + ")"));
+                              std::to_string(std::min(in, out)) + " (W is " +
+                              detail::shape_string(out, in) + ")"));
     }
-    detail::check_finite_option(where, "lora_alpha", options_.lora_alpha);
+    detail::check_finite_option(where.c_str(), "lora_alpha", options_.lora_alpha);
     if (!(options_.lora_dropout >= 0.0 && options_.lora_dropout < 1.0)) {
-      PEFT_THROW(config_error(std::string(where) + ": lora_dropout = " +
-                              std::to_string(options_.lora_dropout) + " must be in [0, 1)"));
-    }
-    if (bias.data() != nullptr && bias.size() != out_) {
-      PEFT_THROW(dimension_error(std::string(where) + ": bias has " + std::to_string(bias.size()) +
-                                 " entries, expected out_features = " + std::to_string(out_) +
-                                 " (W is " + detail::shape_string(out_, in_) + ")"));
+      PEFT_THROW(config_error(where + ": lora_dropout = " + std::to_string(options_.lora_dropout) +
+                              " must be in [0, 1)"));
     }
   }
 
-  detail::Operand weight_operand() const noexcept { return {"W", out_, in_}; }
+  Index b_offset() const noexcept { return rank() * in_features(); }
 
-  void check_forward(const char* where, const ConstRef& x, const Ref& y) const {
-    detail::check_cols(where, detail::operand("x", x), in_, "in_features", weight_operand());
-    detail::check_shape(where, detail::operand("y", y), x.rows(), out_, detail::operand("x", x),
-                        weight_operand());
-    detail::check_no_overlap(where, "x", x, "y", y);
-  }
-
-  void check_backward(const char* where, const ConstRef& x, const ConstRef& dy,
-                      const GradientRef& grad) const {
-    if (merged_) {
-      PEFT_THROW(state_error(std::string(where) +
-                             ": the adapter is merged into W; unmerge_from(W) before training "
-                             "(a step taken while merged would make the unmerge subtract the "
-                             "wrong delta)"));
-    }
-    detail::check_cols(where, detail::operand("x", x), in_, "in_features", weight_operand());
-    detail::check_shape(where, detail::operand("dy", dy), x.rows(), out_, detail::operand("x", x),
-                        weight_operand());
-    detail::check_size(where, "grad", grad.size(), num_parameters(), "num_parameters()");
-  }
-
-  void check_bound_weight(const char* where, const WeightRef& w) const {
-    detail::check_shape(where, detail::operand("w", w), out_, in_, weight_operand());
-    if (w.data() != w_data_ || w.outerStride() != w_ld_) {
-      PEFT_THROW(config_error(std::string(where) +
-                              ": w is not the weight this adapter views; pass the same matrix "
-                              "(use delta_weight() to build a merged copy elsewhere)"));
-    }
-  }
-
-  void check_finite_factors(const char* where) const {
-    if (!detail::all_finite(parameters())) {
-      PEFT_THROW(numerical_error(std::string(where) +
-                                 ": A or B holds a non-finite value; W left unchanged"));
-    }
-  }
-
-  bool dropout_active(const Workspace<Scalar>& ws) const noexcept {
-    return options_.lora_dropout > 0.0 && ws.dropout_enabled();
-  }
-
-  // x itself, or x ⊙ mask (mask recorded by forward) in the workspace.
-  using InputView = Eigen::Map<const Matrix, Eigen::Unaligned, Eigen::OuterStride<>>;
-  InputView dropped_input(const char* where, const ConstRef& x, Workspace<Scalar>& ws) const {
-    if (!dropout_active(ws))
-      return InputView(x.data(), x.rows(), x.cols(), Eigen::OuterStride<>(x.outerStride()));
-    const auto mask = ws.recorded_dropout_mask(this, where, x.rows(), in_);
-    auto xd = ws.buffer(slot_x, x.rows(), in_);
-    xd.array() = x.array() * mask.array();
-    return InputView(xd.data(), xd.rows(), xd.cols(), Eigen::OuterStride<>(xd.cols()));
-  }
-
-  void accumulate_parameter_grads(const InputView& xd, const ConstRef& dy,
-                                  const Eigen::Map<Matrix>& u, GradientRef grad,
-                                  Workspace<Scalar>& ws) const {
-    auto t = ws.buffer(slot_t, xd.rows(), rank());
-    t.noalias() = xd * a().transpose();                               // [n, r]
-    grad_a(grad).noalias() += scaling_ * (u.transpose() * xd);        // s (dy B)ᵀ xd
-    grad_b(grad).noalias() += scaling_ * (dy.transpose() * t);        // s dyᵀ (xd Aᵀ)
+  // Accumulates dA, dB; returns u = dy B (in the workspace) for the input gradient.
+  Eigen::Map<Matrix> parameter_gradients(const ConstRef& x, const ConstRef& dy, GradientRef grad,
+                                         Workspace<Scalar>& ws) const {
+    const auto xd = Base::backward_input(this, "LoraLinear::backward()", x, options_.lora_dropout,
+                                         ws, slot_x);
+    auto t = ws.buffer(slot_t, x.rows(), rank());
+    auto u = ws.buffer(slot_u, x.rows(), rank());
+    t.noalias() = xd * a().transpose();                         // [n, r]
+    u.noalias() = dy * b();                                     // [n, r]
+    grad_a(grad).noalias() += scaling_ * (u.transpose() * xd);  // s (dy B)ᵀ xd
+    grad_b(grad).noalias() += scaling_ * (dy.transpose() * t);  // s dyᵀ (xd Aᵀ)
+    return u;
   }
 
   void add_delta_unchecked(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
-    const Index n = x.rows();
-    auto t = ws.buffer(slot_t, n, rank());
-    if (dropout_active(ws)) {
-      const auto mask = ws.draw_dropout_mask(this, "LoraLinear::forward()", n, in_,
-                                             options_.lora_dropout);
-      auto xd = ws.buffer(slot_x, n, in_);
-      xd.array() = x.array() * mask.array();
-      t.noalias() = xd * a().transpose();
-    } else {
-      t.noalias() = x * a().transpose();
-    }
+    const auto xd = Base::forward_input(this, "LoraLinear::forward()", x, options_.lora_dropout,
+                                        ws, slot_x);
+    auto t = ws.buffer(slot_t, x.rows(), rank());
+    t.noalias() = xd * a().transpose();
     // Never form B A here: two thin products keep the cost at O(n r (in + out)).
     y.noalias() += scaling_ * (t * b().transpose());
   }
 
+  Base base_;
   LoraOptions options_;
-  const Scalar* w_data_;
-  Index w_ld_;
-  Index out_;
-  Index in_;
-  const Scalar* bias_data_;
   Scalar scaling_ = 0;
-  bool merged_ = false;
   detail::ParameterStorage<Scalar> storage_;
 };
 

@@ -10,7 +10,5 @@
 #include <peft/workspace.hpp>
 #include <peft/adapter.hpp>
 #include <peft/lora.hpp>
-#if __has_include(<peft/optim/adamw.hpp>)
-#  include <peft/optim/adamw.hpp>
-#  include <peft/optim/schedule.hpp>
-#endif
+#include <peft/optim/adamw.hpp>
+#include <peft/optim/schedule.hpp>

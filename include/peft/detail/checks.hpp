@@ -89,26 +89,20 @@ inline void check_size(const char* where, const char* name, Index got, Index exp
   }
 }
 
-/// Rejects an output that overlaps an input: the kernels write with noalias().
-template <typename In, typename Out>
-void check_no_overlap(const char* where, const char* in_name, const Eigen::DenseBase<In>& in,
-                      const char* out_name, const Eigen::DenseBase<Out>& out) {
-  const auto& a = in.derived();
-  const auto& b = out.derived();
-  if (a.size() == 0 || b.size() == 0) return;
+/// True when the memory spans of two dense operands intersect.
+template <typename A, typename B>
+bool overlaps(const Eigen::DenseBase<A>& a_, const Eigen::DenseBase<B>& b_) noexcept {
+  const auto& a = a_.derived();
+  const auto& b = b_.derived();
+  if (a.size() == 0 || b.size() == 0) return false;
+  // Conservative extents: first element to one past the last (the outer stride covers gaps).
+  const auto span = [](const auto& m) {
+    return static_cast<std::size_t>((m.outerSize() - 1) * m.outerStride() + m.innerSize()) *
+           sizeof(*m.data());
+  };
   const auto* a0 = reinterpret_cast<const char*>(a.data());
   const auto* b0 = reinterpret_cast<const char*>(b.data());
-  // Conservative extents: first element to one past the last (outer stride covers the gaps).
-  const auto span = [](const auto& m) {
-    const Index outer = m.outerSize(), inner = m.innerSize();
-    return static_cast<std::size_t>((outer - 1) * m.outerStride() + inner) * sizeof(*m.data());
-  };
-  const auto* a1 = a0 + span(a);
-  const auto* b1 = b0 + span(b);
-  if (a0 < b1 && b0 < a1) {
-    PEFT_THROW(dimension_error(std::string(where) + ": " + out_name + " overlaps " + in_name +
-                               " in memory; pass a separate output buffer"));
-  }
+  return a0 < b0 + span(b) && b0 < a0 + span(a);
 }
 
 template <typename Derived>
