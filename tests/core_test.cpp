@@ -119,3 +119,17 @@ TEST_CASE("Workspace buffers grow once and are reused", "[core][workspace]") {
   ws.disable_dropout();
   REQUIRE_FALSE(ws.dropout_enabled());
 }
+
+TEST_CASE("Workspace dropout resumes its stream after an evaluation", "[core][workspace]") {
+  peft::Workspace<double> a, b;
+  a.enable_dropout(5);
+  b.enable_dropout(5);
+  int owner = 0;
+  const auto first = a.draw_dropout_mask(&owner, "test", 4, 8, 0.5).eval();
+  REQUIRE(b.draw_dropout_mask(&owner, "test", 4, 8, 0.5) == first);
+  a.disable_dropout();
+  a.enable_dropout();  // resume: a new mask, the one b draws next
+  const auto second = a.draw_dropout_mask(&owner, "test", 4, 8, 0.5).eval();
+  REQUIRE(second != first);
+  REQUIRE(b.draw_dropout_mask(&owner, "test", 4, 8, 0.5) == second);
+}

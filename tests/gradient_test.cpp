@@ -6,7 +6,8 @@
 using namespace peft_test;
 
 using DoubleAdapterTypes =
-    std::tuple<peft::LoraLinear<double, Eigen::RowMajor>, peft::LoraLinear<double, Eigen::ColMajor>>;
+    std::tuple<peft::LoraLinear<double, Eigen::RowMajor>, peft::LoraLinear<double, Eigen::ColMajor>,
+               peft::VeraLinear<double, Eigen::RowMajor>, peft::VeraLinear<double, Eigen::ColMajor>>;
 
 namespace {
 

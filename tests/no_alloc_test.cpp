@@ -64,3 +64,31 @@ TEST_CASE("LoRA's rank-r path allocates nothing at transformer sizes", "[no_allo
   }
   REQUIRE(y.allFinite());
 }
+
+TEMPLATE_TEST_CASE("VeRA add_delta and backward allocate nothing in steady state",
+                   "[no_alloc][vera]", float, double) {
+  const Index out = 48, in = 40, n = 16, r = 32;
+  const auto w = random_matrix<TestType>(out, in, 1);
+  const peft::VeraProjections<TestType> projections(r, 64, 64, 0);
+  peft::VeraOptions o;
+  o.r = r;
+  o.vera_dropout = GENERATE(0.0, 0.1);
+  peft::VeraLinear<TestType> vera(peft::frozen(w), projections, o);
+  vera.lambda_b().setConstant(TestType(0.5));
+  const auto x = random_matrix<TestType>(n, in, 3);
+  const auto dy = random_matrix<TestType>(n, out, 4);
+  peft::RowMatrix<TestType> y(n, out), dx(n, in);
+  peft::Vector<TestType> grad = peft::Vector<TestType>::Zero(vera.num_parameters());
+  peft::Workspace<TestType> ws;
+  ws.enable_dropout(7);
+  vera.forward(x, y, ws);  // warm-up
+  vera.backward(x, dy, dx, grad, ws);
+  {
+    NoMalloc guard;
+    vera.add_delta(x, y, ws);
+    vera.forward(x, y, ws);
+    vera.backward(x, dy, dx, grad, ws);
+    vera.backward(x, dy, grad, ws);
+  }
+  REQUIRE(grad.allFinite());
+}

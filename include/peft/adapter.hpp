@@ -44,6 +44,11 @@ PEFT_DETAIL_DETECT(has_backward,
                                                      std::declval<adapter_matrix_t<T>&>(),
                                                      std::declval<Vector<typename T::Scalar>&>(),
                                                      std::declval<Workspace<typename T::Scalar>&>()));
+PEFT_DETAIL_DETECT(has_backward_without_dx,
+                   std::declval<const T&>().backward(std::declval<const adapter_matrix_t<T>&>(),
+                                                     std::declval<const adapter_matrix_t<T>&>(),
+                                                     std::declval<Vector<typename T::Scalar>&>(),
+                                                     std::declval<Workspace<typename T::Scalar>&>()));
 PEFT_DETAIL_DETECT(has_merge_into,
                    std::declval<T&>().merge_into(std::declval<typename T::WeightMatrix&>()));
 PEFT_DETAIL_DETECT(has_unmerge_from,
@@ -56,7 +61,8 @@ template <typename T>
 constexpr bool adapter_members_v =
     has_in_features<T>::value && has_out_features<T>::value && has_rank<T>::value &&
     has_num_parameters<T>::value && has_parameters<T>::value && has_forward<T>::value &&
-    has_add_delta<T>::value && has_backward<T>::value && has_merge_into<T>::value &&
+    has_add_delta<T>::value && has_backward<T>::value && has_backward_without_dx<T>::value &&
+    has_merge_into<T>::value &&
     has_unmerge_from<T>::value && has_delta_weight<T>::value;
 
 template <typename T, bool = has_scalar<T>::value>
@@ -94,6 +100,8 @@ constexpr bool check_adapter() {
                   "peft adapter contract: missing `add_delta(x, y, workspace) const`.");
     static_assert(detail::has_backward<T>::value,
                   "peft adapter contract: missing `backward(x, dy, dx, grad, workspace) const`.");
+    static_assert(detail::has_backward_without_dx<T>::value,
+                  "peft adapter contract: missing `backward(x, dy, grad, workspace) const` (no dx).");
     static_assert(detail::has_merge_into<T>::value,
                   "peft adapter contract: missing `merge_into(W)` taking the frozen weight.");
     static_assert(detail::has_unmerge_from<T>::value,

@@ -10,5 +10,6 @@
 #include <peft/workspace.hpp>
 #include <peft/adapter.hpp>
 #include <peft/lora.hpp>
+#include <peft/vera.hpp>
 #include <peft/optim/adamw.hpp>
 #include <peft/optim/schedule.hpp>

@@ -58,7 +58,7 @@ class Rng {
   /// Uniform double in [0, 1) with 53 random bits.
   double uniform() noexcept { return static_cast<double>(next() >> 11) * 0x1.0p-53; }
   /// Uniform double in [lo, hi).
-  double uniform(double lo, double hi) noexcept { return lo + (hi - lo) * uniform(); }
+  double uniform(double lo, double hi) noexcept { return lo + rounded_product(hi - lo, uniform()); }
 
   /// Standard normal draw (Marsaglia's polar method; pairs are cached).
   double normal() noexcept {
@@ -70,7 +70,7 @@ class Rng {
     do {
       u = 2.0 * uniform() - 1.0;
       v = 2.0 * uniform() - 1.0;
-      s = u * u + v * v;
+      s = rounded_product(u, u) + rounded_product(v, v);
     } while (s >= 1.0 || s == 0.0);
     const double factor = std::sqrt(-2.0 * std::log(s) / s);
     spare_normal_ = v * factor;
@@ -78,7 +78,9 @@ class Rng {
     return u * factor;
   }
   /// Normal draw with the given mean and standard deviation.
-  double normal(double mean, double stddev) noexcept { return mean + stddev * normal(); }
+  double normal(double mean, double stddev) noexcept {
+    return mean + rounded_product(stddev, normal());
+  }
 
   /// An independent stream derived from this one (advances this stream by one draw).
   Rng split() noexcept { return Rng(next()); }
@@ -95,6 +97,12 @@ class Rng {
   }
 
  private:
+  // a·b rounded on its own: stops the compiler from fusing it with a following add into an FMA
+  // (-ffp-contract), which would change the last bit on FMA hardware only.
+  static double rounded_product(double a, double b) noexcept {
+    volatile double product = a * b;
+    return product;
+  }
   static std::uint64_t rotl(std::uint64_t x, int k) noexcept { return (x << k) | (x >> (64 - k)); }
   static std::uint64_t splitmix64(std::uint64_t& x) noexcept {
     std::uint64_t z = (x += 0x9e3779b97f4a7c15ULL);

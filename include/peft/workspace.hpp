@@ -56,6 +56,11 @@ class Workspace {
     rng_.reseed(seed);
     mask_owner_ = nullptr;
   }
+  /// Back to training mode with the stream where it stopped (no reseed), after an evaluation.
+  void enable_dropout() noexcept {
+    mode_ = DropoutMode::sampled;
+    mask_owner_ = nullptr;
+  }
   /// Inference mode (default): dropout is the identity.
   void disable_dropout() noexcept {
     mode_ = DropoutMode::off;

@@ -45,6 +45,26 @@ struct AdapterMaker<peft::LoraLinear<Scalar, Order>> {
   }
 };
 
+template <typename Scalar, int Order>
+struct AdapterMaker<peft::VeraLinear<Scalar, Order>> {
+  using Adapter = peft::VeraLinear<Scalar, Order>;
+  static constexpr bool zero_delta_at_init = true;
+  static constexpr Index rank = 5;
+  // One shared pair, large enough for every shape the battery uses.
+  peft::VeraProjections<Scalar> projections{rank, 64, 64, /*projection_prng_key=*/3};
+
+  Adapter make(peft::FrozenWeight<Scalar, Order> w, peft::FrozenBias<Scalar> b, std::uint64_t,
+               double dropout = 0.0) {
+    peft::VeraOptions opts;
+    opts.r = rank;
+    opts.vera_dropout = dropout;
+    return Adapter(w, b, projections, opts);
+  }
+  void perturb(Adapter& adapter, peft::Rng& rng) {
+    rng.fill_normal(adapter.parameters(), 0.0, 0.5);
+  }
+};
+
 /// A frozen layer (weight + bias) owned by the test, with an adapter over it.
 template <typename Adapter>
 struct Layer {
