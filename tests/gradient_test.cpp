@@ -7,7 +7,9 @@ using namespace peft_test;
 
 using DoubleAdapterTypes =
     std::tuple<peft::LoraLinear<double, Eigen::RowMajor>, peft::LoraLinear<double, Eigen::ColMajor>,
-               peft::VeraLinear<double, Eigen::RowMajor>, peft::VeraLinear<double, Eigen::ColMajor>>;
+               peft::VeraLinear<double, Eigen::RowMajor>, peft::VeraLinear<double, Eigen::ColMajor>,
+               peft::AdaLoraLinear<double, Eigen::RowMajor>,
+               peft::AdaLoraLinear<double, Eigen::ColMajor>>;
 
 namespace {
 

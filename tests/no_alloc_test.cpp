@@ -92,3 +92,30 @@ TEMPLATE_TEST_CASE("VeRA add_delta and backward allocate nothing in steady state
   }
   REQUIRE(grad.allFinite());
 }
+
+TEMPLATE_TEST_CASE("AdaLoRA add_delta and backward allocate nothing in steady state",
+                   "[no_alloc][adalora]", float, double) {
+  const Index out = 48, in = 40, n = 16;
+  const auto w = random_matrix<TestType>(out, in, 1);
+  peft::AdaLoraOptions o;
+  o.init_r = 6;
+  o.lora_dropout = GENERATE(0.0, 0.1);
+  peft::AdaLoraLinear<TestType> ada(peft::frozen(w), o);
+  ada.lambda().setConstant(TestType(0.5));
+  const auto x = random_matrix<TestType>(n, in, 3);
+  const auto dy = random_matrix<TestType>(n, out, 4);
+  peft::RowMatrix<TestType> y(n, out), dx(n, in);
+  peft::Vector<TestType> grad = peft::Vector<TestType>::Zero(ada.num_parameters());
+  peft::Workspace<TestType> ws;
+  ws.enable_dropout(7);
+  ada.forward(x, y, ws);  // warm-up
+  ada.backward(x, dy, dx, grad, ws);
+  {
+    NoMalloc guard;
+    ada.add_delta(x, y, ws);
+    ada.forward(x, y, ws);
+    ada.backward(x, dy, dx, grad, ws);
+    ada.backward(x, dy, grad, ws);
+  }
+  REQUIRE(grad.allFinite());
+}

@@ -11,5 +11,6 @@
 #include <peft/adapter.hpp>
 #include <peft/lora.hpp>
 #include <peft/vera.hpp>
+#include <peft/adalora.hpp>
 #include <peft/optim/adamw.hpp>
 #include <peft/optim/schedule.hpp>

@@ -65,6 +65,26 @@ struct AdapterMaker<peft::VeraLinear<Scalar, Order>> {
   }
 };
 
+template <typename Scalar, int Order>
+struct AdapterMaker<peft::AdaLoraLinear<Scalar, Order>> {
+  using Adapter = peft::AdaLoraLinear<Scalar, Order>;
+  static constexpr bool zero_delta_at_init = true;
+  static constexpr Index rank = 4;
+
+  Adapter make(peft::FrozenWeight<Scalar, Order> w, peft::FrozenBias<Scalar> b, std::uint64_t seed,
+               double dropout = 0.0) {
+    peft::AdaLoraOptions opts;
+    opts.init_r = rank;
+    opts.lora_alpha = 6.0;
+    opts.lora_dropout = dropout;
+    opts.seed = seed;
+    return Adapter(w, b, opts);
+  }
+  void perturb(Adapter& adapter, peft::Rng& rng) {
+    rng.fill_normal(adapter.parameters(), 0.0, 0.5);
+  }
+};
+
 /// A frozen layer (weight + bias) owned by the test, with an adapter over it.
 template <typename Adapter>
 struct Layer {
