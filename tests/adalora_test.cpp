@@ -117,8 +117,8 @@ TEST_CASE("AdaLoRA budget schedule follows the cubic formula", "[adalora][schedu
   const double c = 1.0 - 40.0 / 70.0;
   REQUIRE(a.budget_schedule(50).first == static_cast<Index>(12 * c * c * c + 24));
   REQUIRE_FALSE(a.budget_schedule(51).second);  // masks only every deltaT steps while decaying
-  REQUIRE(a.budget_schedule(80) == std::pair<Index, bool>{24, true});   // T − tfinal
-  REQUIRE(a.budget_schedule(81) == std::pair<Index, bool>{24, true});   // final phase: every step
+  REQUIRE(a.budget_schedule(80) == std::pair<Index, bool>{24, true});  // T − tfinal
+  REQUIRE(a.budget_schedule(81) == std::pair<Index, bool>{24, true});  // final phase: every step
   REQUIRE(a.budget_schedule(100) == std::pair<Index, bool>{24, true});
 }
 

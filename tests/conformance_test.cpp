@@ -7,15 +7,13 @@
 
 using namespace peft_test;
 
-using AdapterTypes =
-    std::tuple<peft::LoraLinear<float, Eigen::RowMajor>, peft::LoraLinear<double, Eigen::RowMajor>,
-               peft::LoraLinear<float, Eigen::ColMajor>, peft::LoraLinear<double, Eigen::ColMajor>,
-               peft::VeraLinear<float, Eigen::RowMajor>, peft::VeraLinear<double, Eigen::RowMajor>,
-               peft::VeraLinear<float, Eigen::ColMajor>, peft::VeraLinear<double, Eigen::ColMajor>,
-               peft::AdaLoraLinear<float, Eigen::RowMajor>,
-               peft::AdaLoraLinear<double, Eigen::RowMajor>,
-               peft::AdaLoraLinear<float, Eigen::ColMajor>,
-               peft::AdaLoraLinear<double, Eigen::ColMajor>>;
+using AdapterTypes = std::tuple<
+    peft::LoraLinear<float, Eigen::RowMajor>, peft::LoraLinear<double, Eigen::RowMajor>,
+    peft::LoraLinear<float, Eigen::ColMajor>, peft::LoraLinear<double, Eigen::ColMajor>,
+    peft::VeraLinear<float, Eigen::RowMajor>, peft::VeraLinear<double, Eigen::RowMajor>,
+    peft::VeraLinear<float, Eigen::ColMajor>, peft::VeraLinear<double, Eigen::ColMajor>,
+    peft::AdaLoraLinear<float, Eigen::RowMajor>, peft::AdaLoraLinear<double, Eigen::RowMajor>,
+    peft::AdaLoraLinear<float, Eigen::ColMajor>, peft::AdaLoraLinear<double, Eigen::ColMajor>>;
 
 TEMPLATE_LIST_TEST_CASE("Adapter models the adapter contract", "[conformance][trait]",
                         AdapterTypes) {

@@ -68,15 +68,16 @@ TEST_CASE("Invalid LoRA options throw config_error naming the option and the sha
     REQUIRE_THROWS_AS(peft::LoraLinear<double>(peft::frozen(w), o), peft::config_error);
   }
   o.lora_dropout = 0.0;
-  REQUIRE_THROWS_WITH(peft::LoraLinear<double>(peft::frozen(w), [] {
-                        peft::LoraOptions bad;
-                        bad.r = 2;
-                        bad.lora_dropout = 1.0;
-                        return bad;
-                      }()),
+  REQUIRE_THROWS_WITH(peft::LoraLinear<double>(peft::frozen(w),
+                                               [] {
+                                                 peft::LoraOptions bad;
+                                                 bad.r = 2;
+                                                 bad.lora_dropout = 1.0;
+                                                 return bad;
+                                               }()),
                       Contains("lora_dropout = 1.000000 must be in [0, 1)"));
-  for (double alpha : {std::numeric_limits<double>::infinity(),
-                       std::numeric_limits<double>::quiet_NaN()}) {
+  for (double alpha :
+       {std::numeric_limits<double>::infinity(), std::numeric_limits<double>::quiet_NaN()}) {
     o.lora_alpha = alpha;
     REQUIRE_THROWS_AS(peft::LoraLinear<double>(peft::frozen(w), o), peft::config_error);
     REQUIRE_THROWS_WITH(peft::LoraLinear<double>(peft::frozen(w), o), Contains("lora_alpha"));

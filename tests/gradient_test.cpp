@@ -51,8 +51,8 @@ void check_gradients(Layer<Adapter>& layer, peft::Workspace<double>& ws) {
 
 }  // namespace
 
-TEMPLATE_LIST_TEST_CASE("Adapter gradients match finite differences, dropout off",
-                        "[gradient]", DoubleAdapterTypes) {
+TEMPLATE_LIST_TEST_CASE("Adapter gradients match finite differences, dropout off", "[gradient]",
+                        DoubleAdapterTypes) {
   Layer<TestType> layer(battery_out, battery_in);
   peft::Workspace<double> ws;
   check_gradients(layer, ws);
@@ -70,8 +70,8 @@ TEMPLATE_LIST_TEST_CASE("Adapter gradients match finite differences with a fixed
   check_gradients(layer, ws);
 }
 
-TEMPLATE_LIST_TEST_CASE("Adapter gradients match finite differences without a bias",
-                        "[gradient]", DoubleAdapterTypes) {
+TEMPLATE_LIST_TEST_CASE("Adapter gradients match finite differences without a bias", "[gradient]",
+                        DoubleAdapterTypes) {
   Layer<TestType> layer(battery_out, battery_in, true, 0.0, /*with_bias=*/false);
   peft::Workspace<double> ws;
   check_gradients(layer, ws);

@@ -42,8 +42,8 @@ TEMPLATE_TEST_CASE("LoRA has r (in + out) trainable parameters", "[lora][paramet
   REQUIRE(lora.b().data() == lora.parameters().data() + 4 * 30);
 }
 
-TEMPLATE_TEST_CASE("LoRA default init: kaiming-uniform A within 1/sqrt(in), zero B",
-                   "[lora][init]", float, double) {
+TEMPLATE_TEST_CASE("LoRA default init: kaiming-uniform A within 1/sqrt(in), zero B", "[lora][init]",
+                   float, double) {
   const Index in = 400;
   const auto w = random_matrix<TestType>(300, in, 1);
   peft::LoraLinear<TestType> lora(peft::frozen(w), options<TestType>(16, 16));
@@ -157,6 +157,11 @@ TEST_CASE("LoRA dropout acts on the adapter input only and follows the workspace
     const auto x_other = random_matrix<double>(n + 1, in, 2);
     peft::RowMatrix<double> dx_other(n + 1, in), dy_other(n + 1, out);
     REQUIRE_THROWS_AS(lora.backward(x_other, dy_other, dx_other, grad, ws), peft::state_error);
+    // Same shape, another batch: the mask belongs to the last forward's input.
+    const auto x_later = random_matrix<double>(n, in, 5);
+    peft::RowMatrix<double> y_later(n, out);
+    lora.forward(x_later, y_later, ws);
+    REQUIRE_THROWS_AS(lora.backward(x, y_train, dx, grad, ws), peft::state_error);
   }
 }
 

@@ -3,8 +3,6 @@
 // The other of two translation units that include every public header and link into one binary.
 #include <peft/peft.hpp>
 
-
-
 double odr_forward_b() {
   peft::RowMatrix<double> w = peft::RowMatrix<double>::Identity(4, 4);
   peft::LoraOptions o;
@@ -16,4 +14,3 @@ double odr_forward_b() {
   lora.forward(x, y, ws);
   return y.sum();
 }
-

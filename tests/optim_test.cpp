@@ -4,9 +4,9 @@
 #include <peft/optim/adamw.hpp>
 #include <peft/optim/schedule.hpp>
 
-#include <catch2/catch.hpp>
-
 #include <Eigen/Core>
+
+#include <catch2/catch.hpp>
 
 #include <algorithm>
 #include <cmath>
@@ -53,8 +53,8 @@ double max_rel_err(const Vector<T>& got, const std::vector<long double>& ref) {
   double worst = 0;
   for (Index i = 0; i < got.size(); ++i) {
     const long double r = ref[static_cast<std::size_t>(i)];
-    const long double err = std::fabs(static_cast<long double>(got(i)) - r) /
-                            std::max(1.0L, std::fabs(r));
+    const long double err =
+        std::fabs(static_cast<long double>(got(i)) - r) / std::max(1.0L, std::fabs(r));
     worst = std::max(worst, static_cast<double>(err));
   }
   return worst;
@@ -336,7 +336,8 @@ TEMPLATE_TEST_CASE("add_parameters binds maps, segments and raw pointers without
   Vector<T> tail_params = Vector<T>::Ones(4), tail_grads = Vector<T>::Zero(4);
   AdamW<T> opt;
   // A prvalue Map, the shape of an adapter's parameters().
-  opt.add_parameters(Eigen::Map<Vector<T>>(params.data(), 4), Eigen::Map<Vector<T>>(grads.data(), 4));
+  opt.add_parameters(Eigen::Map<Vector<T>>(params.data(), 4),
+                     Eigen::Map<Vector<T>>(grads.data(), 4));
   opt.add_parameters(params.data() + 4, grads.data() + 4, 2);
   opt.add_parameters(tail_params.segment(1, 2), tail_grads.segment(1, 2));
   grads.assign(6, T(1));
@@ -354,9 +355,9 @@ TEMPLATE_TEST_CASE("add_parameters rejects bad groups", "[optim][adamw][errors]"
   AdamW<T> opt;
   Vector<T> p(4), g(3);
   REQUIRE_THROWS_AS(opt.add_parameters(p, g), peft::dimension_error);
-  REQUIRE_THROWS_WITH(opt.add_parameters(p, g),
-                      Contains("AdamW::add_parameters()") && Contains("grads has 3 entries") &&
-                          Contains("expected 4"));
+  REQUIRE_THROWS_WITH(opt.add_parameters(p, g), Contains("AdamW::add_parameters()") &&
+                                                    Contains("grads has 3 entries") &&
+                                                    Contains("expected 4"));
   REQUIRE_THROWS_AS(opt.add_parameters(p.data(), g.data(), -1), peft::dimension_error);
   REQUIRE_THROWS_AS(opt.add_parameters(nullptr, g.data(), 3), peft::config_error);
   CHECK(opt.num_groups() == 0);
@@ -397,8 +398,8 @@ TEST_CASE("AdamWOptions errors name the field and the value", "[optim][adamw][er
     c.set(o);
     CAPTURE(c.field, c.value);
     REQUIRE_THROWS_AS(AdamW<float>(o), peft::config_error);
-    REQUIRE_THROWS_WITH(AdamW<double>(o), Contains(std::string("AdamWOptions: ") + c.field +
-                                                   " is " + c.value));
+    REQUIRE_THROWS_WITH(AdamW<double>(o),
+                        Contains(std::string("AdamWOptions: ") + c.field + " is " + c.value));
   }
   AdamWOptions edge;
   edge.lr = 0;
@@ -647,12 +648,12 @@ TEST_CASE("save() reports a failing stream as io_error", "[optim][adamw][io][err
 TEST_CASE("WarmupCosine follows HF's cosine-with-warmup schedule", "[optim][schedule]") {
   const WarmupCosine s(1.0, 10, 110, 0.1);
   CHECK(s(0) == 0.0);
-  CHECK(s(5) == Approx(0.5));                        // warmup / 2
-  CHECK(s(10) == Approx(1.0));                       // end of warmup: the peak
+  CHECK(s(5) == Approx(0.5));                                   // warmup / 2
+  CHECK(s(10) == Approx(1.0));                                  // end of warmup: the peak
   CHECK(s(35) == Approx(0.1 + 0.45 * (1.0 + std::sqrt(0.5))));  // a quarter of the decay
-  CHECK(s(60) == Approx(0.55));                      // midpoint of the decay
-  CHECK(s(110) == Approx(0.1));                      // total_steps
-  CHECK(s(111) == Approx(0.1));                      // beyond: clamped at min_lr
+  CHECK(s(60) == Approx(0.55));                                 // midpoint of the decay
+  CHECK(s(110) == Approx(0.1));                                 // total_steps
+  CHECK(s(111) == Approx(0.1));                                 // beyond: clamped at min_lr
   CHECK(s(100000) == Approx(0.1));
   for (long t = 10; t < 110; ++t) CHECK(s(t + 1) <= s(t));  // monotone decay
 
@@ -683,7 +684,8 @@ TEST_CASE("WarmupCosine rejects invalid settings naming the field", "[optim][sch
   REQUIRE_THROWS_WITH(WarmupCosine(1.0, 0, -5), Contains("total_steps is -5"));
   REQUIRE_THROWS_WITH(WarmupCosine(1.0, 20, 10),
                       Contains("warmup_steps is 20, expected <= total_steps = 10"));
-  REQUIRE_THROWS_WITH(WarmupCosine(1.0, 0, 10, 2.0), Contains("min_lr is 2, expected <= base_lr = 1"));
+  REQUIRE_THROWS_WITH(WarmupCosine(1.0, 0, 10, 2.0),
+                      Contains("min_lr is 2, expected <= base_lr = 1"));
   REQUIRE_THROWS_WITH(WarmupCosine(-1.0, 0, 10), Contains("base_lr is -1"));
   REQUIRE_THROWS_WITH(WarmupCosine(nan, 0, 10), Contains("base_lr is nan"));
   REQUIRE_THROWS_WITH(WarmupCosine(1.0, 0, 10, -0.5), Contains("min_lr is -0.5"));

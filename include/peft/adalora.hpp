@@ -15,9 +15,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <string>
-#include <cstddef>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -77,12 +77,11 @@ class AdaLoraLinear {
       : AdaLoraLinear(weight, bias, opts, Seeded{Rng(opts.seed)}) {}
   /// Binds W (no copy); P, Q ~ N(0, 0.02²) from `rng`, Λ = 0 (a no-op at init).
   template <int Order>
-  AdaLoraLinear(FrozenWeight<Scalar, Order> weight, Bias bias, const AdaLoraOptions& opts,
-                Rng& rng)
+  AdaLoraLinear(FrozenWeight<Scalar, Order> weight, Bias bias, const AdaLoraOptions& opts, Rng& rng)
       : base_("AdaLoraLinear", check_order(weight), bias), options_(opts), rank_(opts.init_r) {
     validate();
-    const double alpha = options_.lora_alpha > 0 ? options_.lora_alpha
-                                                 : static_cast<double>(options_.init_r);
+    const double alpha =
+        options_.lora_alpha > 0 ? options_.lora_alpha : static_cast<double>(options_.init_r);
     scaling_ = static_cast<Scalar>(alpha / (static_cast<double>(options_.init_r) + 1e-5));
     storage_ = detail::ParameterStorage<Scalar>(parameter_count(rank_));
     kept_.assign(static_cast<std::size_t>(rank_), true);
@@ -122,7 +121,9 @@ class AdaLoraLinear {
   Eigen::Map<const Matrix> p() const noexcept {
     return {storage_.data() + p_offset(), out_features(), rank_};
   }
-  Eigen::Map<Matrix> grad_q(GradientRef g) const noexcept { return {g.data(), rank_, in_features()}; }
+  Eigen::Map<Matrix> grad_q(GradientRef g) const noexcept {
+    return {g.data(), rank_, in_features()};
+  }
   Eigen::Map<Vector<Scalar>> grad_lambda(GradientRef g) const noexcept {
     return {g.data() + e_offset(), rank_};
   }
@@ -192,7 +193,8 @@ class AdaLoraLinear {
 
   /**
    * Exact gradients: with u = xd Qᵀ and g = dy P, accumulates dP = s dyᵀ (u ⊙ Λ),
-   * dΛ = s colsum(g ⊙ u), dQ = s (g ⊙ Λ)ᵀ xd into `grad`, and writes dx = dy W + s (g ⊙ Λ) Q ⊙ mask.
+   * dΛ = s colsum(g ⊙ u), dQ = s (g ⊙ Λ)ᵀ xd into `grad`, and writes dx = dy W + s (g ⊙ Λ) Q ⊙
+   * mask.
    */
   void backward(const ConstRef& x, const ConstRef& dy, Ref dx, GradientRef grad,
                 Workspace<Scalar>& ws) const {
@@ -203,7 +205,7 @@ class AdaLoraLinear {
     if (rank_ == 0) return;
     if (Base::dropout_active(options_.lora_dropout, ws)) {
       const auto mask = ws.recorded_dropout_mask(this, "AdaLoraLinear::backward()", x.rows(),
-                                                 in_features());
+                                                 in_features(), x.data());
       auto v = ws.buffer(slot_x, x.rows(), in_features());
       v.noalias() = g * q();
       dx.array() += scaling_ * v.array() * mask.array();
@@ -259,8 +261,8 @@ class AdaLoraLinear {
    * RankAllocator::add_orthogonal_regularization() calls it for every layer.
    */
   double orthogonal_penalty(GradientRef grad, double coefficient, bool squared = false) const {
-    detail::check_size("AdaLoraLinear::orthogonal_penalty()", "grad", grad.size(),
-                       num_parameters(), "num_parameters()");
+    detail::check_size("AdaLoraLinear::orthogonal_penalty()", "grad", grad.size(), num_parameters(),
+                       "num_parameters()");
     if (rank_ == 0) return 0.0;
     const Matrix identity = Matrix::Identity(rank_, rank_);
     const Matrix mp = p().transpose() * p() - identity;  // PᵀP − I, symmetric
@@ -303,10 +305,10 @@ class AdaLoraLinear {
     const Index in = in_features(), out = out_features();
     const std::string where = "AdaLoraLinear::AdaLoraLinear()";
     if (options_.init_r <= 0 || options_.init_r > std::min(in, out)) {
-      PEFT_THROW(config_error(where + ": init_r = " + std::to_string(options_.init_r) +
-                              " must satisfy 0 < init_r <= min(out, in) = " +
-                              std::to_string(std::min(in, out)) + " (W is " +
-                              detail::shape_string(out, in) + ")"));
+      PEFT_THROW(config_error(
+          where + ": init_r = " + std::to_string(options_.init_r) +
+          " must satisfy 0 < init_r <= min(out, in) = " + std::to_string(std::min(in, out)) +
+          " (W is " + detail::shape_string(out, in) + ")"));
     }
     detail::check_finite_option(where.c_str(), "lora_alpha", options_.lora_alpha);
     if (!(options_.lora_dropout >= 0.0 && options_.lora_dropout < 1.0)) {
@@ -317,9 +319,8 @@ class AdaLoraLinear {
 
   void check_mask(const char* where, const std::vector<bool>& kept) const {
     if (static_cast<Index>(kept.size()) != rank_) {
-      PEFT_THROW(dimension_error(std::string(where) + ": mask has " +
-                                 std::to_string(kept.size()) + " entries, expected rank() = " +
-                                 std::to_string(rank_)));
+      PEFT_THROW(dimension_error(std::string(where) + ": mask has " + std::to_string(kept.size()) +
+                                 " entries, expected rank() = " + std::to_string(rank_)));
     }
   }
 
@@ -348,8 +349,8 @@ class AdaLoraLinear {
 
   void add_delta_unchecked(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
     if (rank_ == 0) return;
-    const auto xd = Base::forward_input(this, "AdaLoraLinear::forward()", x, options_.lora_dropout,
-                                        ws, slot_x);
+    const auto xd =
+        Base::forward_input(this, "AdaLoraLinear::forward()", x, options_.lora_dropout, ws, slot_x);
     auto u = ws.buffer(slot_u, x.rows(), rank_);
     u.noalias() = xd * q().transpose();
     u.array().rowwise() *= lambda().array().transpose();  // Λ on the [n, r] side: n·r work
@@ -384,7 +385,7 @@ struct RankAllocatorOptions {
   double beta2 = 0.85;           ///< EMA factor of the uncertainty |I − Ī|.
   long total_step = 0;           ///< total optimizer steps of the run (required, > 0).
   double orth_reg_weight = 0.5;  ///< γ of the orthogonal regulariser.
-  bool squared_orth_reg = false; ///< the paper's ‖·‖_F² instead of the reference's ‖·‖_F.
+  bool squared_orth_reg = false;  ///< the paper's ‖·‖_F² instead of the reference's ‖·‖_F.
 };
 
 /**
@@ -407,10 +408,10 @@ class RankAllocator {
   /// What one update_and_allocate() call did.
   struct Report {
     long step = 0;
-    Index budget = 0;         ///< b(step): triplets allowed over all layers.
-    bool masked = false;      ///< a mask was computed (or re-applied) at this step.
-    bool final_phase = false; ///< step >= total_step - tfinal: the pattern is frozen.
-    std::vector<Index> ranks; ///< kept triplets per layer after this step.
+    Index budget = 0;          ///< b(step): triplets allowed over all layers.
+    bool masked = false;       ///< a mask was computed (or re-applied) at this step.
+    bool final_phase = false;  ///< step >= total_step - tfinal: the pattern is frozen.
+    std::vector<Index> ranks;  ///< kept triplets per layer after this step.
   };
 
   explicit RankAllocator(const RankAllocatorOptions& opts) : options_(opts) { validate(); }
@@ -456,11 +457,12 @@ class RankAllocator {
   Report update_and_allocate(long step) {
     const char* where = "RankAllocator::update_and_allocate()";
     if (layers_.empty()) PEFT_THROW(state_error(std::string(where) + ": no layer registered"));
-    if (shrunk_) PEFT_THROW(state_error(std::string(where) + ": layers were shrunk; training is over"));
+    if (shrunk_)
+      PEFT_THROW(state_error(std::string(where) + ": layers were shrunk; training is over"));
     if (step < 0 || step > options_.total_step) {
-      PEFT_THROW(config_error(std::string(where) + ": step " + std::to_string(step) +
-                              " is outside [0, total_step = " +
-                              std::to_string(options_.total_step) + "]"));
+      PEFT_THROW(config_error(
+          std::string(where) + ": step " + std::to_string(step) +
+          " is outside [0, total_step = " + std::to_string(options_.total_step) + "]"));
     }
     started_ = true;
     Report report;
@@ -499,7 +501,8 @@ class RankAllocator {
    */
   double add_orthogonal_regularization() {
     if (layers_.empty() || options_.orth_reg_weight == 0.0) return 0.0;
-    const double coefficient = options_.orth_reg_weight / (2.0 * static_cast<double>(layers_.size()));
+    const double coefficient =
+        options_.orth_reg_weight / (2.0 * static_cast<double>(layers_.size()));
     double total = 0.0;
     for (auto& entry : layers_) {
       Eigen::Map<Vector<Scalar>> grad(entry.grad, entry.layer->num_parameters());
@@ -566,11 +569,13 @@ class RankAllocator {
   void validate() const {
     const auto& o = options_;
     const std::string where = "RankAllocator::RankAllocator()";
-    const auto fail = [&](const std::string& what) { PEFT_THROW(config_error(where + ": " + what)); };
+    const auto fail = [&](const std::string& what) {
+      PEFT_THROW(config_error(where + ": " + what));
+    };
     if (o.init_r <= 0) fail("init_r = " + std::to_string(o.init_r) + " must be positive");
     if (o.target_r < 0 || o.target_r > o.init_r) {
-      fail("target_r = " + std::to_string(o.target_r) + " must be in [0, init_r = " +
-           std::to_string(o.init_r) + "]");
+      fail("target_r = " + std::to_string(o.target_r) +
+           " must be in [0, init_r = " + std::to_string(o.init_r) + "]");
     }
     if (o.total_step <= 0) fail("total_step = " + std::to_string(o.total_step) + " must be > 0");
     if (o.tinit < 0 || o.tfinal < 0) fail("tinit and tfinal must be >= 0");
@@ -580,7 +585,8 @@ class RankAllocator {
     }
     if (o.deltaT < 1) fail("deltaT = " + std::to_string(o.deltaT) + " must be >= 1");
     for (const auto& [name, beta] : {std::pair{"beta1", o.beta1}, std::pair{"beta2", o.beta2}}) {
-      if (!(beta > 0.0 && beta < 1.0)) fail(std::string(name) + " = " + std::to_string(beta) + " must be in (0, 1)");
+      if (!(beta > 0.0 && beta < 1.0))
+        fail(std::string(name) + " = " + std::to_string(beta) + " must be in (0, 1)");
     }
     if (!(o.orth_reg_weight >= 0.0) || !std::isfinite(o.orth_reg_weight)) {
       fail("orth_reg_weight = " + std::to_string(o.orth_reg_weight) + " must be finite and >= 0");
@@ -626,7 +632,8 @@ class RankAllocator {
         if (a.score != b.score) return a.score < b.score;
         return a.layer != b.layer ? a.layer < b.layer : a.triplet < b.triplet;
       };
-      const auto cut = all.begin() + std::min<std::ptrdiff_t>(k, static_cast<std::ptrdiff_t>(all.size()));
+      const auto cut =
+          all.begin() + std::min<std::ptrdiff_t>(k, static_cast<std::ptrdiff_t>(all.size()));
       std::nth_element(all.begin(), cut, all.end(), lower);
       for (auto it = all.begin(); it != cut; ++it)
         keep[it->layer][static_cast<std::size_t>(it->triplet)] = false;

@@ -15,10 +15,10 @@ namespace detail {
 template <typename...>
 using void_t = void;
 
-#define PEFT_DETAIL_DETECT(trait, expression)                        \
-  template <typename T, typename = void>                             \
-  struct trait : std::false_type {};                                 \
-  template <typename T>                                              \
+#define PEFT_DETAIL_DETECT(trait, expression) \
+  template <typename T, typename = void>      \
+  struct trait : std::false_type {};          \
+  template <typename T>                       \
   struct trait<T, void_t<decltype(expression)>> : std::true_type {}
 
 template <typename T>
@@ -30,25 +30,25 @@ PEFT_DETAIL_DETECT(has_out_features, Index(std::declval<const T&>().out_features
 PEFT_DETAIL_DETECT(has_rank, Index(std::declval<const T&>().rank()));
 PEFT_DETAIL_DETECT(has_num_parameters, Index(std::declval<const T&>().num_parameters()));
 PEFT_DETAIL_DETECT(has_parameters, std::declval<T&>().parameters().data());
-PEFT_DETAIL_DETECT(has_forward,
-                   std::declval<const T&>().forward(std::declval<const adapter_matrix_t<T>&>(),
-                                                    std::declval<adapter_matrix_t<T>&>(),
-                                                    std::declval<Workspace<typename T::Scalar>&>()));
-PEFT_DETAIL_DETECT(has_add_delta,
-                   std::declval<const T&>().add_delta(std::declval<const adapter_matrix_t<T>&>(),
-                                                      std::declval<adapter_matrix_t<T>&>(),
-                                                      std::declval<Workspace<typename T::Scalar>&>()));
-PEFT_DETAIL_DETECT(has_backward,
-                   std::declval<const T&>().backward(std::declval<const adapter_matrix_t<T>&>(),
-                                                     std::declval<const adapter_matrix_t<T>&>(),
-                                                     std::declval<adapter_matrix_t<T>&>(),
-                                                     std::declval<Vector<typename T::Scalar>&>(),
-                                                     std::declval<Workspace<typename T::Scalar>&>()));
-PEFT_DETAIL_DETECT(has_backward_without_dx,
-                   std::declval<const T&>().backward(std::declval<const adapter_matrix_t<T>&>(),
-                                                     std::declval<const adapter_matrix_t<T>&>(),
-                                                     std::declval<Vector<typename T::Scalar>&>(),
-                                                     std::declval<Workspace<typename T::Scalar>&>()));
+PEFT_DETAIL_DETECT(
+    has_forward, std::declval<const T&>().forward(std::declval<const adapter_matrix_t<T>&>(),
+                                                  std::declval<adapter_matrix_t<T>&>(),
+                                                  std::declval<Workspace<typename T::Scalar>&>()));
+PEFT_DETAIL_DETECT(has_add_delta, std::declval<const T&>().add_delta(
+                                      std::declval<const adapter_matrix_t<T>&>(),
+                                      std::declval<adapter_matrix_t<T>&>(),
+                                      std::declval<Workspace<typename T::Scalar>&>()));
+PEFT_DETAIL_DETECT(has_backward, std::declval<const T&>().backward(
+                                     std::declval<const adapter_matrix_t<T>&>(),
+                                     std::declval<const adapter_matrix_t<T>&>(),
+                                     std::declval<adapter_matrix_t<T>&>(),
+                                     std::declval<Vector<typename T::Scalar>&>(),
+                                     std::declval<Workspace<typename T::Scalar>&>()));
+PEFT_DETAIL_DETECT(has_backward_without_dx, std::declval<const T&>().backward(
+                                                std::declval<const adapter_matrix_t<T>&>(),
+                                                std::declval<const adapter_matrix_t<T>&>(),
+                                                std::declval<Vector<typename T::Scalar>&>(),
+                                                std::declval<Workspace<typename T::Scalar>&>()));
 PEFT_DETAIL_DETECT(has_merge_into,
                    std::declval<T&>().merge_into(std::declval<typename T::WeightMatrix&>()));
 PEFT_DETAIL_DETECT(has_unmerge_from,
@@ -59,11 +59,10 @@ PEFT_DETAIL_DETECT(has_delta_weight, std::declval<const T&>().delta_weight());
 
 template <typename T>
 constexpr bool adapter_members_v =
-    has_in_features<T>::value && has_out_features<T>::value && has_rank<T>::value &&
-    has_num_parameters<T>::value && has_parameters<T>::value && has_forward<T>::value &&
-    has_add_delta<T>::value && has_backward<T>::value && has_backward_without_dx<T>::value &&
-    has_merge_into<T>::value &&
-    has_unmerge_from<T>::value && has_delta_weight<T>::value;
+    has_in_features<T>::value&& has_out_features<T>::value&& has_rank<T>::value&&
+        has_num_parameters<T>::value&& has_parameters<T>::value&& has_forward<T>::value&&
+            has_add_delta<T>::value&& has_backward<T>::value&& has_backward_without_dx<T>::value&&
+                has_merge_into<T>::value&& has_unmerge_from<T>::value&& has_delta_weight<T>::value;
 
 template <typename T, bool = has_scalar<T>::value>
 struct is_adapter : std::false_type {};
@@ -89,7 +88,8 @@ constexpr bool check_adapter() {
                   "peft adapter contract: missing `Index in_features() const`.");
     static_assert(detail::has_out_features<T>::value,
                   "peft adapter contract: missing `Index out_features() const`.");
-    static_assert(detail::has_rank<T>::value, "peft adapter contract: missing `Index rank() const`.");
+    static_assert(detail::has_rank<T>::value,
+                  "peft adapter contract: missing `Index rank() const`.");
     static_assert(detail::has_num_parameters<T>::value,
                   "peft adapter contract: missing `Index num_parameters() const`.");
     static_assert(detail::has_parameters<T>::value,
@@ -100,8 +100,9 @@ constexpr bool check_adapter() {
                   "peft adapter contract: missing `add_delta(x, y, workspace) const`.");
     static_assert(detail::has_backward<T>::value,
                   "peft adapter contract: missing `backward(x, dy, dx, grad, workspace) const`.");
-    static_assert(detail::has_backward_without_dx<T>::value,
-                  "peft adapter contract: missing `backward(x, dy, grad, workspace) const` (no dx).");
+    static_assert(
+        detail::has_backward_without_dx<T>::value,
+        "peft adapter contract: missing `backward(x, dy, grad, workspace) const` (no dx).");
     static_assert(detail::has_merge_into<T>::value,
                   "peft adapter contract: missing `merge_into(W)` taking the frozen weight.");
     static_assert(detail::has_unmerge_from<T>::value,
@@ -118,8 +119,10 @@ Index count_parameters(const Range& adapters) {
   Index total = 0;
   for (const auto& entry : adapters) {
     const auto& adapter = [&]() -> decltype(auto) {
-      if constexpr (std::is_pointer_v<std::decay_t<decltype(entry)>>) return *entry;
-      else return entry;
+      if constexpr (std::is_pointer_v<std::decay_t<decltype(entry)>>)
+        return *entry;
+      else
+        return entry;
     }();
     using A = std::decay_t<decltype(adapter)>;
     static_assert(check_adapter<A>());

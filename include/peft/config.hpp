@@ -27,8 +27,8 @@
 /// Eigen 5 (3.4.90+) changed a few APIs (SVD options); code paths that differ test this macro.
 #define PEFT_EIGEN5 EIGEN_VERSION_AT_LEAST(3, 4, 90)
 
-// The ABI namespace follows the version (major, and minor while on 0.x), so two builds against
-// different peft versions can live in one process without ODR clashes.
+// The ABI namespace follows the major version, so builds against different major versions can
+// live in one process without ODR clashes (0.x minors share v0: pin one 0.x per program).
 #define PEFT_ABI_NAMESPACE v0
 #define PEFT_NAMESPACE_BEGIN \
   namespace peft {           \
@@ -45,10 +45,10 @@
 /// Throws `ex`; without exceptions, prints its message and aborts. Overridable before inclusion.
 #ifndef PEFT_THROW
 #  ifdef PEFT_NO_EXCEPTIONS
-#    define PEFT_THROW(ex)                              \
-      do {                                              \
+#    define PEFT_THROW(ex)                               \
+      do {                                               \
         std::fprintf(stderr, "peft: %s\n", (ex).what()); \
-        std::abort();                                   \
+        std::abort();                                    \
       } while (0)
 #  else
 #    define PEFT_THROW(ex) throw ex

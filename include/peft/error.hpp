@@ -22,11 +22,11 @@ class error {
   virtual const char* what() const noexcept = 0;
 };
 
-#define PEFT_DETAIL_DEFINE_ERROR(name, std_base)                               \
-  class name : public std_base, public error {                                 \
-   public:                                                                     \
-    explicit name(const std::string& message) : std_base(message) {}           \
-    const char* what() const noexcept override { return std_base::what(); }   \
+#define PEFT_DETAIL_DEFINE_ERROR(name, std_base)                            \
+  class name : public std_base, public error {                              \
+   public:                                                                  \
+    explicit name(const std::string& message) : std_base(message) {}        \
+    const char* what() const noexcept override { return std_base::what(); } \
   }
 
 /// An operand has the wrong shape: message names the method, the operand and both shapes.

@@ -161,7 +161,7 @@ class LoraLinear {
     dx.noalias() = dy * weight();
     if (Base::dropout_active(options_.lora_dropout, ws)) {
       const auto mask = ws.recorded_dropout_mask(this, "LoraLinear::backward()", x.rows(),
-                                                 in_features());
+                                                 in_features(), x.data());
       auto v = ws.buffer(slot_x, x.rows(), in_features());  // dropout(x) is no longer needed
       v.noalias() = u * a();
       dx.array() += scaling_ * v.array() * mask.array();
@@ -245,10 +245,9 @@ class LoraLinear {
     const Index in = in_features(), out = out_features();
     const std::string where = "LoraLinear::LoraLinear()";
     if (options_.r <= 0 || options_.r > std::min(in, out)) {
-      PEFT_THROW(config_error(where + ": r = " + std::to_string(options_.r) +
-                              " must satisfy 0 < r <= min(out, in) = " +
-                              std::to_string(std::min(in, out)) + " (W is " +
-                              detail::shape_string(out, in) + ")"));
+      PEFT_THROW(config_error(
+          where + ": r = " + std::to_string(options_.r) + " must satisfy 0 < r <= min(out, in) = " +
+          std::to_string(std::min(in, out)) + " (W is " + detail::shape_string(out, in) + ")"));
     }
     detail::check_finite_option(where.c_str(), "lora_alpha", options_.lora_alpha);
     if (!(options_.lora_dropout >= 0.0 && options_.lora_dropout < 1.0)) {
@@ -262,8 +261,8 @@ class LoraLinear {
   // Accumulates dA, dB; returns u = dy B (in the workspace) for the input gradient.
   Eigen::Map<Matrix> parameter_gradients(const ConstRef& x, const ConstRef& dy, GradientRef grad,
                                          Workspace<Scalar>& ws) const {
-    const auto xd = Base::backward_input(this, "LoraLinear::backward()", x, options_.lora_dropout,
-                                         ws, slot_x);
+    const auto xd =
+        Base::backward_input(this, "LoraLinear::backward()", x, options_.lora_dropout, ws, slot_x);
     auto t = ws.buffer(slot_t, x.rows(), rank());
     auto u = ws.buffer(slot_u, x.rows(), rank());
     t.noalias() = xd * a().transpose();                         // [n, r]
@@ -274,8 +273,8 @@ class LoraLinear {
   }
 
   void add_delta_unchecked(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
-    const auto xd = Base::forward_input(this, "LoraLinear::forward()", x, options_.lora_dropout,
-                                        ws, slot_x);
+    const auto xd =
+        Base::forward_input(this, "LoraLinear::forward()", x, options_.lora_dropout, ws, slot_x);
     auto t = ws.buffer(slot_t, x.rows(), rank());
     t.noalias() = xd * a().transpose();
     // Never form B A here: two thin products keep the cost at O(n r (in + out)).

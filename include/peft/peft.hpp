@@ -2,15 +2,15 @@
 // SPDX-License-Identifier: Apache-2.0
 // Umbrella header: everything public in one include.
 #pragma once
-#include <peft/config.hpp>
-#include <peft/version.hpp>
-#include <peft/error.hpp>
-#include <peft/types.hpp>
-#include <peft/random.hpp>
-#include <peft/workspace.hpp>
-#include <peft/adapter.hpp>
-#include <peft/lora.hpp>
-#include <peft/vera.hpp>
 #include <peft/adalora.hpp>
+#include <peft/adapter.hpp>
+#include <peft/config.hpp>
+#include <peft/error.hpp>
+#include <peft/lora.hpp>
 #include <peft/optim/adamw.hpp>
 #include <peft/optim/schedule.hpp>
+#include <peft/random.hpp>
+#include <peft/types.hpp>
+#include <peft/vera.hpp>
+#include <peft/version.hpp>
+#include <peft/workspace.hpp>

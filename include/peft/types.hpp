@@ -30,7 +30,8 @@ using Vector = Eigen::Matrix<Scalar, Eigen::Dynamic, 1>;
  * `OuterStride<>` so a block (e.g. `W.leftCols(k)`) is viewed in place.
  */
 template <typename Scalar, int Order = Eigen::RowMajor>
-using FrozenWeight = Eigen::Map<const Matrix<Scalar, Order>, Eigen::Unaligned, Eigen::OuterStride<>>;
+using FrozenWeight =
+    Eigen::Map<const Matrix<Scalar, Order>, Eigen::Unaligned, Eigen::OuterStride<>>;
 
 /// Read-only view of a caller-owned bias of length `out`; a null view means "no bias".
 template <typename Scalar>
@@ -38,7 +39,8 @@ using FrozenBias = Eigen::Map<const Vector<Scalar>, Eigen::Unaligned>;
 
 namespace detail {
 template <typename D>
-constexpr int storage_order_v = (int(D::Flags) & Eigen::RowMajorBit) ? Eigen::RowMajor : Eigen::ColMajor;
+constexpr int storage_order_v = (int(D::Flags) & Eigen::RowMajorBit) ? Eigen::RowMajor
+                                                                     : Eigen::ColMajor;
 
 inline void check_view(const char* what, Index rows, Index cols, Index outer, Index inner,
                        bool row_major) {
@@ -91,7 +93,8 @@ void frozen(Eigen::Matrix<Scalar, Rows, Cols, Options, MaxRows, MaxCols>&& tempo
  */
 template <int Order = Eigen::RowMajor, typename Scalar>
 FrozenWeight<Scalar, Order> frozen(const Scalar* data, Index out, Index in, Index ld = 0) {
-  static_assert(std::is_floating_point_v<Scalar>, "peft::frozen(): Scalar must be float or double.");
+  static_assert(std::is_floating_point_v<Scalar>,
+                "peft::frozen(): Scalar must be float or double.");
   if (ld == 0) ld = (Order == Eigen::RowMajor) ? in : out;
   if (data == nullptr && out * in != 0) {
     PEFT_THROW(dimension_error("peft::frozen(): null pointer for a " + std::to_string(out) + "x" +
@@ -119,6 +122,10 @@ void frozen_bias(Eigen::Matrix<Scalar, Rows, Cols, Options, MaxRows, MaxCols>&& 
 /// Views `size` contiguous values as a frozen bias.
 template <typename Scalar>
 FrozenBias<Scalar> frozen_bias(const Scalar* data, Index size) {
+  if ((data == nullptr && size != 0) || size < 0) {
+    PEFT_THROW(dimension_error("peft::frozen_bias(): null pointer or negative size for a bias of " +
+                               std::to_string(size) + " entries"));
+  }
   return {data, size};
 }
 

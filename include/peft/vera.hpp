@@ -84,8 +84,8 @@ class VeraProjections {
                                        const Eigen::MatrixBase<DB>& b) {
     if (a.rows() != b.cols()) {
       PEFT_THROW(dimension_error("VeraProjections::from_matrices(): A has " +
-                                 std::to_string(a.rows()) + " rows, expected r = " +
-                                 std::to_string(b.cols()) + " (A is " +
+                                 std::to_string(a.rows()) +
+                                 " rows, expected r = " + std::to_string(b.cols()) + " (A is " +
                                  detail::shape_string(a.rows(), a.cols()) + ", B is " +
                                  detail::shape_string(b.rows(), b.cols()) + ")"));
     }
@@ -110,7 +110,9 @@ class VeraProjections {
   const Matrix& b() const noexcept { return b_; }
 
   /// A[:, :in] and B[:out, :] viewed in place.
-  ASlice a_slice(Index in) const { return ASlice(a_.data(), rank(), in, Eigen::OuterStride<>(max_in())); }
+  ASlice a_slice(Index in) const {
+    return ASlice(a_.data(), rank(), in, Eigen::OuterStride<>(max_in()));
+  }
   BSlice b_slice(Index out) const { return BSlice(b_.data(), out, rank()); }
 
  private:
@@ -118,9 +120,9 @@ class VeraProjections {
 
   static Index check_rank(Index r, Index max_out, Index max_in) {
     if (r <= 0 || max_out <= 0 || max_in <= 0) {
-      PEFT_THROW(config_error("VeraProjections: r = " + std::to_string(r) + ", max_out = " +
-                              std::to_string(max_out) + " and max_in = " + std::to_string(max_in) +
-                              " must all be positive"));
+      PEFT_THROW(config_error("VeraProjections: r = " + std::to_string(r) +
+                              ", max_out = " + std::to_string(max_out) +
+                              " and max_in = " + std::to_string(max_in) + " must all be positive"));
     }
     return r;
   }
@@ -251,7 +253,7 @@ class VeraLinear {
     dx.noalias() = dy * weight();
     if (Base::dropout_active(options_.vera_dropout, ws)) {
       const auto mask = ws.recorded_dropout_mask(this, "VeraLinear::backward()", x.rows(),
-                                                 in_features());
+                                                 in_features(), x.data());
       auto va = ws.buffer(slot_x, x.rows(), in_features());
       va.noalias() = v * a();
       dx.array() += va.array() * mask.array();
@@ -348,8 +350,8 @@ class VeraLinear {
   // one [out, r] product instead of any [n, out] temporary.
   void parameter_gradients(const ConstRef& x, const ConstRef& dy, GradientRef grad,
                            Workspace<Scalar>& ws) const {
-    const auto xd = Base::backward_input(this, "VeraLinear::backward()", x, options_.vera_dropout,
-                                         ws, slot_x);
+    const auto xd =
+        Base::backward_input(this, "VeraLinear::backward()", x, options_.vera_dropout, ws, slot_x);
     auto t = ws.buffer(slot_t, x.rows(), rank());
     t.noalias() = xd * a().transpose();
     auto m = ws.buffer(slot_m, out_features(), rank());
@@ -360,8 +362,8 @@ class VeraLinear {
   }
 
   void add_delta_unchecked(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
-    const auto xd = Base::forward_input(this, "VeraLinear::forward()", x, options_.vera_dropout,
-                                        ws, slot_x);
+    const auto xd =
+        Base::forward_input(this, "VeraLinear::forward()", x, options_.vera_dropout, ws, slot_x);
     auto t = ws.buffer(slot_t, x.rows(), rank());
     t.noalias() = xd * a().transpose();
     // Both scalings folded into an [out, r] copy of B_l: the [n, out] product is the only

@@ -24,6 +24,8 @@ PEFT_NAMESPACE_BEGIN
  * reuses it, so use one workspace per adapter (per thread) while training with dropout; a
  * backward that finds another adapter's mask throws `peft::state_error`.
  *
+ * The members that take an `owner` are for adapter implementers; trainers only pick the mode.
+ *
  * Dropout modes: off (the default, inference), sampled (a fresh mask per forward from a seeded
  * stream) or fixed (a caller-given keep mask, for tests and reproducibility studies).
  */
@@ -80,8 +82,9 @@ class Workspace {
   bool dropout_enabled() const noexcept { return mode_ != DropoutMode::off; }
 
   /// Draws (or copies the fixed) mask scaled by 1/(1-p) for `owner`; used by adapters' forward.
+  /// `input` (the forward's x) is remembered so backward can tell its batch from another one.
   Eigen::Map<const Matrix> draw_dropout_mask(const void* owner, const char* where, Index rows,
-                                             Index cols, double p) {
+                                             Index cols, double p, const void* input = nullptr) {
     PEFT_ASSERT(dropout_enabled() && p > 0 && p < 1, "draw_dropout_mask(): dropout not active");
     if (mask_.size() < rows * cols) mask_.resize(rows * cols);
     Eigen::Map<Matrix> mask(mask_.data(), rows, cols);
@@ -99,6 +102,7 @@ class Workspace {
         for (Index j = 0; j < cols; ++j) mask(i, j) = rng_.uniform() < p ? Scalar(0) : keep_scale;
     }
     mask_owner_ = owner;
+    mask_input_ = input;
     mask_rows_ = rows;
     mask_cols_ = cols;
     return Eigen::Map<const Matrix>(mask_.data(), rows, cols);
@@ -106,8 +110,9 @@ class Workspace {
 
   /// The mask the last forward of `owner` recorded; throws if there is none of that shape.
   Eigen::Map<const Matrix> recorded_dropout_mask(const void* owner, const char* where, Index rows,
-                                                 Index cols) const {
-    if (mask_owner_ != owner || mask_rows_ != rows || mask_cols_ != cols) {
+                                                 Index cols, const void* input = nullptr) const {
+    if (mask_owner_ != owner || mask_rows_ != rows || mask_cols_ != cols ||
+        (input != nullptr && mask_input_ != nullptr && input != mask_input_)) {
       PEFT_THROW(state_error(
           std::string(where) +
           ": no dropout mask recorded for this adapter and batch; call forward() with the same "
@@ -126,6 +131,7 @@ class Workspace {
   Rng rng_{0};
   DropoutMode mode_ = DropoutMode::off;
   const void* mask_owner_ = nullptr;
+  const void* mask_input_ = nullptr;
   Index mask_rows_ = 0;
   Index mask_cols_ = 0;
 };

@@ -18,8 +18,7 @@ namespace peft_test {
  * How the battery builds and perturbs an adapter. A maker object lives as long as the adapters it
  * made, so it can own state they share (e.g. VeRA's projections). Required members:
  *   static constexpr bool zero_delta_at_init;   // the method promises forward == base at init
- *   Adapter make(FrozenWeight, FrozenBias, Index out, Index in, std::uint64_t seed,
- *                double dropout = 0);
+ *   Adapter make(FrozenWeight, FrozenBias, std::uint64_t seed, double dropout = 0);
  *   void perturb(Adapter&, peft::Rng&);          // move every trainable value off its init
  */
 template <typename Adapter>

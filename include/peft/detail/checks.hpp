@@ -35,13 +35,13 @@ inline std::string describe(const Operand& o) {
 
 /// "<where>: <operand> has <got> <what>, expected <expected_name> = <expected> (<a>, <b>)".
 [[noreturn]] inline void throw_size_mismatch(const char* where, const char* operand_name,
-                                             const char* what, Index got,
-                                             const char* expected_name, Index expected,
-                                             const Operand& context_a, const Operand& context_b) {
+                                             const char* what, Index got, const char* expected_name,
+                                             Index expected, const Operand& context_a,
+                                             const Operand& context_b) {
   PEFT_THROW(dimension_error(std::string(where) + ": " + operand_name + " has " +
                              std::to_string(got) + " " + what + ", expected " + expected_name +
-                             " = " + std::to_string(expected) + " (" + describe(context_a) +
-                             ", " + describe(context_b) + ")"));
+                             " = " + std::to_string(expected) + " (" + describe(context_a) + ", " +
+                             describe(context_b) + ")"));
 }
 
 /// Requires `m.cols() == expected` (e.g. x against in_features).
@@ -62,10 +62,9 @@ inline void check_rows(const char* where, const Operand& m, Index expected,
 inline void check_shape(const char* where, const Operand& m, Index rows, Index cols,
                         const Operand& context_a, const Operand& context_b) {
   if (m.rows != rows || m.cols != cols) {
-    PEFT_THROW(dimension_error(std::string(where) + ": " + m.name + " is " +
-                               shape_string(m.rows, m.cols) + ", expected " +
-                               shape_string(rows, cols) + " (" + describe(context_a) + ", " +
-                               describe(context_b) + ")"));
+    PEFT_THROW(dimension_error(
+        std::string(where) + ": " + m.name + " is " + shape_string(m.rows, m.cols) + ", expected " +
+        shape_string(rows, cols) + " (" + describe(context_a) + ", " + describe(context_b) + ")"));
   }
 }
 

@@ -41,7 +41,8 @@ class FrozenLinear {
         in_(weight.cols()),
         bias_data_(bias.data()) {
     if (bias.data() != nullptr && bias.size() != out_) {
-      PEFT_THROW(dimension_error(std::string(class_name_) + "::" + class_name_ + "(): bias has " + std::to_string(bias.size()) +
+      PEFT_THROW(dimension_error(std::string(class_name_) + "::" + class_name_ + "(): bias has " +
+                                 std::to_string(bias.size()) +
                                  " entries, expected out_features = " + std::to_string(out_) +
                                  " (W is " + shape_string(out_, in_) + ")"));
     }
@@ -56,9 +57,7 @@ class FrozenLinear {
   Operand weight_operand() const noexcept { return {"W", out_, in_}; }
 
   /// "<Class>::<method>" for messages, e.g. where("forward()").
-  std::string where(const char* method) const {
-    return std::string(class_name_) + "::" + method;
-  }
+  std::string where(const char* method) const { return std::string(class_name_) + "::" + method; }
 
   /// y = x Wᵀ + b.
   void base_forward(const ConstRef& x, Ref y) const {
@@ -132,17 +131,17 @@ class FrozenLinear {
   void set_merged(bool merged) noexcept { merged_ = merged; }
 
   /// Forward: x, or x ⊙ mask with a fresh mask recorded in `ws` for `owner`'s backward.
-  static InputView forward_input(const void* owner, const char* method, const ConstRef& x,
-                                 double p, Workspace<Scalar>& ws, int slot) {
+  static InputView forward_input(const void* owner, const char* method, const ConstRef& x, double p,
+                                 Workspace<Scalar>& ws, int slot) {
     if (!dropout_active(p, ws)) return view(x);
-    const auto mask = ws.draw_dropout_mask(owner, method, x.rows(), x.cols(), p);
+    const auto mask = ws.draw_dropout_mask(owner, method, x.rows(), x.cols(), p, x.data());
     return masked(x, mask, ws, slot);
   }
   /// Backward: x, or x ⊙ the mask that `owner`'s forward recorded.
   static InputView backward_input(const void* owner, const char* method, const ConstRef& x,
                                   double p, Workspace<Scalar>& ws, int slot) {
     if (!dropout_active(p, ws)) return view(x);
-    const auto mask = ws.recorded_dropout_mask(owner, method, x.rows(), x.cols());
+    const auto mask = ws.recorded_dropout_mask(owner, method, x.rows(), x.cols(), x.data());
     return masked(x, mask, ws, slot);
   }
   /// True when a forward draws (and backward reuses) a dropout mask.

@@ -63,7 +63,8 @@ class ParameterStorage {
 
   /// Moves the values into `external` (size() entries) and uses that memory from now on.
   void bind(Scalar* external) {
-    if (external == nullptr) PEFT_THROW(config_error("bind_parameters(): null buffer"));
+    if (external == nullptr)
+      PEFT_THROW(config_error("bind_parameters(): the external buffer is null"));
     if (external != data()) Eigen::Map<Vector<Scalar>>(external, size_) = view();
     external_ = external;
     owned_.resize(0);
