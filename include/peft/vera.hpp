@@ -184,6 +184,12 @@ class VeraLinear {
     reset_parameters();
   }
 
+  /// Temporary projections would dangle as soon as the statement ends: refused.
+  template <int Order>
+  VeraLinear(FrozenWeight<Scalar, Order>, const Projections&&, const VeraOptions&) = delete;
+  template <int Order>
+  VeraLinear(FrozenWeight<Scalar, Order>, Bias, const Projections&&, const VeraOptions&) = delete;
+
   Index in_features() const noexcept { return base_.in(); }
   Index out_features() const noexcept { return base_.out(); }
   Index rank() const noexcept { return options_.r; }

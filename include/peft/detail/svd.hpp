@@ -1,0 +1,52 @@
+// SPDX-FileCopyrightText: The peft authors
+// SPDX-License-Identifier: Apache-2.0
+// Thin SVD and thin QR shims: one call site for the Eigen 3.4 / Eigen 5 API split.
+#pragma once
+#ifndef PEFT_CONFIG_HPP
+#  error "include <peft/peft.hpp> or a public peft header instead of a detail header"
+#endif
+#include <peft/error.hpp>
+#include <peft/types.hpp>
+
+#include <Eigen/QR>
+#include <Eigen/SVD>
+
+#include <string>
+
+PEFT_NAMESPACE_BEGIN
+namespace detail {
+
+/// Thin SVD M = U diag(S) Vᵀ of a small dense matrix (singular values descending).
+template <typename Scalar>
+struct ThinSvd {
+  Matrix<Scalar, Eigen::ColMajor> u;
+  Vector<Scalar> s;
+  Matrix<Scalar, Eigen::ColMajor> v;
+};
+
+template <typename Derived>
+ThinSvd<typename Derived::Scalar> thin_svd(const Eigen::MatrixBase<Derived>& m, const char* where) {
+  using Scalar = typename Derived::Scalar;
+  using Dense = Matrix<Scalar, Eigen::ColMajor>;
+#if PEFT_EIGEN5
+  Eigen::BDCSVD<Dense, Eigen::ComputeThinU | Eigen::ComputeThinV> svd(m);
+#else
+  Eigen::BDCSVD<Dense> svd(m, Eigen::ComputeThinU | Eigen::ComputeThinV);
+#endif
+  if (svd.info() != Eigen::Success) {
+    PEFT_THROW(numerical_error(std::string(where) + ": SVD of a " + shape_string(m.rows(), m.cols()) +
+                               " matrix did not converge (Eigen ComputationInfo " +
+                               std::to_string(static_cast<int>(svd.info())) + ")"));
+  }
+  return {svd.matrixU(), svd.singularValues(), svd.matrixV()};
+}
+
+/// Orthonormal basis of the column space of `y` ([m, q], q <= m), by Householder QR.
+template <typename Scalar>
+Matrix<Scalar, Eigen::ColMajor> orthonormal_columns(const Matrix<Scalar, Eigen::ColMajor>& y) {
+  Eigen::HouseholderQR<Matrix<Scalar, Eigen::ColMajor>> qr(y);
+  return qr.householderQ() * Matrix<Scalar, Eigen::ColMajor>::Identity(y.rows(), y.cols());
+}
+
+}  // namespace detail
+PEFT_NAMESPACE_END

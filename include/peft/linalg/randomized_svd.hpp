@@ -1,0 +1,91 @@
+// SPDX-FileCopyrightText: The peft authors
+// SPDX-License-Identifier: Apache-2.0
+// Seeded randomized SVD (Halko, Martinsson & Tropp 2011): the top singular triplets of a large
+// matrix without a full decomposition.
+#pragma once
+#include <peft/config.hpp>
+#include <peft/detail/svd.hpp>
+#include <peft/error.hpp>
+#include <peft/random.hpp>
+#include <peft/types.hpp>
+
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+PEFT_NAMESPACE_BEGIN
+namespace linalg {
+
+/** Options of randomized_svd. The defaults are torch.svd_lowrank's (niter = 2 there; 4 here, as
+ * LoRA-GA and EVA call it). */
+struct RandomizedSvdOptions {
+  Index q = 0;             ///< columns of the test matrix; 0 means min(2·rank, min(m, n)).
+  Index niter = 4;         ///< power (subspace) iterations, each re-orthonormalised.
+  std::uint64_t seed = 0;  ///< the Gaussian test matrix is drawn from Rng(seed).
+};
+
+/// The leading `rank` triplets: M ≈ U diag(S) Vᵀ, U `[m, rank]`, S descending, V `[n, rank]`.
+template <typename Scalar>
+struct SvdResult {
+  Matrix<Scalar, Eigen::ColMajor> u;
+  Vector<Scalar> s;
+  Matrix<Scalar, Eigen::ColMajor> v;
+};
+
+/**
+ * Top-`rank` singular triplets of `m` by a seeded randomized range finder: Gaussian test matrix
+ * Ω `[n, q]`, Y = M Ω, `niter` power iterations Y ← M (Mᵀ Q) with a QR after each product (so
+ * the small singular directions are not lost to rounding), then the exact SVD of the small
+ * `[q, n]` matrix Qᵀ M. Cost O(m n q (2 niter + 2)); memory O((m + n) q). Deterministic for a
+ * seed. Never decomposes `m` itself: the only dense SVD is of the `[q, n]` sketch.
+ */
+template <typename Derived>
+SvdResult<typename Derived::Scalar> randomized_svd(const Eigen::MatrixBase<Derived>& m, Index rank,
+                                                   const RandomizedSvdOptions& options = {}) {
+  using Scalar = typename Derived::Scalar;
+  using Dense = Matrix<Scalar, Eigen::ColMajor>;
+  constexpr const char* where = "peft::linalg::randomized_svd()";
+  const Index rows = m.rows(), cols = m.cols(), smaller = std::min(rows, cols);
+  if (rank <= 0 || rank > smaller) {
+    PEFT_THROW(config_error(std::string(where) + ": rank = " + std::to_string(rank) +
+                            " must satisfy 0 < rank <= min(m, n) = " + std::to_string(smaller) +
+                            " (matrix is " + detail::shape_string(rows, cols) + ")"));
+  }
+  const Index q = options.q == 0 ? std::min(2 * rank, smaller) : options.q;
+  if (q < rank || q > smaller) {
+    PEFT_THROW(config_error(std::string(where) + ": q = " + std::to_string(q) +
+                            " must satisfy rank = " + std::to_string(rank) +
+                            " <= q <= min(m, n) = " + std::to_string(smaller)));
+  }
+  if (options.niter < 0) {
+    PEFT_THROW(config_error(std::string(where) + ": niter must be >= 0"));
+  }
+  if (!m.allFinite()) {
+    PEFT_THROW(numerical_error(std::string(where) + ": the matrix holds non-finite values"));
+  }
+  Dense omega(cols, q);
+  Rng rng(options.seed);
+  rng.fill_normal(omega, 0.0, 1.0);
+  Dense y(rows, q);
+  y.noalias() = m * omega;
+  Dense basis = detail::orthonormal_columns(y);
+  Dense z(cols, q);
+  for (Index it = 0; it < options.niter; ++it) {
+    z.noalias() = m.transpose() * basis;
+    z = detail::orthonormal_columns(z);
+    y.noalias() = m * z;
+    basis = detail::orthonormal_columns(y);
+  }
+  const Dense small = basis.transpose() * m;  // [q, n]
+  const auto svd = detail::thin_svd(small, where);
+  SvdResult<Scalar> result;
+  result.u.noalias() = basis * svd.u.leftCols(rank);
+  result.s = svd.s.head(rank);
+  result.v = svd.v.leftCols(rank);
+  return result;
+}
+
+}  // namespace linalg
+PEFT_NAMESPACE_END
