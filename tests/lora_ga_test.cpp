@@ -52,8 +52,9 @@ TEST_CASE("GradientAccumulator averages per-batch mean-loss gradients", "[lora_g
   REQUIRE(acc.batches() == 3);
   REQUIRE(relative_error(acc.mean(), expected) < 1e-13);
   acc.release();
-  REQUIRE_THROWS_AS(acc.accumulate(random_matrix<double>(n, in, 1), random_matrix<double>(n, out, 2)),
-                    peft::state_error);
+  REQUIRE_THROWS_AS(
+      acc.accumulate(random_matrix<double>(n, in, 1), random_matrix<double>(n, out, 2)),
+      peft::state_error);
 }
 
 TEST_CASE("LoRA-GA picks the documented singular vectors and scales", "[lora_ga][init]") {
@@ -161,7 +162,7 @@ TEST_CASE("LoRA-GA leaves the layer's output unchanged at init", "[lora_ga][init
   const auto g = gradient_with_gap(out, in, 2).cast<float>().eval();
   peft::LoraLinear<float> lora(peft::frozen(w), lora_options(r, 16, /*rslora=*/true));
   peft::init::lora_ga(lora, g, w);
-  REQUIRE(lora.b().norm() > 0);   // a real init, not a zero B
+  REQUIRE(lora.b().norm() > 0);        // a real init, not a zero B
   REQUIRE((w - original).norm() > 0);  // the base was offset
   const auto x = random_matrix<float>(16, in, 3);
   peft::RowMatrix<float> y(16, out);
@@ -169,9 +170,8 @@ TEST_CASE("LoRA-GA leaves the layer's output unchanged at init", "[lora_ga][init
   lora.forward(x, y, ws);
   const peft::RowMatrix<float> y0 = x * original.transpose();
   REQUIRE(relative_error(y, y0) <= 1e-5);
-  peft::init::restore_original_weight(peft::init::LoraGaResult<float>{{}, 0, lora.a(), lora.b(),
-                                                                      lora.scaling()},
-                                      w);
+  peft::init::restore_original_weight(
+      peft::init::LoraGaResult<float>{{}, 0, lora.a(), lora.b(), lora.scaling()}, w);
   REQUIRE(relative_error(w, original) <= 1e-6);
 }
 
@@ -268,6 +268,7 @@ TEST_CASE("LoRA-GA refuses bad input with typed exceptions", "[lora_ga][errors]"
   REQUIRE_THROWS_WITH(empty.mean(), Contains("no batch accumulated"));
   peft::RowMatrix<double> other = w;
   REQUIRE_THROWS_AS(peft::init::lora_ga(lora, g, other), peft::config_error);
-  REQUIRE_THROWS_AS(empty.accumulate(random_matrix<double>(4, 9, 1), random_matrix<double>(4, 12, 1)),
-                    peft::dimension_error);
+  REQUIRE_THROWS_AS(
+      empty.accumulate(random_matrix<double>(4, 9, 1), random_matrix<double>(4, 12, 1)),
+      peft::dimension_error);
 }

@@ -34,7 +34,8 @@ ThinSvd<typename Derived::Scalar> thin_svd(const Eigen::MatrixBase<Derived>& m, 
   Eigen::BDCSVD<Dense> svd(m, Eigen::ComputeThinU | Eigen::ComputeThinV);
 #endif
   if (svd.info() != Eigen::Success) {
-    PEFT_THROW(numerical_error(std::string(where) + ": SVD of a " + shape_string(m.rows(), m.cols()) +
+    PEFT_THROW(numerical_error(std::string(where) + ": SVD of a " +
+                               shape_string(m.rows(), m.cols()) +
                                " matrix did not converge (Eigen ComputationInfo " +
                                std::to_string(static_cast<int>(svd.info())) + ")"));
   }

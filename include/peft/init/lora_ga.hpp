@@ -126,10 +126,14 @@ inline std::vector<Index> iota(Index first, Index count, Index step = 1) {
 /// (indices for A, indices for B) among the top 2r singular triplets.
 inline std::pair<std::vector<Index>, std::vector<Index>> split(const LoraGaOptions& o, Index r) {
   switch (o.direction) {
-    case LoraGaDirection::ArB2r: return {iota(0, r), iota(r, r)};
-    case LoraGaDirection::A2rBr: return {iota(r, r), iota(0, r)};
-    case LoraGaDirection::ArBr: return {iota(1, r, 2), iota(0, r, 2)};
-    case LoraGaDirection::random: break;
+    case LoraGaDirection::ArB2r:
+      return {iota(0, r), iota(r, r)};
+    case LoraGaDirection::A2rBr:
+      return {iota(r, r), iota(0, r)};
+    case LoraGaDirection::ArBr:
+      return {iota(1, r, 2), iota(0, r, 2)};
+    case LoraGaDirection::random:
+      break;
   }
   std::vector<Index> order = iota(0, 2 * r);
   Rng rng(o.seed ^ 0x5eedULL);
@@ -192,7 +196,8 @@ LoraGaResult<Scalar> lora_ga(LoraLinear<Scalar, Order>& adapter,
   auto a = adapter.a();
   auto b = adapter.b();
   for (Index i = 0; i < r; ++i) {
-    const Index ia = index_a[static_cast<std::size_t>(i)], ib = index_b[static_cast<std::size_t>(i)];
+    const Index ia = index_a[static_cast<std::size_t>(i)],
+                ib = index_b[static_cast<std::size_t>(i)];
     a.row(i) = svd.v.col(ia).transpose();
     b.col(i) = svd.u.col(ib);
     if (options.peft_compat) b.col(i) *= svd.s(ib);
@@ -221,8 +226,7 @@ LoraGaResult<Scalar> lora_ga(LoraLinear<Scalar, Order>& adapter,
       if (options.peft_compat) {
         factor_b = static_cast<double>(w_svd.s(0)) / static_cast<double>(svd.s(index_b[0]));
       } else {
-        const double mean_root =
-            (w_svd.s.template cast<double>().array() / s).sqrt().mean();
+        const double mean_root = (w_svd.s.template cast<double>().array() / s).sqrt().mean();
         factor_a = factor_b = mean_root;
       }
       break;
@@ -276,12 +280,12 @@ LoraLinear<Scalar, Order> export_relative_to_original(const LoraLinear<Scalar, O
   const Index r = trained.rank();
   if (init.initial_a.rows() != r || init.initial_a.cols() != trained.in_features() ||
       init.initial_b.rows() != trained.out_features()) {
-    PEFT_THROW(dimension_error(std::string(where) + ": the init state is for A0 " +
-                               detail::shape_string(init.initial_a.rows(), init.initial_a.cols()) +
-                               ", B0 " +
-                               detail::shape_string(init.initial_b.rows(), init.initial_b.cols()) +
-                               ", the adapter has rank " + std::to_string(r) + " over " +
-                               detail::shape_string(trained.out_features(), trained.in_features())));
+    PEFT_THROW(dimension_error(
+        std::string(where) + ": the init state is for A0 " +
+        detail::shape_string(init.initial_a.rows(), init.initial_a.cols()) + ", B0 " +
+        detail::shape_string(init.initial_b.rows(), init.initial_b.cols()) +
+        ", the adapter has rank " + std::to_string(r) + " over " +
+        detail::shape_string(trained.out_features(), trained.in_features())));
   }
   LoraOptions o = trained.options();
   o.r = 2 * r;
