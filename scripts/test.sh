@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# SPDX-FileCopyrightText: The peft authors
+# SPDX-License-Identifier: Apache-2.0
+# Builds and runs every test: a Release build (unit, compile-fail, packaging, examples), then an
+# ASan + UBSan build (unit and examples). Works from any directory.
+#   PEFT_SKIP_SANITIZE=1 ./scripts/test.sh           skip the sanitizer phase (quick local runs)
+#   PEFT_SANITIZE_OPT_FLAGS="-O0 -g" ./scripts/test.sh  sanitizer build flags (default "-O1 -g";
+#                                                     -O0 compiles about twice as fast)
+set -euo pipefail
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+start=$SECONDS
+jobs=$(peft_nproc)
+trap 'peft_banner "FAILED after $(peft_elapsed $((SECONDS - start)))"' ERR
+
+peft_banner "Dependencies"
+peft_ensure_deps
+
+peft_banner "Release: configure (build/release)"
+phase=$SECONDS
+cmake -S . -B build/release \
+  -DCMAKE_BUILD_TYPE=Release \
+  -DPEFT_BUILD_TESTS=ON \
+  -DPEFT_BUILD_EXAMPLES=ON
+peft_banner "Release: build (-j$jobs)"
+cmake --build build/release -j "$jobs"
+peft_banner "Release: test"
+(cd build/release && ctest --output-on-failure -j2)
+echo "Release phase: $(peft_elapsed $((SECONDS - phase)))"
+
+if [ "${PEFT_SKIP_SANITIZE:-0}" = "1" ]; then
+  peft_banner "Sanitizers: skipped (PEFT_SKIP_SANITIZE=1)"
+else
+  san_flags="${PEFT_SANITIZE_OPT_FLAGS:--O1 -g}"
+  peft_banner "ASan+UBSan: configure (build/asan, $san_flags)"
+  phase=$SECONDS
+  cmake -S . -B build/asan \
+    -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=$san_flags" \
+    -DPEFT_SANITIZE=ON \
+    -DPEFT_BUILD_TESTS=ON \
+    -DPEFT_BUILD_EXAMPLES=ON
+  peft_banner "ASan+UBSan: build (-j$jobs)"
+  cmake --build build/asan -j "$jobs"
+  peft_banner "ASan+UBSan: test (packaging and compile-fail tests skipped: nothing new there)"
+  (
+    cd build/asan
+    export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:strict_init_order=1}"
+    export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
+    ctest --output-on-failure -j2 -LE 'packaging|compile_fail'
+  )
+  echo "Sanitizer phase: $(peft_elapsed $((SECONDS - phase)))"
+fi
+
+peft_banner "All tests passed in $(peft_elapsed $((SECONDS - start)))"
