@@ -3,6 +3,10 @@
 // Umbrella header: everything public in one include.
 #pragma once
 #include <peft/adalora.hpp>
+#include <peft/linalg/randomized_svd.hpp>
+#include <peft/linalg/incremental_pca.hpp>
+#include <peft/init/lora_ga.hpp>
+#include <peft/init/eva.hpp>
 #include <peft/adapter.hpp>
 #include <peft/config.hpp>
 #include <peft/error.hpp>
