@@ -204,6 +204,15 @@ class AdaptedMlp {
   /// Trainable parameters: the adapters' (the base layers are frozen).
   peft::Index num_parameters() const { return peft::count_parameters(adapters_); }
 
+  /// One gradient vector per adapter, laid out like its parameters() (what backward() fills;
+  /// e.g. for peft::RankAllocator::add_layer). Sized at construction: an adapter that changes
+  /// its parameter count later (AdaLoRA's shrink()) no longer matches its vector.
+  std::vector<Vec>& gradients() noexcept { return grads_; }
+  /// Sets every adapter gradient to zero (what the optimizer's zero_grad() does once registered).
+  void zero_grad() {
+    for (Vec& g : grads_) g.setZero();
+  }
+
   /// Registers each adapter's (parameters(), gradient) pair with `opt`.
   void register_with(peft::optim::AdamW<float>& opt) {
     for (std::size_t l = 0; l < adapters_.size(); ++l) {
@@ -234,13 +243,24 @@ class AdaptedMlp {
   /// Accumulates the adapters' gradients for `dlogits` (the workspaces must hold the masks
   /// of the matching forward when dropout is on).
   void backward(const Trace& trace, const ConstMatRef& dlogits) {
+    backward(trace, dlogits, [](std::size_t, const ConstMatRef&, const ConstMatRef&) {});
+  }
+
+  /// As above, and calls `observe(l, x, dy)` for every layer l, last to first, with the layer's
+  /// input x `[n, in]` and the gradient of the loss with respect to its output dy `[n, out]`,
+  /// just before the layer's own backward (the views are valid during the call only). This is
+  /// what a full-weight gradient dL/dW = dyᵀ x needs, e.g. LoRA-GA's calibration.
+  template <typename LayerObserver>
+  void backward(const Trace& trace, const ConstMatRef& dlogits, LayerObserver&& observe) {
     delta_ = dlogits;
     for (std::size_t l = adapters_.size() - 1; l > 0; --l) {
+      observe(l, trace.h[l], delta_);
       dx_.resize(trace.h[l].rows(), trace.h[l].cols());
       adapters_[l].backward(trace.h[l], delta_, dx_, grads_[l], workspaces_[l]);
       activation_backward(base_.activation(), trace.h[l], dx_);
       delta_.swap(dx_);
     }
+    observe(std::size_t{0}, trace.h[0], delta_);
     if constexpr (detail::has_backward_without_dx<Adapter>::value) {
       adapters_[0].backward(trace.h[0], delta_, grads_[0], workspaces_[0]);
     } else {
