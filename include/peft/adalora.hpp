@@ -201,17 +201,8 @@ class AdaLoraLinear {
     base_.check_backward("backward()", x, dy, grad.size(), num_parameters());
     base_.check_dx("backward()", x, dy, dx);
     const auto g = parameter_gradients(x, dy, grad, ws);  // g = (dy P) ⊙ Λ
-    dx.noalias() = dy * weight();
-    if (rank_ == 0) return;
-    if (Base::dropout_active(options_.lora_dropout, ws)) {
-      const auto mask = ws.recorded_dropout_mask(this, "AdaLoraLinear::backward()", x.rows(),
-                                                 in_features(), x.data());
-      auto v = ws.buffer(slot_x, x.rows(), in_features());
-      v.noalias() = g * q();
-      dx.array() += scaling_ * v.array() * mask.array();
-    } else {
-      dx.noalias() += scaling_ * (g * q());
-    }
+    base_.input_gradient(this, "AdaLoraLinear::backward()", x, dy, g, q(), scaling_,
+                         options_.lora_dropout, ws, slot_x, dx);
   }
 
   /// As backward() without the input gradient.

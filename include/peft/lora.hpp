@@ -157,17 +157,9 @@ class LoraLinear {
                 Workspace<Scalar>& ws) const {
     base_.check_backward("backward()", x, dy, grad.size(), num_parameters());
     base_.check_dx("backward()", x, dy, dx);
-    const auto& u = parameter_gradients(x, dy, grad, ws);
-    dx.noalias() = dy * weight();
-    if (Base::dropout_active(options_.lora_dropout, ws)) {
-      const auto mask = ws.recorded_dropout_mask(this, "LoraLinear::backward()", x.rows(),
-                                                 in_features(), x.data());
-      auto v = ws.buffer(slot_x, x.rows(), in_features());  // dropout(x) is no longer needed
-      v.noalias() = u * a();
-      dx.array() += scaling_ * v.array() * mask.array();
-    } else {
-      dx.noalias() += scaling_ * (u * a());
-    }
+    const auto u = parameter_gradients(x, dy, grad, ws);
+    base_.input_gradient(this, "LoraLinear::backward()", x, dy, u, a(), scaling_,
+                         options_.lora_dropout, ws, slot_x, dx);
   }
 
   /// As backward() without the input gradient (e.g. the first layer of a model).

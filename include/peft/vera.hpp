@@ -256,16 +256,8 @@ class VeraLinear {
     const auto scaled_b = scaled_b_into(ws);
     auto v = ws.buffer(slot_u, x.rows(), rank());
     v.noalias() = dy * scaled_b;  // [n, r]
-    dx.noalias() = dy * weight();
-    if (Base::dropout_active(options_.vera_dropout, ws)) {
-      const auto mask = ws.recorded_dropout_mask(this, "VeraLinear::backward()", x.rows(),
-                                                 in_features(), x.data());
-      auto va = ws.buffer(slot_x, x.rows(), in_features());
-      va.noalias() = v * a();
-      dx.array() += va.array() * mask.array();
-    } else {
-      dx.noalias() += v * a();
-    }
+    base_.input_gradient(this, "VeraLinear::backward()", x, dy, v, a(), Scalar(1),
+                         options_.vera_dropout, ws, slot_x, dx);
   }
 
   /// As backward() without the input gradient.

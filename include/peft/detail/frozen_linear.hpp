@@ -144,6 +144,26 @@ class FrozenLinear {
     const auto mask = ws.recorded_dropout_mask(owner, method, x.rows(), x.cols(), x.data());
     return masked(x, mask, ws, slot);
   }
+  /**
+   * dx = dy W + scale · (u · factor) ⊙ mask: the base part plus the adapter's, with u `[n, r]`
+   * and factor `[r, in]` (LoRA: dy B and A). The mask is the one `owner`'s forward recorded.
+   */
+  template <typename U, typename Factor>
+  void input_gradient(const void* owner, const char* method, const ConstRef& x, const ConstRef& dy,
+                      const U& u, const Factor& factor, Scalar scale, double p,
+                      Workspace<Scalar>& ws, int slot, Ref dx) const {
+    dx.noalias() = dy * weight();
+    if (u.cols() == 0) return;  // a rank-0 adapter adds nothing
+    if (dropout_active(p, ws)) {
+      const auto mask = ws.recorded_dropout_mask(owner, method, x.rows(), in_, x.data());
+      auto v = ws.buffer(slot, x.rows(), in_);
+      v.noalias() = u * factor;
+      dx.array() += scale * v.array() * mask.array();
+    } else {
+      dx.noalias() += scale * (u * factor);
+    }
+  }
+
   /// True when a forward draws (and backward reuses) a dropout mask.
   static bool dropout_active(double p, const Workspace<Scalar>& ws) noexcept {
     return p > 0.0 && ws.dropout_enabled();
