@@ -1,12 +1,14 @@
 // SPDX-FileCopyrightText: The peft authors
 // SPDX-License-Identifier: Apache-2.0
 // Pretrains a digit classifier, then adapts it to rotated digits with LoRA, VeRA, AdaLoRA or
-// LoRA-GA on every layer.
+// LoRA-GA or EVA on every layer.
 //
-//   peft-finetune [--method lora|vera|adalora|lora-ga|both|all] [--rank 8] [--alpha 16] [--lr ...]
+//   peft-finetune [--method lora|vera|adalora|lora-ga|eva|both|all] [--rank 8] [--alpha 16] [--lr ...]
 //                 [--vera-rank 256] [--d-initial 0.1] [--vera-lr ...]
 //                 [--init-r 8] [--target-r 4] [--tinit ...] [--tfinal ...] [--adalora-lr ...]
-//                 [--calibration-batches 8] [--stable-gamma 16] [--lora-ga-lr ...] [--csv PATH] ...
+//                 [--calibration-batches 8] [--stable-gamma 16] [--lora-ga-lr ...]
+//                 [--eva-batch 64] [--eva-rho 2] [--eva-tau 0.99] [--eva-max-iterations 100]
+//                 [--eva-lr ...] [--csv PATH] ...
 //
 // 1. Trains an MLP 64-128-128-10 in full (AdamW) on upright 8x8 digits (UCI, examples/data).
 // 2. Freezes it; its accuracy on the same test digits rotated by 90 degrees collapses.
@@ -19,17 +21,22 @@
 //    - lora-ga: peft::LoraLinear initialised by peft::init::lora_ga from the full-weight gradient
 //               of a few calibration batches (the base weight is offset so the model is
 //               unchanged); after training, the rank-2r export over the original weights is
-//               checked against the trained model.
-//    `--method both` (lora, vera) and `--method all` (all four) fine-tune copies of the same
+//               checked against the trained model;
+//    - eva:     peft::LoraLinear initialised by peft::init::Eva: A from the principal directions
+//               of each layer's inputs (streaming PCA over rotated training batches through the
+//               base model), ranks redistributed across layers, B = 0 (the model is unchanged).
+//    `--method both` (lora, vera) and `--method all` (all five) fine-tune copies of the same
 //    pretrained model, on the same batches, and compare them.
 // 4. Merges the adapters into the weights and checks the plain MLP now computes the same logits.
 // Exits non-zero if, for any method, the merge changes the logits, fine-tuning does not improve
 // the accuracy, or a method's own check fails (AdaLoRA: shrinking changes the logits; LoRA-GA:
-// the init changes the model, or the export does not reproduce it).
+// the init changes the model, or the export does not reproduce it; EVA: the init changes the
+// model).
 #include "digits.hpp"
 #include "mlp.hpp"
 
 #include <peft/adalora.hpp>
+#include <peft/init/eva.hpp>
 #include <peft/init/lora_ga.hpp>
 #include <peft/lora.hpp>
 #include <peft/optim/adamw.hpp>
@@ -45,6 +52,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <optional>
 #include <fstream>
 #include <iostream>
 #include <string>
@@ -74,7 +82,7 @@ double seconds_since(Clock::time_point start) {
 struct Config {
   std::string data = PEFT_EXAMPLES_DATA_DIR "/digits.csv.gz";
   std::string csv = "finetune_loss.csv";
-  std::string method = "lora";  // lora, vera, adalora, lora-ga, both (lora, vera) or all
+  std::string method = "lora";  // lora, vera, adalora, lora-ga, eva, both (lora, vera) or all
   peft::Index rank = 8;
   double alpha = 16.0;   // LoRA's, LoRA-GA's and AdaLoRA's lora_alpha
   double dropout = 0.0;  // the adapters' input dropout (lora_dropout, vera_dropout)
@@ -101,6 +109,12 @@ struct Config {
   double lora_ga_lr = 3e-3;  // near full fine-tuning's; docs/lora_ga.md has the sweep behind it
   double lora_ga_weight_decay = 0.1;
   bool peft_compat = false;
+  // EVA: calibration batches of the rotated training digits through the base model.
+  peft::Index eva_batch = 64;  // >= round(rank * rho) rows, or a layer's fit is skipped
+  double eva_rho = 2.0;
+  double eva_tau = 0.99;
+  long eva_max_iterations = 100;
+  double eva_lr = 1e-2;  // LoRA's
   double pretrain_lr = 3e-3;  // fixed: pretraining is not the subject here
   long steps_pretrain = 1500;
   long steps_finetune = 1500;
@@ -173,7 +187,7 @@ struct Setup {
   std::uint64_t init_seed;
   std::uint64_t dropout_seed;
   std::uint64_t batch_seed;
-  std::uint64_t calibration_seed;  // LoRA-GA's calibration batches
+  std::uint64_t calibration_seed;  // LoRA-GA's and EVA's calibration batches
   std::ostream& csv;
 };
 
@@ -660,6 +674,141 @@ Outcome finetune_lora_ga(const Setup& setup) {
       cfg.lora_ga_lr, cfg.lora_ga_weight_decay, hooks);
 }
 
+/**
+ * EVA's calibration: rotated training batches through the pretrained model (the plain Mlp's trace
+ * holds every layer's input), fed to the layers that still want them, until every layer has
+ * converged or --eva-max-iterations is reached. Prints one line per step, then the ranks.
+ */
+peft::init::Eva calibrate_eva(const Setup& setup) {
+  const Config& cfg = setup.cfg;
+  const auto start = Clock::now();
+  peft::init::EvaOptions options;
+  options.r = cfg.rank;
+  options.lora_alpha = cfg.alpha;
+  options.rho = cfg.eva_rho;
+  options.tau = cfg.eva_tau;
+  options.max_iterations = cfg.eva_max_iterations;
+  options.adjust_scaling_factors = true;
+  peft::init::Eva eva(options);
+  const auto& layers = setup.pretrained.layers();
+  peft::Index rows_needed = 0;  // a batch with fewer rows than a layer's components is skipped
+  for (std::size_t l = 0; l < layers.size(); ++l) {
+    const peft::Index id = eva.add_layer("layers." + std::to_string(l), layers[l].in_features(),
+                                         layers[l].out_features());
+    rows_needed = std::max(rows_needed, eva.cap(id));
+  }
+  if (cfg.eva_batch < rows_needed) {
+    PEFT_THROW(peft::config_error("--eva-batch " + std::to_string(cfg.eva_batch) +
+                                  " is below round(rank * eva-rho) = " +
+                                  std::to_string(rows_needed) + " (capped by min(in, out))"));
+  }
+  examples::Batches batches(setup.train_rot, cfg.eva_batch, setup.calibration_seed);
+  examples::Trace trace;
+  while (!eva.done()) {
+    const auto [x, y] = batches.next();
+    setup.pretrained.forward(x, trace);  // trace.h[l] is layer l's input
+    for (std::size_t l = 0; l < layers.size(); ++l) {
+      const auto id = static_cast<peft::Index>(l);
+      if (eva.wants(id)) eva.feed(id, trace.h[l]);
+    }
+    const peft::init::EvaProgress p = eva.step();
+    std::string skipped;
+    for (const std::string& name : p.skipped) skipped += (skipped.empty() ? "" : ", ") + name;
+    if (!cfg.quiet || p.done) {
+      std::printf("EVA step %3ld: %ld/%ld layers converged%s%s\n", p.iteration,
+                  static_cast<long>(p.converged_layers), static_cast<long>(p.total_layers),
+                  skipped.empty() ? "" : "; too few rows, skipped: ", skipped.c_str());
+    }
+  }
+  std::printf("EVA calibration: %ld batches x %ld rotated training digits, %.3f s\n",
+              eva.iterations(), static_cast<long>(cfg.eva_batch), seconds_since(start));
+  for (peft::Index l = 0; l < eva.num_layers(); ++l) {
+    std::printf("  %s (%ldx%ld): rank %ld (cap %ld), alpha %g\n", eva.name(l).c_str(),
+                static_cast<long>(layers[std::size_t(l)].out_features()),
+                static_cast<long>(layers[std::size_t(l)].in_features()),
+                static_cast<long>(eva.rank(l)), static_cast<long>(eva.cap(l)), eva.alpha(l));
+  }
+  const std::vector<std::string> unconverged = eva.unconverged_layers();
+  if (!unconverged.empty()) {
+    std::string names;
+    for (const std::string& name : unconverged) names += (names.empty() ? "" : ", ") + name;
+    std::printf("EVA: not converged after %ld steps (--eva-max-iterations): %s\n",
+                eva.iterations(), names.c_str());
+  }
+  return eva;
+}
+
+/// EVA's check: B = 0, so the adapted model must compute the pretrained model's logits.
+class EvaHooks : public NoHooks {
+ public:
+  /// `unadapted[l]`: layer l's rank is 0 (read when training starts, after the adapters exist).
+  EvaHooks(const Setup& setup, const std::vector<bool>& unadapted)
+      : setup_(setup), unadapted_(unadapted) {}
+
+  void before_training(examples::AdaptedMlp<Lora>& adapted, Outcome& out) {
+    // A rank-0 layer holds a zero LoRA (A = B = 0) that never trains: the layer stays as it was.
+    for (std::size_t l = 0; l < unadapted_.size(); ++l)
+      if (unadapted_[l]) adapted.freeze_adapter(l);
+    out.trainable = adapted.num_parameters();
+    out.total = out.trainable + adapted.base().num_parameters();
+    const examples::Mat before = setup_.pretrained.logits(setup_.test_rot.x);
+    const double diff = (adapted.logits(setup_.test_rot.x) - before).cwiseAbs().maxCoeff();
+    std::printf("EVA init: max |logit change| = %.2e\n", diff);
+    if (!(diff == 0.0)) {
+      out.failures.push_back("the EVA init changed the logits by " + std::to_string(diff));
+    }
+  }
+
+ private:
+  const Setup& setup_;
+  const std::vector<bool>& unadapted_;
+};
+
+Outcome finetune_eva(const Setup& setup) {
+  const Config& cfg = setup.cfg;
+  const auto start = Clock::now();
+  const peft::init::Eva eva = calibrate_eva(setup);
+  const double calibration_seconds = seconds_since(start);
+  const peft::LoraOptions options = lora_options(cfg);
+  std::vector<bool> unadapted(setup.pretrained.layers().size(), false);
+  auto make = [&](examples::Dense& layer, std::size_t l) {
+    std::optional<Lora> adapter =
+        eva.make_adapter(static_cast<peft::Index>(l), peft::frozen(layer.weight),
+                         peft::frozen_bias(layer.bias), options);
+    if (adapter) return std::move(*adapter);
+    // Rank 0: no adapter. AdaptedMlp holds one per layer, so a rank-1 LoRA with A = B = 0
+    // stands in; EvaHooks freezes it (never registered with the optimizer, ΔW = 0).
+    unadapted[l] = true;
+    peft::LoraOptions zero = options;
+    zero.r = 1;
+    Lora stand_in(peft::frozen(layer.weight), peft::frozen_bias(layer.bias), zero);
+    stand_in.a().setZero();
+    stand_in.b().setZero();
+    return stand_in;
+  };
+  EvaHooks hooks(setup, unadapted);
+  Outcome out = finetune<Lora>(
+      setup, "EVA", "eva", make,
+      [&](const examples::AdaptedMlp<Lora>& lora) {
+        std::string ranks;
+        for (std::size_t l = 0; l < lora.adapters().size(); ++l) {
+          ranks += (ranks.empty() ? "" : "/") +
+                   std::to_string(unadapted[l] ? 0 : lora.adapters()[l].rank());
+        }
+        char line[256];
+        std::snprintf(line, sizeof line,
+                      "EVA r=%ld rho=%g tau=%g: ranks %s, alpha=%g (adjusted: scale alpha/r on "
+                      "every layer) dropout=%g%s on %zu layers",
+                      static_cast<long>(cfg.rank), cfg.eva_rho, cfg.eva_tau, ranks.c_str(),
+                      cfg.alpha, cfg.dropout, cfg.rslora ? " rsLoRA" : "",
+                      lora.adapters().size());
+        return std::string(line);
+      },
+      cfg.eva_lr, 0.1, hooks);
+  out.seconds += calibration_seconds;
+  return out;
+}
+
 double percent_of(peft::Index part, peft::Index whole) {
   return 100.0 * static_cast<double>(part) / static_cast<double>(whole);
 }
@@ -716,6 +865,7 @@ int run(const Config& cfg) {
   if (runs(cfg, "vera")) outcomes.push_back(finetune_vera(setup));
   if (runs(cfg, "adalora")) outcomes.push_back(finetune_adalora(setup));
   if (runs(cfg, "lora-ga")) outcomes.push_back(finetune_lora_ga(setup));
+  if (runs(cfg, "eva")) outcomes.push_back(finetune_eva(setup));
   const double wall = seconds_since(start);
 
   if (outcomes.size() == 1) {
@@ -786,14 +936,14 @@ int main(int argc, char** argv) {
   Config cfg;
   CLI::App app{
       "Pretrains an MLP on upright digits, then fine-tunes it to rotated digits with LoRA, VeRA, "
-      "AdaLoRA or LoRA-GA, or compares them."};
+      "AdaLoRA, LoRA-GA or EVA, or compares them."};
   app.option_defaults()->always_capture_default();
   app.add_option("--data", cfg.data, "digits.csv.gz to load");
   app.add_option("--method", cfg.method,
-                 "adapter: lora, vera, adalora, lora-ga, both (lora and vera) or all (each from "
-                 "the same pretrained model, compared)")
-      ->check(CLI::IsMember({"lora", "vera", "adalora", "lora-ga", "both", "all"}));
-  app.add_option("--rank", cfg.rank, "LoRA and LoRA-GA rank r")->check(CLI::PositiveNumber);
+                 "adapter: lora, vera, adalora, lora-ga, eva, both (lora and vera) or all (each "
+                 "from the same pretrained model, compared)")
+      ->check(CLI::IsMember({"lora", "vera", "adalora", "lora-ga", "eva", "both", "all"}));
+  app.add_option("--rank", cfg.rank, "LoRA, LoRA-GA and EVA (nominal) rank r")->check(CLI::PositiveNumber);
   app.add_option("--alpha", cfg.alpha,
                  "lora_alpha of LoRA (scaling alpha/r), LoRA-GA (alpha/sqrt(r)) and AdaLoRA "
                  "(alpha/init_r)");
@@ -845,6 +995,18 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_flag("--peft-compat", cfg.peft_compat,
                "LoRA-GA: PEFT's variant (B carries its singular values, stable factor on B only)");
+  app.add_option("--eva-batch", cfg.eva_batch,
+                 "EVA calibration batch rows (>= round(rank * eva-rho))")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--eva-rho", cfg.eva_rho, "EVA rho: a layer may take up to round(r * rho) ranks")
+      ->check(CLI::Range(1.0, 100.0));
+  app.add_option("--eva-tau", cfg.eva_tau, "EVA convergence threshold (cosine between fits)")
+      ->check(CLI::Range(0.0, 1.0));
+  app.add_option("--eva-max-iterations", cfg.eva_max_iterations,
+                 "EVA calibration step cap (0: none)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--eva-lr", cfg.eva_lr, "EVA fine-tuning peak learning rate")
+      ->check(CLI::PositiveNumber);
   app.add_option("--steps-pretrain", cfg.steps_pretrain, "pretraining steps")
       ->check(CLI::PositiveNumber);
   app.add_option("--steps-finetune", cfg.steps_finetune, "fine-tuning steps")

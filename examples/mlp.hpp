@@ -193,6 +193,7 @@ class AdaptedMlp {
       grads_.push_back(Vec::Zero(adapters_.back().num_parameters()));
     }
     workspaces_.resize(layers.size());
+    frozen_.assign(layers.size(), false);
   }
   AdaptedMlp(const AdaptedMlp&) = delete;
   AdaptedMlp& operator=(const AdaptedMlp&) = delete;
@@ -201,8 +202,20 @@ class AdaptedMlp {
   const std::vector<Adapter>& adapters() const noexcept { return adapters_; }
   Mlp& base() noexcept { return base_; }
 
-  /// Trainable parameters: the adapters' (the base layers are frozen).
-  peft::Index num_parameters() const { return peft::count_parameters(adapters_); }
+  /// Trainable parameters: the adapters' (the base layers are frozen), except those of
+  /// adapters frozen with freeze_adapter().
+  peft::Index num_parameters() const {
+    peft::Index total = 0;
+    for (std::size_t l = 0; l < adapters_.size(); ++l)
+      if (!frozen_[l]) total += adapters_[l].num_parameters();
+    return total;
+  }
+
+  /// Leaves adapter `l` out of register_with() and num_parameters(): it still runs in forward,
+  /// backward and merge, but never trains (e.g. a zero stand-in for a layer left unadapted).
+  /// Call before register_with().
+  void freeze_adapter(std::size_t l) { frozen_.at(l) = true; }
+  bool adapter_frozen(std::size_t l) const { return frozen_.at(l); }
 
   /// One gradient vector per adapter, laid out like its parameters() (what backward() fills;
   /// e.g. for peft::RankAllocator::add_layer). Sized at construction: an adapter that changes
@@ -213,9 +226,10 @@ class AdaptedMlp {
     for (Vec& g : grads_) g.setZero();
   }
 
-  /// Registers each adapter's (parameters(), gradient) pair with `opt`.
+  /// Registers each adapter's (parameters(), gradient) pair with `opt` (frozen ones excepted).
   void register_with(peft::optim::AdamW<float>& opt) {
     for (std::size_t l = 0; l < adapters_.size(); ++l) {
+      if (frozen_[l]) continue;
       opt.add_parameters(adapters_[l].parameters(), grads_[l]);
     }
   }
@@ -294,6 +308,7 @@ class AdaptedMlp {
   std::vector<Adapter> adapters_;
   std::vector<Vec> grads_;                          // one per adapter, like parameters()
   std::vector<peft::Workspace<float>> workspaces_;  // one per adapter
+  std::vector<bool> frozen_;                        // adapters left out of training
   Mat delta_, dx_;                                  // backward scratch
 };
 
