@@ -1,0 +1,7 @@
+// SPDX-FileCopyrightText: The peft authors
+// SPDX-License-Identifier: Apache-2.0
+// Umbrella header of the file formats (needs nlohmann-json; link peft::io in CMake).
+#pragma once
+#include <peft/peft.hpp>
+
+#include <peft/io/safetensors.hpp>
