@@ -336,6 +336,20 @@ class SafetensorsReader {
     return it != tensors_.end() && it->name == name ? &*it : nullptr;
   }
 
+  // A header value quoted in a message: scalars and short flat arrays as written, anything else
+  // summarised. nlohmann's dump() recurses, so dumping a hostile value nested a million deep
+  // overflows the stack, and a huge one would make a huge message.
+  static std::string brief(const nlohmann::json& v) {
+    if (v.is_object()) return "(an object)";
+    if (v.is_array()) {
+      bool flat = v.size() <= 16;
+      for (std::size_t i = 0; flat && i < v.size(); ++i) flat = !v[i].is_structured();
+      if (!flat) return "(an array of " + std::to_string(v.size()) + " entries)";
+    }
+    std::string s = v.dump();
+    return s.size() <= 200 ? s : s.substr(0, 200) + "...";
+  }
+
   static std::uint64_t as_u64(const nlohmann::json& v, bool& ok) {
     if (v.is_number_unsigned()) return v.get<std::uint64_t>();
     if (v.is_number_integer() && v.get<std::int64_t>() >= 0) return std::uint64_t(v.get<std::int64_t>());
@@ -351,7 +365,9 @@ class SafetensorsReader {
     try {
       header = nlohmann::json::parse(text);
     } catch (const nlohmann::json::exception& e) {
-      fail(std::string("header is not valid JSON (") + e.what() + ")");
+      std::string why = e.what();  // quotes the offending token, which may be the whole header
+      if (why.size() > 300) why = why.substr(0, 300) + "...";
+      fail("header is not valid JSON (" + why + ")");
     }
 #else
     header = nlohmann::json::parse(text, nullptr, false);
@@ -410,10 +426,10 @@ class SafetensorsReader {
     for (const nlohmann::json& dim : *shape) {
       bool ok = true;
       const std::uint64_t n = as_u64(dim, ok);
-      if (!ok) fail(where + ": shape entry " + dim.dump() + " is not a non-negative integer");
+      if (!ok) fail(where + ": shape entry " + brief(dim) + " is not a non-negative integer");
       if (n > std::uint64_t(std::numeric_limits<std::int64_t>::max()) ||
           !detail::checked_mul(bytes, n, bytes)) {
-        fail(where + ": shape " + shape->dump() + " overflows the byte count");
+        fail(where + ": shape " + brief(*shape) + " overflows the byte count");
       }
       t.shape.push_back(static_cast<std::int64_t>(n));
     }
@@ -424,10 +440,10 @@ class SafetensorsReader {
     bool ok = true;
     t.begin = as_u64((*offsets)[0], ok);
     t.end = as_u64((*offsets)[1], ok);
-    if (!ok) fail(where + ": data_offsets " + offsets->dump() + " are not non-negative integers");
-    if (t.end < t.begin) fail(where + ": data_offsets " + offsets->dump() + " end before they begin");
+    if (!ok) fail(where + ": data_offsets " + brief(*offsets) + " are not non-negative integers");
+    if (t.end < t.begin) fail(where + ": data_offsets " + brief(*offsets) + " end before they begin");
     if (t.end > data_size) {
-      fail(where + ": data_offsets " + offsets->dump() + " run past the end of the data (" +
+      fail(where + ": data_offsets " + brief(*offsets) + " run past the end of the data (" +
            std::to_string(data_size) + " bytes)");
     }
     if (t.end - t.begin != bytes) {
