@@ -5,3 +5,6 @@
 #include <peft/peft.hpp>
 
 #include <peft/io/safetensors.hpp>
+#include <peft/io/adapter_config.hpp>
+#include <peft/io/adapter_folder.hpp>
+#include <peft/io/adapter_files.hpp>

@@ -78,10 +78,12 @@ class VeraProjections {
     return VeraProjections(r, max_out, max_in, projection_prng_key);
   }
 
-  /// Uses saved projections (PEFT's `vera_A` `[r, max_in]`, `vera_B` `[max_out, r]`), copied once.
+  /// Uses saved projections (PEFT's `vera_A` `[r, max_in]`, `vera_B` `[max_out, r]`), copied once;
+  /// `projection_prng_key` is only recorded (a file's config keeps it).
   template <typename DA, typename DB>
   static VeraProjections from_matrices(const Eigen::MatrixBase<DA>& a,
-                                       const Eigen::MatrixBase<DB>& b) {
+                                       const Eigen::MatrixBase<DB>& b,
+                                       std::uint64_t projection_prng_key = 0) {
     if (a.rows() != b.cols()) {
       PEFT_THROW(dimension_error("VeraProjections::from_matrices(): A has " +
                                  std::to_string(a.rows()) +
@@ -96,6 +98,7 @@ class VeraProjections {
     VeraProjections p;
     p.a_ = a.template cast<Scalar>();
     p.b_ = b.template cast<Scalar>();
+    p.key_ = projection_prng_key;
     return p;
   }
 

@@ -1,0 +1,272 @@
+// SPDX-FileCopyrightText: The peft authors
+// SPDX-License-Identifier: Apache-2.0
+// A model's adapters by module name: the frozen weights they wrap, their gradients, and the
+// whole-model operations (optimizer registration, merge, unmerge, save and load in peft::io).
+#pragma once
+#include <peft/config.hpp>
+#include <peft/error.hpp>
+#include <peft/types.hpp>
+#include <peft/vera.hpp>
+
+#include <map>
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+PEFT_NAMESPACE_BEGIN
+
+namespace detail {
+template <typename A, typename = void>
+struct has_projections : std::false_type {};
+template <typename A>
+struct has_projections<A, std::void_t<typename A::Projections>> : std::true_type {};
+}  // namespace detail
+
+/**
+ * Maps module names ("model.layers.0.self_attn.q_proj") to the caller's frozen weights and to
+ * one adapter of type `Adapter` per adapted module.
+ *
+ * Weights stay the caller's (viewed, never copied); register them mutable with `add_module` to
+ * allow `merge_all`/`unmerge_all`, or read-only with `add_frozen_module`. Modules are kept in
+ * registration order, which is also the order of `register_with` (so an optimizer's state lines
+ * up across runs). For VeRA the set owns the shared projections (`set_projections`).
+ *
+ * Not copyable: adapters view the weights and, for VeRA, the set's projections.
+ */
+template <typename Adapter>
+class AdapterSet {
+ public:
+  using Scalar = typename Adapter::Scalar;
+  static constexpr int WeightOrder = Adapter::WeightOrder;
+  using WeightMatrix = Matrix<Scalar, WeightOrder>;
+  using Weight = FrozenWeight<Scalar, WeightOrder>;
+  using Bias = FrozenBias<Scalar>;
+  static constexpr bool uses_projections = detail::has_projections<Adapter>::value;
+
+  /// One registered module.
+  struct Module {
+    std::string name;
+    Weight weight;
+    Scalar* writable = nullptr;  ///< the weight's data when registered mutable
+    Bias bias;
+    std::unique_ptr<Adapter> adapter;  ///< null until attached
+    Vector<Scalar> grad;               ///< sized with the adapter
+  };
+
+  AdapterSet() = default;
+  AdapterSet(const AdapterSet&) = delete;
+  AdapterSet& operator=(const AdapterSet&) = delete;
+  AdapterSet(AdapterSet&&) noexcept = default;
+  AdapterSet& operator=(AdapterSet&&) noexcept = default;
+
+  /// Registers a caller-owned weight `[out, in]` that merge_all() may write.
+  void add_module(const std::string& name, Eigen::Ref<WeightMatrix> w, Bias bias = no_bias<Scalar>()) {
+    auto& m = insert(name, Weight(w.data(), w.rows(), w.cols(), Eigen::OuterStride<>(w.outerStride())), bias);
+    m.writable = w.data();
+  }
+
+  /// Registers a read-only weight: adapters train on it, but it cannot be merged into.
+  void add_frozen_module(const std::string& name, Weight w, Bias bias = no_bias<Scalar>()) {
+    insert(name, w, bias);
+  }
+
+  bool has_module(const std::string& name) const { return index_.count(name) != 0; }
+  /// Registered module names, in registration order.
+  std::vector<std::string> module_names() const {
+    std::vector<std::string> out;
+    for (const auto& m : modules_) out.push_back(m->name);
+    return out;
+  }
+  /// Names of the modules that carry an adapter, in registration order.
+  std::vector<std::string> adapted_modules() const {
+    std::vector<std::string> out;
+    for (const auto& m : modules_)
+      if (m->adapter) out.push_back(m->name);
+    return out;
+  }
+  std::size_t num_modules() const noexcept { return modules_.size(); }
+
+  const Module& module(const std::string& name) const { return *modules_[locate(name)]; }
+
+  /**
+   * Creates the adapter of `name` from `args` (the adapter's options, and for LoRA/AdaLoRA
+   * optionally an Rng), replacing any earlier one; VeRA adapters use the set's projections.
+   */
+  template <typename... Args>
+  Adapter& attach(const std::string& name, Args&&... args) {
+    Module& m = *modules_[locate(name)];
+    if (m.adapter && m.adapter->merged()) {
+      PEFT_THROW(state_error("AdapterSet::attach(): '" + name + "' is merged; unmerge it first"));
+    }
+    m.adapter = make(m, std::forward<Args>(args)...);
+    m.grad = Vector<Scalar>::Zero(m.adapter->num_parameters());
+    return *m.adapter;
+  }
+
+  /// Installs a ready-made adapter on `name` (it must view that module's weight).
+  Adapter& attach_adapter(const std::string& name, std::unique_ptr<Adapter> adapter) {
+    Module& m = *modules_[locate(name)];
+    if (!adapter || adapter->weight().data() != m.weight.data() ||
+        adapter->in_features() != m.weight.cols() || adapter->out_features() != m.weight.rows()) {
+      PEFT_THROW(config_error("AdapterSet::attach_adapter(): the adapter does not view the weight of '" + name + "'"));
+    }
+    if (m.adapter && m.adapter->merged()) {
+      PEFT_THROW(state_error("AdapterSet::attach_adapter(): '" + name + "' is merged; unmerge it first"));
+    }
+    m.adapter = std::move(adapter);
+    m.grad = Vector<Scalar>::Zero(m.adapter->num_parameters());
+    return *m.adapter;
+  }
+
+  /// Removes the adapter of `name` (the module stays registered).
+  void detach(const std::string& name) {
+    Module& m = *modules_[locate(name)];
+    if (m.adapter && m.adapter->merged()) {
+      PEFT_THROW(state_error("AdapterSet::detach(): '" + name + "' is merged; unmerge it first"));
+    }
+    m.adapter.reset();
+    m.grad.resize(0);
+  }
+
+  bool has_adapter(const std::string& name) const {
+    const auto it = index_.find(name);
+    return it != index_.end() && modules_[it->second]->adapter != nullptr;
+  }
+  Adapter& adapter(const std::string& name) { return checked_adapter(*modules_[locate(name)]); }
+  const Adapter& adapter(const std::string& name) const { return checked_adapter(*modules_[locate(name)]); }
+  /// The gradient buffer of `name`'s adapter (accumulate into it in backward).
+  Eigen::Ref<Vector<Scalar>> gradient(const std::string& name) {
+    Module& m = *modules_[locate(name)];
+    checked_adapter(m);
+    return m.grad;
+  }
+
+  /// Trainable parameters over all adapters.
+  Index num_parameters() const {
+    Index n = 0;
+    for (const auto& m : modules_)
+      if (m->adapter) n += m->adapter->num_parameters();
+    return n;
+  }
+
+  void zero_grad() {
+    for (auto& m : modules_) m->grad.setZero();
+  }
+
+  /// Registers every adapter's parameters and gradient with `optimizer` (e.g. optim::AdamW),
+  /// in registration order.
+  template <typename Optimizer>
+  void register_with(Optimizer& optimizer) {
+    for (auto& m : modules_)
+      if (m->adapter) optimizer.add_parameters(m->adapter->parameters(), m->grad);
+  }
+
+  /// Calls f(name, adapter) for every adapted module, in registration order.
+  template <typename F>
+  void for_each(F&& f) {
+    for (auto& m : modules_)
+      if (m->adapter) f(static_cast<const std::string&>(m->name), *m->adapter);
+  }
+  template <typename F>
+  void for_each(F&& f) const {
+    for (const auto& m : modules_)
+      if (m->adapter) f(m->name, static_cast<const Adapter&>(*m->adapter));
+  }
+
+  /// Merges every adapter into its weight; returns how many were merged now. Checks first that
+  /// every adapted weight is writable, so either all merge or none does.
+  std::size_t merge_all() { return for_all_writable("merge_all", true); }
+  /// Undoes merge_all(); returns how many were unmerged now.
+  std::size_t unmerge_all() { return for_all_writable("unmerge_all", false); }
+
+  /// The mutable view of a module's weight (state_error if registered read-only).
+  Eigen::Map<WeightMatrix, Eigen::Unaligned, Eigen::OuterStride<>> writable_weight(const std::string& name) {
+    Module& m = *modules_[locate(name)];
+    if (!m.writable) PEFT_THROW(state_error("AdapterSet: '" + name + "' was registered read-only"));
+    return {m.writable, m.weight.rows(), m.weight.cols(), Eigen::OuterStride<>(m.weight.outerStride())};
+  }
+
+  // ---- VeRA: the shared projections ---------------------------------------------------------
+
+  /// Sets the projections every VeRA adapter of the set shares (before any is attached).
+  template <typename A = Adapter, typename = std::enable_if_t<detail::has_projections<A>::value>>
+  void set_projections(typename A::Projections projections) {
+    for (const auto& m : modules_)
+      if (m->adapter) PEFT_THROW(state_error("AdapterSet::set_projections(): detach the adapters first"));
+    projections_ = std::make_unique<typename A::Projections>(std::move(projections));
+  }
+  template <typename A = Adapter, typename = std::enable_if_t<detail::has_projections<A>::value>>
+  bool has_projections() const noexcept {
+    return projections_ != nullptr;
+  }
+  template <typename A = Adapter, typename = std::enable_if_t<detail::has_projections<A>::value>>
+  const typename A::Projections& projections() const {
+    if (!projections_) PEFT_THROW(state_error("AdapterSet: no VeRA projections set"));
+    return *projections_;
+  }
+
+ private:
+  struct NoProjections {};
+  using ProjectionsHolder =
+      std::conditional_t<uses_projections, std::unique_ptr<VeraProjections<Scalar>>, NoProjections>;
+
+  Module& insert(const std::string& name, Weight w, Bias bias) {
+    if (name.empty()) PEFT_THROW(config_error("AdapterSet::add_module(): empty module name"));
+    if (index_.count(name)) PEFT_THROW(config_error("AdapterSet::add_module(): '" + name + "' is already registered"));
+    if (bias.data() != nullptr && bias.size() != w.rows()) {
+      PEFT_THROW(dimension_error("AdapterSet::add_module(): bias of '" + name + "' has " +
+                                 std::to_string(bias.size()) + " entries, the weight " +
+                                 std::to_string(w.rows()) + " rows"));
+    }
+    auto m = std::make_unique<Module>(Module{name, w, nullptr, bias, nullptr, Vector<Scalar>()});
+    index_[name] = modules_.size();
+    modules_.push_back(std::move(m));
+    return *modules_.back();
+  }
+
+  std::size_t locate(const std::string& name) const {
+    const auto it = index_.find(name);
+    if (it == index_.end()) PEFT_THROW(config_error("AdapterSet: no module named '" + name + "'"));
+    return it->second;
+  }
+
+  static Adapter& checked_adapter(const Module& m) {
+    if (!m.adapter) PEFT_THROW(state_error("AdapterSet: module '" + m.name + "' has no adapter"));
+    return *m.adapter;
+  }
+
+  template <typename... Args>
+  std::unique_ptr<Adapter> make(const Module& m, Args&&... args) {
+    if constexpr (uses_projections) {
+      if (!projections_) PEFT_THROW(state_error("AdapterSet::attach(): set the VeRA projections first"));
+      return std::make_unique<Adapter>(m.weight, m.bias, *projections_, std::forward<Args>(args)...);
+    } else {
+      return std::make_unique<Adapter>(m.weight, m.bias, std::forward<Args>(args)...);
+    }
+  }
+
+  std::size_t for_all_writable(const char* what, bool merge) {
+    for (const auto& m : modules_) {
+      if (m->adapter && !m->writable) {
+        PEFT_THROW(state_error(std::string("AdapterSet::") + what + "(): '" + m->name +
+                               "' was registered read-only (add_frozen_module)"));
+      }
+    }
+    std::size_t n = 0;
+    for (auto& m : modules_) {
+      if (!m->adapter) continue;
+      auto w = writable_weight(m->name);
+      Eigen::Ref<WeightMatrix> ref(w);
+      n += merge ? m->adapter->merge_into(ref) : m->adapter->unmerge_from(ref);
+    }
+    return n;
+  }
+
+  std::vector<std::unique_ptr<Module>> modules_;
+  std::map<std::string, std::size_t> index_;
+  ProjectionsHolder projections_;
+};
+
+PEFT_NAMESPACE_END
