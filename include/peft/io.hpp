@@ -8,3 +8,4 @@
 #include <peft/io/adapter_config.hpp>
 #include <peft/io/adapter_folder.hpp>
 #include <peft/io/adapter_files.hpp>
+#include <peft/io/merge.hpp>

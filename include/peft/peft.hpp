@@ -10,6 +10,7 @@
 #include <peft/adapter.hpp>
 #include <peft/config.hpp>
 #include <peft/error.hpp>
+#include <peft/adapter_set.hpp>
 #include <peft/lora.hpp>
 #include <peft/optim/adamw.hpp>
 #include <peft/optim/schedule.hpp>

@@ -1,0 +1,205 @@
+// SPDX-FileCopyrightText: The peft authors
+// SPDX-License-Identifier: Apache-2.0
+// Merging a PEFT adapter folder into a base model's safetensors file (what peft-merge runs).
+#pragma once
+#include <peft/adapter_set.hpp>
+#include <peft/io/adapter_files.hpp>
+#include <peft/io/adapter_folder.hpp>
+#include <peft/io/safetensors.hpp>
+
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+PEFT_NAMESPACE_BEGIN
+namespace io {
+
+/// How adapter module names map to base tensor names.
+enum class BaseNaming {
+  plain,           ///< "<m>.weight" (the module path as PEFT stores it)
+  peft_prefixed,   ///< "base_model.model.<m>.weight" (a base saved from a PEFT-wrapped model)
+  without_model,   ///< "<m minus a leading 'model.'>.weight" (a base saved from the inner model)
+};
+
+inline const char* base_naming_name(BaseNaming n) noexcept {
+  switch (n) {
+    case BaseNaming::plain: return "<module>.weight";
+    case BaseNaming::peft_prefixed: return "base_model.model.<module>.weight";
+    case BaseNaming::without_model: return "<module without leading 'model.'>.weight";
+  }
+  return "?";
+}
+
+/// Per merged module, for the report.
+struct MergedModule {
+  std::string module;
+  std::string tensor;  ///< base tensor written
+  Index rank = 0;
+  double alpha = 0.0;  ///< lora_alpha of the module (VeRA: 0)
+  double scaling = 0.0;
+  double delta_norm = 0.0;  ///< ‖ΔW‖_F, computed in double
+};
+
+struct MergeReport {
+  BaseNaming naming = BaseNaming::plain;
+  std::vector<MergedModule> modules;
+  std::vector<std::string> replaced;  ///< base tensors overwritten by modules_to_save copies
+  std::size_t tensors_written = 0;
+  bool requires_modified_base = false;  ///< see AdapterConfig::requires_modified_base
+};
+
+struct MergeOptions {
+  /// Output dtype of every tensor; unset keeps each base tensor's dtype. The merged weight is
+  /// computed in double and rounded once.
+  std::optional<Dtype> dtype;
+};
+
+namespace detail {
+
+inline std::string base_tensor_name(const std::string& module_or_tensor, BaseNaming n) {
+  switch (n) {
+    case BaseNaming::plain: return module_or_tensor;
+    case BaseNaming::peft_prefixed: return module_key_prefix + module_or_tensor;
+    case BaseNaming::without_model:
+      return module_or_tensor.rfind("model.", 0) == 0 ? module_or_tensor.substr(6) : std::string();
+  }
+  return {};
+}
+
+// Loads the adapted base tensors into double matrices, applies the folder through an AdapterSet
+// and merges; fan_in_fan_out bases ([in, out]) are viewed column-major as [out, in].
+template <typename Adapter>
+void merge_weights(const AdapterFolder<double>& folder, std::map<std::string, RowMatrix<double>>& weights,
+                   const std::map<std::string, std::string>& tensor_of, MergeReport& report) {
+  AdapterSet<Adapter> set;
+  using WeightMatrix = typename AdapterSet<Adapter>::WeightMatrix;
+  for (const auto& m : folder.modules) {
+    RowMatrix<double>& w = weights.at(tensor_of.at(m.name));
+    if constexpr (Adapter::WeightOrder == Eigen::RowMajor) {
+      set.add_module(m.name, w);
+    } else {
+      Eigen::Map<WeightMatrix> view(w.data(), w.cols(), w.rows());  // [in, out] row-major = [out, in] col-major
+      set.add_module(m.name, view);
+    }
+  }
+  apply(folder, set);
+  for (const auto& m : folder.modules) {
+    MergedModule r;
+    r.module = m.name;
+    r.tensor = tensor_of.at(m.name);
+    r.rank = m.rank;
+    r.scaling = m.scaling;
+    r.alpha = folder.config.peft_type == PeftType::lora ? folder.config.alpha_for(m.name)
+              : folder.config.peft_type == PeftType::adalora ? folder.config.lora_alpha : 0.0;
+    r.delta_norm = set.adapter(m.name).delta_weight().norm();
+    report.modules.push_back(r);
+  }
+  set.merge_all();
+}
+
+}  // namespace detail
+
+/**
+ * Writes `out_path`: every tensor of `base_path`, with each adapted module's weight replaced by
+ * W + ΔW (computed in double, rounded once to the output dtype) and each modules_to_save tensor
+ * of the adapter written in place of the base's. Module `<m>` is looked up as `<m>.weight`, then
+ * `base_model.model.<m>.weight`, then without a leading `model.`; the first convention that finds
+ * every module wins (reported). Everything is checked before anything is written, and the output
+ * is replaced atomically: on error (format_error, dimension_error, io_error) nothing is written.
+ */
+inline MergeReport merge_files(const std::string& base_path, const std::string& adapter_dir,
+                               const std::string& out_path, const MergeOptions& options = {}) {
+  const AdapterFolder<double> folder = AdapterFolder<double>::load(adapter_dir);
+  const SafetensorsReader base(base_path);
+  MergeReport report;
+  report.requires_modified_base = folder.config.requires_modified_base();
+
+  // Pick the naming convention under which the base has every adapted weight.
+  std::optional<BaseNaming> naming;
+  std::string first_missing;
+  for (BaseNaming n : {BaseNaming::plain, BaseNaming::peft_prefixed, BaseNaming::without_model}) {
+    bool all = true;
+    for (const auto& m : folder.modules) {
+      const std::string t = detail::base_tensor_name(m.name, n);
+      if (t.empty() || !base.contains(t + ".weight")) {
+        if (first_missing.empty()) first_missing = m.name + ".weight";
+        all = false;
+        break;
+      }
+    }
+    if (all) {
+      naming = n;
+      break;
+    }
+  }
+  if (!naming) {
+    PEFT_THROW(format_error(base_path + ": no tensor for adapted module weight '" + first_missing +
+                            "' (tried <module>.weight, base_model.model.<module>.weight and without a leading 'model.')"));
+  }
+  report.naming = *naming;
+
+  std::map<std::string, RowMatrix<double>> weights;
+  std::map<std::string, std::string> tensor_of;
+  for (const auto& m : folder.modules) {
+    const std::string t = detail::base_tensor_name(m.name, *naming) + ".weight";
+    const TensorInfo& info = base.info(t);
+    if (info.shape.size() != 2) {
+      PEFT_THROW(format_error(base_path + ": '" + t + "' has shape " + info.shape_string() + ", expected a matrix"));
+    }
+    weights[t] = base.matrix<double>(t);
+    tensor_of[m.name] = t;
+  }
+  std::map<std::string, const FullTensor<double>*> replacements;
+  for (const auto& [name, tensor] : folder.full_tensors) {
+    std::string t = detail::base_tensor_name(name, *naming);
+    if (t.empty() || !base.contains(t)) t = name;
+    if (!base.contains(t)) {
+      PEFT_THROW(format_error(adapter_dir + ": trained tensor '" + name + "' (modules_to_save) has no counterpart in " + base_path));
+    }
+    if (base.info(t).shape != tensor.shape) {
+      PEFT_THROW(dimension_error(adapter_dir + ": trained tensor '" + name + "' has shape " +
+                                 TensorInfo{name, Dtype::f32, tensor.shape, 0, 0}.shape_string() + ", the base's '" + t +
+                                 "' " + base.info(t).shape_string()));
+    }
+    replacements[t] = &tensor;
+  }
+
+  const bool transposed = folder.config.fan_in_fan_out;
+  switch (folder.config.peft_type) {
+    case PeftType::lora:
+      transposed ? detail::merge_weights<LoraLinear<double, Eigen::ColMajor>>(folder, weights, tensor_of, report)
+                 : detail::merge_weights<LoraLinear<double>>(folder, weights, tensor_of, report);
+      break;
+    case PeftType::adalora:
+      transposed ? detail::merge_weights<AdaLoraLinear<double, Eigen::ColMajor>>(folder, weights, tensor_of, report)
+                 : detail::merge_weights<AdaLoraLinear<double>>(folder, weights, tensor_of, report);
+      break;
+    case PeftType::vera:
+      transposed ? detail::merge_weights<VeraLinear<double, Eigen::ColMajor>>(folder, weights, tensor_of, report)
+                 : detail::merge_weights<VeraLinear<double>>(folder, weights, tensor_of, report);
+      break;
+  }
+
+  SafetensorsWriter out;
+  for (const auto& [k, v] : base.metadata()) out.set_metadata(k, v);
+  for (const TensorInfo& t : base.tensors()) {
+    const Dtype dtype = options.dtype ? *options.dtype : t.dtype;
+    if (const auto w = weights.find(t.name); w != weights.end()) {
+      out.add_raw(t.name, dtype, t.shape, w->second.data());
+    } else if (const auto r = replacements.find(t.name); r != replacements.end()) {
+      out.add_raw(t.name, dtype, t.shape, r->second->values.data());
+      report.replaced.push_back(t.name);
+    } else {
+      Vector<double> values(Index(t.numel()));
+      base.read(t.name, values.data(), t.numel());
+      out.add_raw(t.name, dtype, t.shape, values.data());
+    }
+  }
+  out.save(out_path);
+  report.tensors_written = out.size();
+  return report;
+}
+
+}  // namespace io
+PEFT_NAMESPACE_END
