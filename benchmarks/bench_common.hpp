@@ -1,0 +1,129 @@
+// SPDX-FileCopyrightText: The peft authors
+// SPDX-License-Identifier: Apache-2.0
+// Shared pieces of peft-bench: the shape grid, the case names (<case>/N:<n>/d:<d>/r:<r> through
+// ArgNames), seeded operands and the counters every case reports.
+#pragma once
+#include <peft/peft.hpp>
+
+#include <benchmark/benchmark.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace peft_bench {
+
+using Index = peft::Index;
+using Mat = peft::RowMatrix<float>;
+using Vec = peft::Vector<float>;
+
+/// One layer shape: tokens n, in/out features, rank r (0 when the case has no rank).
+struct Shape {
+  Index n = 0;
+  Index in = 0;
+  Index out = 0;
+  Index r = 0;
+};
+
+/// Which axes a case varies: tokens (forward cases also run N = 1), rank, and which N values.
+enum class Axes {
+  forward,       ///< N ∈ {512, 1}, every d, r ∈ {8, 16, 64}
+  training,      ///< N = 512, every d, r ∈ {8, 16, 64}
+  weight_only,   ///< no N (merges): every d, r ∈ {8, 16, 64}
+  base_forward,  ///< N ∈ {512, 1}, every d, no r
+  base_training  ///< N = 512, every d, no r
+};
+
+using Body = std::function<void(benchmark::State&, const Shape&)>;
+
+inline const std::vector<Index>& square_dims() {
+  static const std::vector<Index> d{1024, 4096};
+  return d;
+}
+inline const std::vector<Index>& ranks() {
+  static const std::vector<Index> r{8, 16, 64};
+  return r;
+}
+constexpr Index ffn_in = 4096;
+constexpr Index ffn_out = 11008;
+
+/**
+ * Registers `name` over the grid of `axes`: square d_in = d_out ∈ {1024, 4096} named
+ * `name/N:n/d:d/r:r`, and the FFN shape 4096 → 11008 named `name/N:n/din:4096/dout:11008/r:r`.
+ * Every case reports real (wall) time, so threaded runs are timed correctly.
+ */
+inline void register_grid(const std::string& name, Axes axes, Body body) {
+  const bool has_n = axes != Axes::weight_only;
+  const bool has_r = axes == Axes::forward || axes == Axes::training || axes == Axes::weight_only;
+  std::vector<Index> tokens{512};
+  if (axes == Axes::forward || axes == Axes::base_forward) tokens.push_back(1);
+  if (!has_n) tokens = {0};
+  std::vector<Index> rs = has_r ? ranks() : std::vector<Index>{0};
+  for (const bool rect : {false, true}) {
+    std::vector<std::string> names;
+    if (has_n) names.push_back("N");
+    if (rect) {
+      names.push_back("din");
+      names.push_back("dout");
+    } else {
+      names.push_back("d");
+    }
+    if (has_r) names.push_back("r");
+    auto* b = benchmark::RegisterBenchmark(name.c_str(), [body, has_n, has_r,
+                                                          rect](benchmark::State& state) {
+      Shape s;
+      int k = 0;
+      if (has_n) s.n = state.range(k++);
+      s.in = state.range(k++);
+      s.out = rect ? state.range(k++) : s.in;
+      if (has_r) s.r = state.range(k++);
+      body(state, s);
+    });
+    for (const Index n : tokens) {
+      for (const Index r : rs) {
+        const std::vector<std::pair<Index, Index>> dims =
+            rect ? std::vector<std::pair<Index, Index>>{{ffn_in, ffn_out}}
+                 : std::vector<std::pair<Index, Index>>{{1024, 1024}, {4096, 4096}};
+        for (const auto& [in, out] : dims) {
+          std::vector<int64_t> args;
+          if (has_n) args.push_back(n);
+          args.push_back(in);
+          if (rect) args.push_back(out);
+          if (has_r) args.push_back(r);
+          b->Args(args);
+        }
+      }
+    }
+    b->ArgNames(names)->UseRealTime()->Unit(benchmark::kMillisecond);
+  }
+}
+
+/// A seeded matrix with entries uniform in ±bound (peft's own generator: same on every run).
+inline Mat random_matrix(Index rows, Index cols, std::uint64_t seed, double bound = 1.0) {
+  Mat m(rows, cols);
+  peft::Rng rng(seed);
+  rng.fill_uniform(m, -bound, bound);
+  return m;
+}
+
+/// GFLOP/s (from a per-iteration FLOP count), the ideal ratio to the yardstick and the shape.
+inline void report_flops(benchmark::State& state, double flops_per_iteration) {
+  state.counters["GFLOP/s"] = benchmark::Counter(flops_per_iteration * 1e-9,
+                                                 benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["flops"] = flops_per_iteration;
+}
+inline void report_bytes(benchmark::State& state, double bytes_per_iteration) {
+  state.counters["GB/s"] = benchmark::Counter(bytes_per_iteration * 1e-9,
+                                              benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["bytes"] = bytes_per_iteration;
+}
+inline void report_ideal_ratio(benchmark::State& state, double ratio) {
+  state.counters["ideal_ratio"] = ratio;
+}
+
+/// FLOPs of x Wᵀ (or dy W): 2 n in out.
+inline double gemm_flops(const Shape& s) {
+  return 2.0 * static_cast<double>(s.n) * static_cast<double>(s.in) * static_cast<double>(s.out);
+}
+
+}  // namespace peft_bench

@@ -1,0 +1,454 @@
+#!/usr/bin/env python3
+# SPDX-FileCopyrightText: The peft authors
+# SPDX-License-Identifier: Apache-2.0
+"""Turns the raw results of scripts/bench.sh into docs/performance.md (Python 3 stdlib only).
+
+Inputs in --results: peft-<backend>-<t>t.json (Google Benchmark JSON, backend eigen or blas),
+torch-<t>t.json (benchmarks/torch_peer.py), memory.txt (peft-memory), machine.txt (lscpu),
+load_before.txt / load_after.txt (uptime). Every ratio is computed here from medians of cases
+that ran in the same process, so it compares like with like.
+"""
+import argparse
+import glob
+import json
+import os
+import re
+
+SUFFIXES = re.compile(r"/(real_time|iterations:\d+|repeats:\d+|threads:\d+)")
+TIME_SCALE = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
+SQUARE = [1024, 4096]
+FFN = "din:4096/dout:11008"
+RANKS = [8, 16, 64]
+ALLOCATOR_LAYERS = 32
+
+
+def load_gbench(path):
+    """{case name: {"ms": median ms, counters...}} from a Google Benchmark JSON file."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    out, singles = {}, {}
+    for b in data.get("benchmarks", []):
+        name = SUFFIXES.sub("", b.get("run_name", b["name"]))
+        entry = dict(b)
+        entry["ms"] = b["real_time"] * TIME_SCALE[b.get("time_unit", "ns")]
+        if b.get("run_type") == "aggregate":
+            if b.get("aggregate_name") == "median":
+                out[name] = entry
+        else:
+            singles[name] = entry
+    for name, entry in singles.items():
+        out.setdefault(name, entry)
+    return data.get("context", {}), out
+
+
+def load_torch(path):
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return data["context"], {k: {"ms": v} for k, v in data["medians_ms"].items()}
+
+
+def fmt(x, digits=3):
+    if x is None:
+        return "–"
+    if abs(x) >= 100:
+        return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
+    return f"{x:.{digits}g}" if abs(x) < 1 else f"{x:.2f}"
+
+
+def shapes(with_n, with_r, tokens=(512,)):
+    """(suffix, n, r, dims label) over the grid, in table order."""
+    for n in (tokens if with_n else [None]):
+        for dims in [f"d:{d}" for d in SQUARE] + [FFN]:
+            for r in (RANKS if with_r else [None]):
+                parts = ([f"N:{n}"] if n else []) + [dims] + ([f"r:{r}"] if r else [])
+                yield "/".join(parts), n, r, dims
+
+
+class Report:
+    def __init__(self, results):
+        self.runs = {}  # "eigen-1t" -> {name: entry}
+        self.contexts = {}
+        for path in sorted(glob.glob(os.path.join(results, "peft-*-*t.json"))):
+            key = os.path.basename(path)[len("peft-"):-len(".json")]
+            self.contexts[key], self.runs[key] = load_gbench(path)
+        for path in sorted(glob.glob(os.path.join(results, "torch-*t.json"))):
+            key = "torch-" + os.path.basename(path)[len("torch-"):-len(".json")]
+            self.contexts[key], self.runs[key] = load_torch(path)
+        self.results = results
+        self.threads = sorted({k.split("-")[1] for k in self.runs}, key=lambda t: int(t[:-1]))
+
+    def ms(self, run, name):
+        entry = self.runs.get(run, {}).get(name)
+        return entry["ms"] if entry else None
+
+    def counter(self, run, name, key):
+        entry = self.runs.get(run, {}).get(name)
+        return entry.get(key) if entry else None
+
+    def gflops_peak(self, run):
+        t = self.ms(run, "gemm_peak/d:4096")
+        return 2 * 4096**3 / (t * 1e-3) / 1e9 if t else None
+
+    def bandwidth(self, run):
+        """STREAM triad GB/s of the run (the torch peer has none: use the same thread count's)."""
+        t = self.ms(run, "stream_triad/n:33554432")
+        if t is None and run.startswith("torch-"):
+            return self.bandwidth("eigen-" + run.split("-")[1])
+        return 3 * 4 * 33554432 / (t * 1e-3) / 1e9 if t else None
+
+    def merge_ideal_ms(self, run, dims, r):
+        if dims == FFN:
+            out, inn = 11008, 4096
+        else:
+            out = inn = int(dims.split(":")[1])
+        peak, bw = self.gflops_peak(run), self.bandwidth(run)
+        if not peak or not bw:
+            return None
+        return max(2 * out * inn * r / (peak * 1e9), 8 * out * inn / (bw * 1e9)) * 1e3
+
+    @staticmethod
+    def ratio(a, b):
+        return a / b if a is not None and b else None
+
+
+def text_file(results, name):
+    path = os.path.join(results, name)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def machine_summary(results):
+    text = text_file(results, "machine.txt") or ""
+    wanted = ["Model name", "CPU(s)", "Thread(s) per core", "L1d cache", "L2 cache", "L3 cache",
+              "Hypervisor vendor", "BogoMIPS"]
+    rows = []
+    for line in text.splitlines():
+        if ":" in line:
+            k, v = line.split(":", 1)
+            if k.strip() in wanted:
+                rows.append((k.strip(), v.strip()))
+        if line.startswith("Flags:"):
+            flags = line.split(":", 1)[1].split()
+            simd = [f for f in flags if f.startswith(("avx", "fma"))]
+            rows.append(("SIMD flags", " ".join(simd)))
+        if line.startswith(("Linux", "OPENBLAS_CORETYPE")):
+            rows.append(("system" if line.startswith("Linux") else "env", line.strip()))
+    return rows
+
+
+def build(args):
+    rep = Report(args.results)
+    L = []
+    w = L.append
+    eig = [f"eigen-{t}" for t in rep.threads]
+    w("# Performance")
+    w("")
+    w("<!-- Generated by benchmarks/report.py from the JSON in benchmarks/results/; run "
+      "./scripts/bench.sh to regenerate. Hand edits are overwritten. -->")
+    w("")
+    w("What the hot paths cost on one machine, measured side by side in one run, against the bare "
+      "frozen layer and against the machine's own limits (its measured GEMM peak and STREAM "
+      "bandwidth), with PyTorch beside it. Medians of repetitions; fp32 throughout. "
+      "`benchmarks/README.md` explains the cases and how to add one.")
+    w("")
+    # ---------------------------------------------------------------- machine
+    w("## Machine and run")
+    w("")
+    w("| | |")
+    w("|---|---|")
+    for k, v in machine_summary(args.results):
+        w(f"| {k} | `{v}` |")
+    for key in sorted(rep.contexts):
+        c = rep.contexts[key]
+        if key.startswith("torch"):
+            w(f"| {key} | torch {c.get('torch')}, {c.get('threads')} thread(s), BLAS "
+              f"`{c.get('blas')}` |")
+        else:
+            w(f"| {key} | {c.get('gemm_backend', '?')}, OMP threads {c.get('omp_threads', '?')}, "
+              f"`{c.get('peft_flags', '')}`, Google Benchmark {c.get('library_version', '?')} |")
+    for name, label in (("load_before.txt", "load before"), ("load_after.txt", "load after")):
+        t = text_file(args.results, name)
+        if t:
+            w(f"| {label} | `{t.strip()}` |")
+    w("")
+    if args.note:
+        w(args.note)
+        w("")
+    # ---------------------------------------------------------------- targets
+    w("## Targets")
+    w("")
+    w("Ratios are of medians measured in the same process (adapter case / yardstick case). "
+      "\"ideal\" is the FLOP-count ratio.")
+    w("")
+    w("| target | measured | ideal | met? |")
+    w("|---|---|---|---|")
+    targets = []
+
+    def target(label, value, limit, ideal=None, fmt_value=None, lower_is_better=True, note=""):
+        if value is None:
+            w(f"| {label} | not measured | {fmt(ideal)} | – |")
+            targets.append((label, None))
+            return
+        ok = value <= limit if lower_is_better else value >= limit
+        shown = fmt_value(value) if fmt_value else fmt(value)
+        w(f"| {label} | {shown}{note} | {fmt(ideal) if ideal else '–'} | "
+          f"{'yes' if ok else '**no**'} |")
+        targets.append((label, ok))
+
+    for run in eig:
+        t = run.split("-")[1]
+        base = rep.ms(run, "base_forward/N:512/d:4096")
+        base_b = rep.ms(run, "base_backward_dx/N:512/d:4096")
+        for r, limit in ((16, 1.05), (64, 1.15)):
+            name = f"lora_forward/N:512/d:4096/r:{r}"
+            target(f"`lora_forward` / `base_forward`, N=512 d=4096 r={r}, {t} (≤ {limit})",
+                   rep.ratio(rep.ms(run, name), base), limit, rep.counter(run, name, "ideal_ratio"))
+        name = "lora_backward/N:512/d:4096/r:16"
+        target(f"`lora_backward` / `base_backward_dx`, N=512 d=4096 r=16, {t} (≤ 1.10)",
+               rep.ratio(rep.ms(run, name), base_b), 1.10, rep.counter(run, name, "ideal_ratio"))
+        name = "lora_merge/d:4096/r:16"
+        target(f"`lora_merge` / ideal time, d=4096 r=16, {t} (≤ 1.5)",
+               rep.ratio(rep.ms(run, name), rep.merge_ideal_ms(run, "d:4096", 16)), 1.5)
+        target(f"PEFT's merge path (materialise, add) / `lora_merge`, d=4096 r=16, {t} (≥ 10)",
+               rep.ratio(rep.ms(run, "lora_merge_materialized/d:4096/r:16"), rep.ms(run, name)),
+               10, lower_is_better=False, note=" (C++)")
+        torch = f"torch-{t}"
+        if torch in rep.runs:
+            target(f"PyTorch's PEFT merge path / `lora_merge`, d=4096 r=16, {t} (≥ 10)",
+                   rep.ratio(rep.ms(torch, "lora_merge_materialized/d:4096/r:16"),
+                             rep.ms(run, name)), 10, lower_is_better=False)
+            target(f"`lora_merge` / torch `addmm_`, d=4096 r=16, {t} (≤ 1)",
+                   rep.ratio(rep.ms(run, name), rep.ms(torch, "lora_merge_addmm/d:4096/r:16")), 1.0)
+            for backend in (["eigen"] if t == "1t" else []) + (["blas"] if t == "1t" else []) + \
+                    (["eigen", "blas"] if t != "1t" else []):
+                brun = f"{backend}-{t}"
+                if brun not in rep.runs:
+                    continue
+                fb = None
+                f_ms = rep.ms(brun, "lora_forward/N:512/d:4096/r:16")
+                b_ms = rep.ms(brun, "lora_backward/N:512/d:4096/r:16")
+                if f_ms and b_ms:
+                    fb = f_ms + b_ms
+                target(f"LoRA forward + backward, {backend} / PyTorch, N=512 d=4096 r=16, {t} (≤ 1)",
+                       rep.ratio(fb, rep.ms(torch, "lora_fwd_bwd/N:512/d:4096/r:16")), 1.0)
+        alloc = rep.ms(run, "adalora_allocator_step/d:4096/r:16")
+        fwd = rep.ms(run, "adalora_forward/N:512/d:4096/r:16")
+        bwd = rep.ms(run, "adalora_backward/N:512/d:4096/r:16")
+        model = ALLOCATOR_LAYERS * (fwd + bwd) if fwd and bwd else None
+        target(f"`adalora_allocator_step` / model forward + backward (32 layers, d=4096 r=16), "
+               f"{t} (≤ 0.10)", rep.ratio(alloc, model), 0.10)
+        full = rep.ms(run, "lora_ga_full_svd/d:4096")
+        init = rep.ms(run, "lora_ga_init/d:4096/r:16")
+        if full:
+            err = rep.counter(run, "lora_ga_init/d:4096/r:16", "top2r_max_rel_err")
+            target(f"`lora_ga_init` speed-up over BDCSVD, d=4096 r=16, {t} (≥ 20)",
+                   rep.ratio(full, init), 20, lower_is_better=False,
+                   note=f" (top-2r max rel. error {err:.1e})" if err is not None else "")
+    w("")
+    # ---------------------------------------------------------------- yardsticks
+    w("## Yardsticks: the machine and the bare layer")
+    w("")
+    w("`gemm_peak` is a 4096³ GEMM, `stream_triad` the STREAM triad over 3 × 128 MiB "
+      "(3 arrays counted, as STREAM does). The bare layer's fraction is of the best measured "
+      "`gemm_peak` at that thread count (pure Eigen or OpenBLAS).")
+    w("")
+    runs = [k for k in rep.runs]
+    w("| run | gemm_peak GFLOP/s | triad GB/s | base_forward N=512 d=4096 GFLOP/s | "
+      "fraction of best gemm_peak | FFN 4096→11008 GFLOP/s | fraction |")
+    w("|---|---|---|---|---|---|---|")
+    for run in sorted(runs):
+        t = run.split("-")[1]
+        best = max([p for p in (rep.gflops_peak(k) for k in rep.runs if k.endswith(t)) if p],
+                   default=None)
+        peak = rep.gflops_peak(run)
+        bw = rep.ms(run, "stream_triad/n:33554432")
+        base = rep.ms(run, "base_forward/N:512/d:4096")
+        ffn = rep.ms(run, f"base_forward/N:512/{FFN}")
+        g = 2 * 512 * 4096 * 4096 / (base * 1e-3) / 1e9 if base else None
+        gf = 2 * 512 * 4096 * 11008 / (ffn * 1e-3) / 1e9 if ffn else None
+        w(f"| {run} | {fmt(peak)} | {fmt(rep.bandwidth(run)) if bw else '–'} | {fmt(g)} | "
+          f"{fmt(rep.ratio(g, best))} | {fmt(gf)} | {fmt(rep.ratio(gf, best))} |")
+    w("")
+    # ---------------------------------------------------------------- per-family tables
+    def family(title, case, yard, with_tokens, tokens=(512,), text=""):
+        w(f"## {title}")
+        w("")
+        if text:
+            w(text)
+            w("")
+        cols = [k for k in sorted(rep.runs) if any(n.startswith(case + "/") for n in rep.runs[k])]
+        if not cols:
+            w("(not measured)")
+            w("")
+            return
+        head = "| shape | ideal |" + "".join(f" {c} ms | ratio |" for c in cols)
+        w(head)
+        w("|---|---|" + "---|---|" * len(cols))
+        for suffix, n, r, dims in shapes(with_tokens, True, tokens):
+            name = f"{case}/{suffix}"
+            if not any(name in rep.runs[c] for c in cols):
+                continue
+            ideal = next((rep.counter(c, name, "ideal_ratio") for c in cols
+                          if rep.counter(c, name, "ideal_ratio")), None)
+            row = f"| {suffix} | {fmt(ideal)} |"
+            for c in cols:
+                t = rep.ms(c, name)
+                if yard == "merge":
+                    y = rep.merge_ideal_ms(c, dims, r)
+                elif yard:
+                    y = rep.ms(c, f"{yard}/" + "/".join(p for p in suffix.split("/")
+                                                         if not p.startswith("r:")))
+                else:
+                    y = None
+                row += f" {fmt(t)} | {fmt(rep.ratio(t, y))} |"
+            w(row)
+        w("")
+
+    fwd_text = ("ratio = case / `{}` of the same N and shape, in the same run; ideal = 1 + "
+                "r(in+out)/(in·out).")
+    family("LoRA forward", "lora_forward", "base_forward", True, (512, 1),
+           fwd_text.format("base_forward"))
+    family("LoRA backward (dA, dB, dx)", "lora_backward", "base_backward_dx", True,
+           text="ratio = case / `base_backward_dx`; ideal = 1 + r(3·in + 2·out)/(in·out). "
+                "The torch column is forward + backward under autograd, see the comparison below.")
+    family("LoRA merge", "lora_merge", "merge", False,
+           text="ratio = time / ideal time, ideal = max(2·out·in·r / gemm_peak, "
+                "8·out·in bytes / triad bandwidth) of the same run.")
+    family("LoRA unmerge", "lora_unmerge", "merge", False)
+    family("PEFT's merge path (materialise s·B A, then add)", "lora_merge_materialized", "merge",
+           False, text="What `peft.tuners.lora.Linear.merge` does: a full `[out, in]` temporary. "
+                       "In C++ through `delta_weight()`, in torch as PEFT writes it.")
+    family("torch `addmm_` merge", "lora_merge_addmm", "merge", False)
+    family("VeRA forward", "vera_forward", "base_forward", True, (512, 1))
+    family("VeRA backward", "vera_backward", "base_backward_dx", True)
+    family("VeRA merge", "vera_merge", "merge", False)
+    family("AdaLoRA forward", "adalora_forward", "base_forward", True, (512, 1))
+    family("AdaLoRA backward", "adalora_backward", "base_backward_dx", True)
+    # allocator
+    w("## AdaLoRA allocator step (32 layers)")
+    w("")
+    w("One `RankAllocator::update_and_allocate` in the budgeting phase with a mask at every step, "
+      "over 32 adapters of the shape; ratio = step / (32 × (`adalora_forward` + "
+      "`adalora_backward`) at N = 512) of the same run.")
+    w("")
+    w("| shape |" + "".join(f" {c} ms | ratio |" for c in eig))
+    w("|---|" + "---|---|" * len(eig))
+    for suffix, _, r, dims in shapes(False, True):
+        row = f"| {suffix} |"
+        for c in eig:
+            t = rep.ms(c, f"adalora_allocator_step/{suffix}")
+            f_ms = rep.ms(c, f"adalora_forward/N:512/{suffix}")
+            b_ms = rep.ms(c, f"adalora_backward/N:512/{suffix}")
+            model = ALLOCATOR_LAYERS * (f_ms + b_ms) if f_ms and b_ms else None
+            row += f" {fmt(t)} | {fmt(rep.ratio(t, model), 2)} |"
+        w(row)
+    w("")
+    # initialisers
+    w("## Initialisers")
+    w("")
+    w("| case |" + "".join(f" {c} ms |" for c in eig))
+    w("|---|" + "---|" * len(eig))
+    for name in ("lora_ga_init/d:4096/r:16", "lora_ga_full_svd/d:4096", "eva_partial_fit/N:512/d:4096/r:32"):
+        w(f"| {name} |" + "".join(f" {fmt(rep.ms(c, name))} |" for c in eig))
+    w("")
+    w("`lora_ga_init` is the whole initialiser (randomized SVD with q = 4r = 64 columns and 4 "
+      "power iterations, A and B from the factors, W ← W − s·B A) on a 4096² gradient-like matrix "
+      "(256 directions with σᵢ = 0.95ⁱ plus a noise floor); `lora_ga_full_svd` is Eigen's BDCSVD "
+      "of the same matrix with thin U and V, run once. `eva_partial_fit` is one incremental-PCA "
+      "step (double precision, 32 components) on a 512 × 4096 batch.")
+    w("")
+    # torch comparison
+    torch_runs = [k for k in rep.runs if k.startswith("torch")]
+    if torch_runs:
+        w("## Beside PyTorch")
+        w("")
+        w("Same shapes, same machine, same thread count; torch medians from "
+          "`benchmarks/torch_peer.py`. LoRA forward + backward is peft's `lora_forward` + "
+          "`lora_backward` against torch's forward and `.backward()` under autograd (dA, dB, dx).")
+        w("")
+        cols = [k for k in sorted(rep.runs) if not k.startswith("torch")]
+        w("| case | " + " | ".join(f"{c} ms" for c in cols) + " | " +
+          " | ".join(f"{c} ms" for c in sorted(torch_runs)) + " |")
+        w("|---|" + "---|" * (len(cols) + len(torch_runs)))
+        rows = []
+        for suffix, _, _, _ in shapes(True, False, (512, 1)):
+            rows.append((f"base_forward/{suffix}", f"base_forward/{suffix}"))
+        for suffix, _, _, _ in shapes(True, False):
+            rows.append((f"base_backward_dx/{suffix}", f"base_backward_dx/{suffix}"))
+        for suffix, _, _, _ in shapes(True, True):
+            rows.append((f"lora forward+backward/{suffix}", f"lora_fwd_bwd/{suffix}"))
+        for suffix, _, _, _ in shapes(False, True):
+            rows.append((f"lora_merge/{suffix}", f"lora_merge_addmm/{suffix}"))
+            rows.append((f"lora_merge_materialized/{suffix}", f"lora_merge_materialized/{suffix}"))
+        rows.insert(0, ("gemm_peak/d:4096", "gemm_peak/d:4096"))
+        for ours, theirs in rows:
+            vals = []
+            for c in cols:
+                if ours.startswith("lora forward+backward/"):
+                    s = ours.split("/", 1)[1]
+                    f_ms, b_ms = rep.ms(c, f"lora_forward/{s}"), rep.ms(c, f"lora_backward/{s}")
+                    vals.append(f_ms + b_ms if f_ms and b_ms else None)
+                else:
+                    vals.append(rep.ms(c, ours))
+            tv = [rep.ms(c, theirs) for c in sorted(torch_runs)]
+            if all(v is None for v in vals + tv):
+                continue
+            label = ours if ours == theirs or not ours.startswith("lora_merge/") else \
+                f"{ours} (torch: addmm_)"
+            w(f"| {label} | " + " | ".join(fmt(v) for v in vals) + " | " +
+              " | ".join(fmt(v) for v in tv) + " |")
+        w("")
+    # memory
+    mem = text_file(args.results, "memory.txt")
+    if mem:
+        w("## Memory: training on 1 GiB of frozen weights")
+        w("")
+        w("`peft-memory` trains LoRA adapters (AdamW) on 16 frozen 4096 × 4096 fp32 layers and "
+          "reads the peak resident set (`VmHWM`) at the end. The analytical sum is frozen weights "
+          "+ adapter parameters + gradients + AdamW moments + the activations kept for backward + "
+          "the workspace; anything above it would be a copy nobody asked for (one copy of one "
+          "frozen layer would show as +64 MiB).")
+        w("")
+        w("```")
+        w(mem.strip())
+        w("```")
+        w("")
+    if args.analysis and os.path.exists(args.analysis):
+        with open(args.analysis, encoding="utf-8") as f:
+            w(f.read().strip())
+        w("")
+    w("## Reproduce")
+    w("")
+    w("```sh")
+    w("./scripts/bench.sh            # everything, ~10 minutes on 2 cores; rewrites this page")
+    w("./scripts/bench.sh --quick    # d = 4096, r = 16 only; report in build/bench/quick/")
+    w("OMP_NUM_THREADS=1 build/bench/benchmarks/peft-bench --benchmark_filter='^lora_forward/N:512/d:4096'")
+    w("```")
+    w("")
+    w("Raw results: `benchmarks/results/*.json` (Google Benchmark JSON, and the torch peer's "
+      "medians), `memory.txt`, `machine.txt`, `load_*.txt`. Benchmarks are never part of "
+      "`scripts/test.sh` or CI, and no test asserts a timing.")
+    return "\n".join(L) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="benchmarks/results")
+    parser.add_argument("--out", default="docs/performance.md")
+    parser.add_argument("--analysis", default="benchmarks/analysis.md",
+                        help="hand-written analysis appended before 'Reproduce'")
+    parser.add_argument("--note", default="", help="a line under the machine table")
+    args = parser.parse_args()
+    text = build(args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# SPDX-FileCopyrightText: The peft authors
+# SPDX-License-Identifier: Apache-2.0
+# Builds and runs the benchmark suite and regenerates docs/performance.md. Works from any
+# directory; installs what is missing (Google Benchmark, OpenBLAS, python3-torch) with apt-get.
+#   ./scripts/bench.sh          full run (about 10 minutes on 2 cores): peft-bench with pure
+#                               Eigen and with PEFT_USE_BLAS (OpenBLAS) on 1 and 2 threads, the
+#                               PyTorch peer, peft-memory; JSON in benchmarks/results/
+#   ./scripts/bench.sh --quick  d = 4096, r = 16 only, one repetition, no memory run; results and
+#                               the report go to build/bench/quick/ (docs/ is left alone)
+# Environment: PEFT_BENCH_THREADS="1 2" (thread counts), PEFT_BENCH_MIN_TIME (seconds, 0.05),
+# PEFT_BENCH_REPETITIONS (3), PEFT_BENCH_SKIP_TORCH=1, PEFT_BENCH_SKIP_BLAS=1.
+# OpenBLAS (ours and the one torch loads) detects the CPU itself: an OPENBLAS_CORETYPE in the
+# environment is dropped (it can pin slower kernels, e.g. Haswell's on an AVX-512 machine) unless
+# PEFT_BENCH_OPENBLAS_CORETYPE names the core to force.
+set -euo pipefail
+# shellcheck source=scripts/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+quick=0
+for arg in "$@"; do
+  case "$arg" in
+    --quick) quick=1 ;;
+    -h | --help)
+      sed -n '4,15p' "${BASH_SOURCE[0]}"
+      exit 0
+      ;;
+    *)
+      echo "bench.sh: unknown argument '$arg' (try --help)" >&2
+      exit 2
+      ;;
+  esac
+done
+
+start=$SECONDS
+threads="${PEFT_BENCH_THREADS:-1 2}"
+min_time="${PEFT_BENCH_MIN_TIME:-0.05}"
+repetitions="${PEFT_BENCH_REPETITIONS:-3}"
+torch_python=/usr/bin/python3  # Debian's interpreter: python3-torch is installed for it
+jobs=$(peft_nproc)
+inherited_coretype="${OPENBLAS_CORETYPE:-}"
+unset OPENBLAS_CORETYPE
+if [ -n "${PEFT_BENCH_OPENBLAS_CORETYPE:-}" ]; then
+  export OPENBLAS_CORETYPE="$PEFT_BENCH_OPENBLAS_CORETYPE"
+fi
+trap 'peft_banner "FAILED after $(peft_elapsed $((SECONDS - start)))"' ERR
+
+if [ "$quick" = 1 ]; then
+  results=build/bench/quick
+  report=build/bench/quick/performance.md
+  repetitions=1
+  # The headline shape only, plus the yardsticks.
+  filter='^(gemm_peak|stream_triad|base_forward/N:512/d:4096|base_backward_dx/N:512/d:4096|[a-z]+_(forward|backward)/N:512/d:4096/r:16|[a-z]+_(merge|unmerge|merge_materialized|allocator_step)/d:4096/r:16|eva_partial_fit)'
+else
+  results=benchmarks/results
+  report=docs/performance.md
+  filter=''
+fi
+mkdir -p "$results"
+
+peft_banner "Dependencies"
+PEFT_APT_PACKAGES+=(libbenchmark-dev python3)
+[ "${PEFT_BENCH_SKIP_BLAS:-0}" = 1 ] || PEFT_APT_PACKAGES+=(libopenblas-dev)
+peft_ensure_deps
+have_torch=0
+if [ "${PEFT_BENCH_SKIP_TORCH:-0}" != 1 ]; then
+  # Optional: a failed install (no root, no network) only skips the peer.
+  if (PEFT_APT_PACKAGES=(python3-torch) && peft_ensure_deps) &&
+    "$torch_python" -c 'import torch' 2>/dev/null; then
+    have_torch=1
+  else
+    echo "peft: python3-torch is not available; the PyTorch peer is skipped"
+  fi
+fi
+
+configure() {  # configure <dir> [cmake args...]
+  local dir=$1
+  shift
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=Release -DPEFT_BUILD_BENCHMARKS=ON \
+    -DPEFT_BUILD_TESTS=OFF -DPEFT_BUILD_EXAMPLES=OFF -DPEFT_INSTALL=OFF "$@" >/dev/null
+}
+
+peft_banner "Build: pure Eigen (build/bench)"
+configure build/bench -DPEFT_USE_BLAS=OFF
+cmake --build build/bench -j "$jobs" --target peft-bench peft-memory
+builds=(eigen:build/bench)
+if [ "${PEFT_BENCH_SKIP_BLAS:-0}" != 1 ]; then
+  peft_banner "Build: PEFT_USE_BLAS=ON, OpenBLAS (build/bench-blas)"
+  configure build/bench-blas -DPEFT_USE_BLAS=ON
+  cmake --build build/bench-blas -j "$jobs" --target peft-bench
+  builds+=(blas:build/bench-blas)
+fi
+
+uptime >"$results/load_before.txt"
+for build in "${builds[@]}"; do
+  name=${build%%:*}
+  dir=${build#*:}
+  for t in $threads; do
+    peft_banner "peft-bench ($name, $t thread(s))"
+    case_filter=$filter
+    if [ -z "$case_filter" ]; then
+      if [ "$name" = eigen ] && [ "$t" = 1 ]; then
+        case_filter='.'  # the LoRA-GA cases (a 16 s dense SVD) run once, single-threaded
+      elif [ "$name" = eigen ]; then
+        case_filter='-lora_ga_'
+      else
+        # Vendor GEMM matters where the GEMMs are: the yardsticks and LoRA.
+        case_filter='^(gemm_peak|stream_triad|base_|lora_forward|lora_backward|lora_merge|lora_unmerge)'
+      fi
+    fi
+    OMP_NUM_THREADS=$t OPENBLAS_NUM_THREADS=$t "$dir/benchmarks/peft-bench" \
+      --benchmark_filter="$case_filter" \
+      --benchmark_min_time="$min_time" \
+      --benchmark_repetitions="$repetitions" \
+      --benchmark_report_aggregates_only=true \
+      --benchmark_out="$results/peft-$name-${t}t.json" \
+      --benchmark_out_format=json \
+      --benchmark_counters_tabular=false >/dev/null
+    echo "wrote $results/peft-$name-${t}t.json"
+  done
+done
+
+if [ "$have_torch" = 1 ]; then
+  for t in $threads; do
+    peft_banner "PyTorch peer ($t thread(s))"
+    quick_flag=()
+    [ "$quick" = 1 ] && quick_flag=(--quick)
+    OMP_NUM_THREADS=$t OPENBLAS_NUM_THREADS=$t "$torch_python" benchmarks/torch_peer.py \
+      --out "$results/torch-${t}t.json" --min-time "$min_time" --repetitions "$repetitions" \
+      "${quick_flag[@]}"
+  done
+else
+  rm -f "$results"/torch-*t.json
+fi
+
+if [ "$quick" = 0 ]; then
+  peft_banner "peft-memory (16 layers of 4096² fp32 = 1 GiB frozen)"
+  OMP_NUM_THREADS=2 build/bench/benchmarks/peft-memory | tee "$results/memory.txt"
+fi
+uptime >"$results/load_after.txt"
+
+peft_banner "Report ($report)"
+{
+  lscpu
+  echo "---"
+  uname -srm
+  echo "OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-} (inherited: ${inherited_coretype:-none})"
+} >"$results/machine.txt"
+python3 benchmarks/report.py --results "$results" --out "$report"
+peft_banner "Benchmarks done in $(peft_elapsed $((SECONDS - start)))"
