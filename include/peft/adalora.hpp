@@ -518,6 +518,45 @@ class RankAllocator {
   /// Sensitivity EMA Ī and uncertainty EMA Ū of layer `l`, laid out like its parameters().
   const Vector<Scalar>& sensitivity(Index l) const { return entry(l).ipt_bar; }
   const Vector<Scalar>& uncertainty(Index l) const { return entry(l).unc_bar; }
+
+  /// The allocator's running state, for training checkpoints (the masks live in the layers).
+  struct State {
+    std::vector<Vector<Scalar>> sensitivity;  ///< Ī per layer
+    std::vector<Vector<Scalar>> uncertainty;  ///< Ū per layer
+    bool started = false;
+    bool frozen = false;
+  };
+  State state() const {
+    State s;
+    for (const auto& e : layers_) {
+      s.sensitivity.push_back(e.ipt_bar);
+      s.uncertainty.push_back(e.unc_bar);
+    }
+    s.started = started_;
+    s.frozen = frozen_;
+    return s;
+  }
+  /// Restores state() from an allocator over the same layers; checked first, then copied.
+  void load_state(const State& s) {
+    if (s.sensitivity.size() != layers_.size() || s.uncertainty.size() != layers_.size()) {
+      PEFT_THROW(dimension_error("RankAllocator::load_state(): state has " + std::to_string(s.sensitivity.size()) +
+                                 " layers, the allocator " + std::to_string(layers_.size())));
+    }
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const Index n = layers_[l].layer->num_parameters();
+      if (s.sensitivity[l].size() != n || s.uncertainty[l].size() != n) {
+        PEFT_THROW(dimension_error("RankAllocator::load_state(): layer " + std::to_string(l) + " has " +
+                                   std::to_string(n) + " parameters, the state " +
+                                   std::to_string(s.sensitivity[l].size())));
+      }
+    }
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      layers_[l].ipt_bar = s.sensitivity[l];
+      layers_[l].unc_bar = s.uncertainty[l];
+    }
+    started_ = s.started;
+    frozen_ = s.frozen;
+  }
   /// Triplet scores S_i = s(Λ_i) + mean_j s(Q_ij) + mean_k s(P_ki) of layer `l`, s = Ī ⊙ Ū.
   Vector<double> triplet_scores(Index l) const {
     const auto& e = entry(l);

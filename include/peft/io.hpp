@@ -9,3 +9,4 @@
 #include <peft/io/adapter_folder.hpp>
 #include <peft/io/adapter_files.hpp>
 #include <peft/io/merge.hpp>
+#include <peft/io/checkpoint.hpp>
