@@ -7,6 +7,7 @@
 // inputs throw fuzz_failure.
 #pragma once
 #include <peft/error.hpp>
+#include <peft/io/adapter_folder.hpp>
 #include <peft/io/safetensors.hpp>
 
 #include <cmath>
@@ -36,6 +37,15 @@ inline void require(bool ok, const std::string& what) {
 inline bool same_value(double a, double b) {
   if (std::isnan(a) || std::isnan(b)) return std::isnan(a) && std::isnan(b);
   return a == b && std::signbit(a) == std::signbit(b);
+}
+
+// Equal values (NaN equal to NaN), elementwise.
+template <typename A, typename B>
+bool same_values(const A& a, const B& b) {
+  if (a.rows() != b.rows() || a.cols() != b.cols()) return false;
+  for (Eigen::Index i = 0; i < a.size(); ++i)
+    if (!same_value(double(a.data()[i]), double(b.data()[i]))) return false;
+  return true;
 }
 
 // Every tensor read as float and as double (the two agree), reads of the wrong size refused, the
@@ -108,6 +118,49 @@ inline void check_reader(const peft::io::SafetensorsReader& r) {
   }
 }
 
+// A folder that loaded must be self-consistent and survive save → load unchanged (the writer is
+// the reference's key layout; a folder this library accepts but cannot write back is a finding).
+template <typename Scalar>
+void check_folder(const peft::io::AdapterFolder<Scalar>& f) {
+  namespace io = peft::io;
+  for (const auto& m : f.modules) {
+    require(std::isfinite(m.scaling), "module '" + m.name + "' has a non-finite scaling");
+    if (f.config.peft_type == io::PeftType::vera) {
+      require(m.lambda_d.size() == m.rank, "module '" + m.name + "': lambda_d size differs from its rank");
+    } else {
+      require(m.a.rows() == m.rank && m.b.cols() == m.rank, "module '" + m.name + "': A/B rank differs from its rank");
+    }
+    if (f.config.peft_type == io::PeftType::adalora) {
+      require(m.e.size() == m.rank, "module '" + m.name + "': lora_E size differs from its rank");
+    }
+    require(f.find(m.name) == &m, "find('" + m.name + "') misses the module");
+  }
+  const std::string config = f.config.dump();
+  const std::string tensors = f.tensors().serialize();
+  const auto g = io::AdapterFolder<Scalar>::from_buffers(config, tensors, "round trip");
+  require(g.config.peft_type == f.config.peft_type, "peft_type changed in the round trip");
+  require(g.config.dump() == config, "config changed in the round trip");
+  require(g.modules.size() == f.modules.size(), "module count changed in the round trip");
+  for (std::size_t i = 0; i < f.modules.size(); ++i) {
+    const auto& a = f.modules[i];
+    const auto& b = g.modules[i];
+    require(a.name == b.name && a.rank == b.rank && same_value(a.scaling, b.scaling) &&
+                same_values(a.a, b.a) && same_values(a.b, b.b) && same_values(a.e, b.e) &&
+                same_values(a.lambda_d, b.lambda_d) && same_values(a.lambda_b, b.lambda_b),
+            "module '" + a.name + "' changed in the round trip");
+  }
+  if (f.config.peft_type == io::PeftType::vera && f.config.save_projection) {
+    require(same_values(f.vera_a, g.vera_a) && same_values(f.vera_b, g.vera_b),
+            "VeRA projections changed in the round trip");
+  }
+  require(g.full_tensors.size() == f.full_tensors.size(), "full tensors changed in the round trip");
+  for (const auto& [name, t] : f.full_tensors) {
+    const auto it = g.full_tensors.find(name);
+    require(it != g.full_tensors.end() && it->second.shape == t.shape && same_values(it->second.values, t.values),
+            "full tensor '" + name + "' changed in the round trip");
+  }
+}
+
 }  // namespace detail
 
 /// Parses `data` as a safetensors file; when it parses, reads and re-writes every tensor.
@@ -125,6 +178,33 @@ inline Outcome safetensors_one_input(const std::uint8_t* data, std::size_t size)
     detail::check_reader(*reader);
   } catch (const peft::error& e) {
     throw fuzz_failure(std::string("accepted file, then: ") + e.what());
+  }
+  return Outcome::accepted;
+}
+
+/**
+ * An adapter folder in one input: 4 bytes little-endian = length n of the config JSON, then the
+ * n bytes of adapter_config.json, then adapter_model.safetensors. When the folder loads, it is
+ * checked and saved and loaded again (detail::check_folder).
+ */
+inline Outcome adapter_folder_one_input(const std::uint8_t* data, std::size_t size) {
+  if (size < 4) return Outcome::refused;
+  const std::size_t n = std::size_t(data[0]) | std::size_t(data[1]) << 8 | std::size_t(data[2]) << 16 |
+                        std::size_t(data[3]) << 24;
+  if (n > size - 4) return Outcome::refused;
+  const std::string config(reinterpret_cast<const char*>(data) + 4, n);
+  std::string tensors(reinterpret_cast<const char*>(data) + 4 + n, size - 4 - n);
+  using Folder = peft::io::AdapterFolder<float>;
+  std::unique_ptr<Folder> folder;
+  try {
+    folder = std::make_unique<Folder>(Folder::from_buffers(config, std::move(tensors), "fuzz input"));
+  } catch (const peft::error&) {
+    return Outcome::refused;
+  }
+  try {
+    detail::check_folder(*folder);
+  } catch (const peft::error& e) {
+    throw fuzz_failure(std::string("accepted folder, then: ") + e.what());
   }
   return Outcome::accepted;
 }

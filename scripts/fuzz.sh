@@ -6,7 +6,9 @@
 #   ./scripts/fuzz.sh                 every target, 60 s each
 #   ./scripts/fuzz.sh 600 safetensors one target for 10 minutes
 #   PEFT_FUZZ_JOBS=2 ./scripts/fuzz.sh 600   parallel fuzzing processes per target (default 1)
-#   PEFT_FUZZ_ARGS="-max_len=65536" ./scripts/fuzz.sh   extra libFuzzer flags
+#   PEFT_FUZZ_MAX_LEN=65536 ./scripts/fuzz.sh   longest generated input (default 8192 bytes: the
+#                                               larger regression inputs would slow every run)
+#   PEFT_FUZZ_ARGS="-only_ascii=1" ./scripts/fuzz.sh    extra libFuzzer flags
 # Targets are fuzz/<target>_fuzz.cpp. Crashes go to fuzz/crashes/<target>/ (gitignored); inputs
 # that found new coverage go to build/fuzz/corpus/<target>/, never into the committed seeds. To
 # keep a crash as a regression test, fix it and copy the file into fuzz/regressions/<target>/.
@@ -74,6 +76,7 @@ for name in "${targets[@]}"; do
   if ! ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1}" \
        UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}" \
        "$bin" -max_total_time="$seconds" -print_final_stats=1 -timeout=10 -rss_limit_mb=2048 \
+         -max_len="${PEFT_FUZZ_MAX_LEN:-8192}" \
          -artifact_prefix="$crashes/" ${dict[@]+"${dict[@]}"} \
          $([ "$jobs" -gt 1 ] && echo "-jobs=$jobs -workers=$jobs") ${PEFT_FUZZ_ARGS:-} \
          "$work" ${seeds[@]+"${seeds[@]}"}; then
