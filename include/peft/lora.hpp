@@ -185,8 +185,8 @@ class LoraLinear {
     base_.check_bound_weight("merge_into()", w);
     if (merged()) return false;
     base_.check_finite_parameters("merge_into()", parameters());
-    // One GEMM straight into W: the rank-r sum is accumulated in registers and rounded once.
-    w.noalias() += scaling_ * (b() * a());
+    // One pass over W: each rank-r sum is accumulated in registers and rounded once.
+    detail::add_low_rank<Scalar, WeightOrder>(w, b(), a(), scaling_);
     base_.set_merged(true);
     return true;
   }
@@ -195,7 +195,7 @@ class LoraLinear {
   bool unmerge_from(WeightRef w) {
     base_.check_bound_weight("unmerge_from()", w);
     if (!merged()) return false;
-    w.noalias() -= scaling_ * (b() * a());
+    detail::add_low_rank<Scalar, WeightOrder>(w, b(), a(), -scaling_);
     base_.set_merged(false);
     return true;
   }

@@ -282,8 +282,8 @@ class VeraLinear {
     base_.check_bound_weight("merge_into()", w);
     if (merged()) return false;
     base_.check_finite_parameters("merge_into()", parameters());
-    // Scale B's rows and columns first (out·r work), then one GEMM into W.
-    w.noalias() += scaled_b() * a();
+    // Scale B's rows and columns first (out·r work), then one pass over W.
+    detail::add_low_rank<Scalar, WeightOrder>(w, scaled_b(), a(), Scalar(1));
     base_.set_merged(true);
     return true;
   }
@@ -292,7 +292,7 @@ class VeraLinear {
   bool unmerge_from(WeightRef w) {
     base_.check_bound_weight("unmerge_from()", w);
     if (!merged()) return false;
-    w.noalias() -= scaled_b() * a();
+    detail::add_low_rank<Scalar, WeightOrder>(w, scaled_b(), a(), Scalar(-1));
     base_.set_merged(false);
     return true;
   }

@@ -11,10 +11,132 @@
 #include <peft/types.hpp>
 #include <peft/workspace.hpp>
 
+#include <algorithm>
 #include <string>
+#include <type_traits>
+
+#ifdef _OPENMP
+#  include <omp.h>
+#endif
 
 PEFT_NAMESPACE_BEGIN
 namespace detail {
+
+/**
+ * w[i, j] += alpha · Σ_k left[i, k] · right[k, j] over a row-major `[m, n]` block `w` (leading
+ * dimension ldw), with `left` `[m, r]` and `right` `[r, n]` row-major (leading dimensions ldl,
+ * ldr): the merge kernel. The rank-r sum of each entry is formed in registers from zero, scaled
+ * by alpha and added to w once (so a merge and its unmerge round alike), and w is read and
+ * written exactly once: 8 rows × 2 packets of w per micro-tile, with the right factor's column
+ * block sized to stay in L2. A general GEMM with a depth of r ≤ 64 spends most of its time
+ * loading and storing tiles of w; this kernel runs at the speed of one pass over w (see
+ * docs/performance.md). Rows are split over the OpenMP threads when OpenMP is on.
+ */
+template <typename Scalar>
+void low_rank_update(Scalar* w, Index ldw, Index m, Index n, const Scalar* left, Index ldl,
+                     const Scalar* right, Index ldr, Index r, Scalar alpha) {
+  using Packet = typename Eigen::internal::packet_traits<Scalar>::type;
+  constexpr Index lanes = Eigen::internal::unpacket_traits<Packet>::size;
+  constexpr Index width = 2 * lanes;  // columns per micro-tile
+  constexpr Index rows_per_tile = 8;
+  if (m <= 0 || n <= 0) return;
+  // Columns per block: the right factor's block (r × block) in about 256 KiB, which stays in L2
+  // while 8 rows of w stream past it (measured best from r = 8 to 64 at d = 4096).
+  const Index block = std::max<Index>(
+      width, (Index{262144} / static_cast<Index>(sizeof(Scalar)) / std::max<Index>(r, 1)) / width *
+                 width);
+
+  // One micro-tile: `MR` rows × `NP` packets starting at column j.
+  const auto tile = [&](auto mr_tag, auto np_tag, Index i, Index j) {
+    constexpr Index MR = decltype(mr_tag)::value;
+    constexpr Index NP = decltype(np_tag)::value;
+    Packet acc[MR][NP];
+    for (Index a = 0; a < MR; ++a)
+      for (Index q = 0; q < NP; ++q) acc[a][q] = Eigen::internal::pset1<Packet>(Scalar(0));
+    for (Index k = 0; k < r; ++k) {
+      Packet rv[NP];
+      for (Index q = 0; q < NP; ++q)
+        rv[q] = Eigen::internal::ploadu<Packet>(right + k * ldr + j + q * lanes);
+      for (Index a = 0; a < MR; ++a) {
+        const Packet lv = Eigen::internal::pset1<Packet>(left[(i + a) * ldl + k]);
+        for (Index q = 0; q < NP; ++q) acc[a][q] = Eigen::internal::pmadd(lv, rv[q], acc[a][q]);
+      }
+    }
+    const Packet av = Eigen::internal::pset1<Packet>(alpha);
+    for (Index a = 0; a < MR; ++a) {
+      for (Index q = 0; q < NP; ++q) {
+        Scalar* target = w + (i + a) * ldw + j + q * lanes;
+        Eigen::internal::pstoreu(target, Eigen::internal::pmadd(av, acc[a][q],
+                                                                Eigen::internal::ploadu<Packet>(target)));
+      }
+    }
+  };
+  // Rows [i, i + MR) over columns [j0, j1): packets, then the scalar tail.
+  const auto rows = [&](auto mr_tag, Index i, Index j0, Index j1) {
+    constexpr Index MR = decltype(mr_tag)::value;
+    Index j = j0;
+    for (; j + width <= j1; j += width)
+      tile(mr_tag, std::integral_constant<Index, 2>{}, i, j);
+    for (; j + lanes <= j1; j += lanes) tile(mr_tag, std::integral_constant<Index, 1>{}, i, j);
+    for (; j < j1; ++j) {
+      for (Index a = 0; a < MR; ++a) {
+        Scalar sum(0);
+        for (Index k = 0; k < r; ++k) sum += left[(i + a) * ldl + k] * right[k * ldr + j];
+        w[(i + a) * ldw + j] += alpha * sum;
+      }
+    }
+  };
+  // Rows [i0, i1) over every column block.
+  const auto row_range = [&](Index i0, Index i1) {
+    for (Index j0 = 0; j0 < n; j0 += block) {
+      const Index j1 = std::min(n, j0 + block);
+      Index i = i0;
+      for (; i + rows_per_tile <= i1; i += rows_per_tile)
+        rows(std::integral_constant<Index, rows_per_tile>{}, i, j0, j1);
+      for (; i + 4 <= i1; i += 4) rows(std::integral_constant<Index, 4>{}, i, j0, j1);
+      for (; i < i1; ++i) rows(std::integral_constant<Index, 1>{}, i, j0, j1);
+    }
+  };
+
+  const Index tiles = (m + rows_per_tile - 1) / rows_per_tile;
+#ifdef _OPENMP
+  const int threads = static_cast<int>(
+      std::min<Index>(Eigen::nbThreads(), m * n >= (Index{1} << 16) ? tiles : 1));
+  if (threads > 1 && omp_get_num_threads() == 1) {
+#  pragma omp parallel for schedule(static) num_threads(threads)
+    for (int t = 0; t < threads; ++t) {
+      const Index first = tiles * t / threads, last = tiles * (t + 1) / threads;
+      row_range(first * rows_per_tile, std::min(m, last * rows_per_tile));
+    }
+    return;
+  }
+#endif
+  row_range(0, std::min(m, tiles * rows_per_tile));
+}
+
+/**
+ * w += alpha · left · right for a dense weight in either storage order (w `[m, n]`, left
+ * `[m, r]`, right `[r, n]`), through low_rank_update. A column-major w is the row-major
+ * transpose, so the factors swap and transpose (copies of r·(m + n) values, not of w). With
+ * EIGEN_USE_BLAS the product goes to the vendor GEMM instead, as every other product does.
+ */
+template <typename Scalar, int Order, typename Left, typename Right>
+void add_low_rank(Eigen::Ref<peft::Matrix<Scalar, Order>> w, const Eigen::MatrixBase<Left>& left,
+                  const Eigen::MatrixBase<Right>& right, Scalar alpha) {
+#ifdef EIGEN_USE_BLAS
+  w.noalias() += alpha * (left * right);
+#else
+  if constexpr (Order == Eigen::RowMajor) {
+    const Eigen::Ref<const RowMatrix<Scalar>> l(left), rr(right);
+    low_rank_update(w.data(), w.outerStride(), w.rows(), w.cols(), l.data(), l.outerStride(),
+                    rr.data(), rr.outerStride(), l.cols(), alpha);
+  } else {
+    const RowMatrix<Scalar> lt = right.transpose(), rt = left.transpose();
+    low_rank_update(w.data(), w.outerStride(), w.cols(), w.rows(), lt.data(), lt.outerStride(),
+                    rt.data(), rt.outerStride(), lt.cols(), alpha);
+  }
+#endif
+}
 
 /**
  * A frozen `[out, in]` weight and optional bias viewed through raw pointers (the Maps are rebuilt
