@@ -401,7 +401,8 @@ Task make_digits(const Config& cfg) {
       },
       task.base_note);
   const double upright_accuracy = evaluate(*task.base, true, from_digits(test_up)).accuracy;
-  task.base_note += format("; upright test accuracy %.1f%%", 100 * upright_accuracy);
+  task.base_note += format("; %ld parameters; upright test accuracy %.1f%%",
+                           static_cast<long>(task.base->num_parameters()), 100 * upright_accuracy);
   return task;
 }
 
@@ -441,6 +442,8 @@ Task make_planted(const Config& cfg) {
                       cfg.pretrain_planted, loss);
       },
       task.base_note);
+
+  task.base_note += format("; %ld parameters", static_cast<long>(task.base->num_parameters()));
 
   // The fine-tuning target: the base model plus ΔW_l = U Vᵀ of rank k_l, ‖ΔW_l‖ = 0.5 ‖W_l‖.
   examples::Mlp shifted = *task.base;
@@ -1288,6 +1291,30 @@ std::string markdown(const Results& r, double wall) {
       "model's validation loss; wall time %s.\n\n",
       cfg.seeds, r.steps, r.steps / 20, static_cast<long>(cfg.batch), cfg.shared_lr,
       cfg.target_fraction, ProgressBar::clock(wall).c_str());
+  const long low = std::max<Index>(1, cfg.rank / 2);
+  md << "Methods (every linear layer adapted; α = " << format("%g", cfg.alpha) << "):\n\n"
+     << format(
+            "- LoRA r=%ld: s = α/r, kaiming-uniform A, B = 0. rsLoRA: s = α/√r. LoRA r=%ld: "
+            "the rank of AdaLoRA's final budget.\n",
+            static_cast<long>(cfg.rank), low)
+     << format("- VeRA r=%ld: projections shared by all layers (sized over them), d_initial 0.1.\n",
+               static_cast<long>(cfg.vera_rank))
+     << format(
+            "- AdaLoRA: init_r %ld on every layer, pruned to a budget of %ld triplets per "
+            "layer on average (cubic schedule, tinit 10%%, tfinal 20%% of the steps, "
+            "orthogonal regulariser 0.5); \"trainable\" counts the parameters at init_r.\n",
+            static_cast<long>(cfg.rank + cfg.rank / 2), low)
+     << format(
+            "- LoRA-GA r=%ld: A, B from the SVD of the full-weight gradient of %ld calibration "
+            "batches (ArB2r, stable scale γ = 16), base weight offset; with rsLoRA's s = α/√r "
+            "as in the paper, or with LoRA's s = α/r.\n",
+            static_cast<long>(cfg.rank), cfg.calibration_batches)
+     << format(
+            "- EVA r=%ld: A from the principal directions of each layer's inputs (incremental "
+            "PCA of shifted training batches through the base model, τ = 0.99), B = 0; ρ = 2 "
+            "redistributes the %ld-rank budget across layers, ρ = 1 keeps r on every layer.\n",
+            static_cast<long>(cfg.rank), static_cast<long>(3 * cfg.rank))
+     << "- Full fine-tuning: every weight and bias.\n\n";
   for (std::size_t t = 0; t < r.tasks.size(); ++t) {
     const Task& task = r.tasks[t];
     const char* metric = task.classification ? "test accuracy" : "test argmax agreement";
