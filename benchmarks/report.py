@@ -292,9 +292,15 @@ def build(args):
             name = f"{case}/{suffix}"
             if not any(name in rep.runs[c] for c in cols):
                 continue
-            ideal = next((rep.counter(c, name, "ideal_ratio") for c in cols
-                          if rep.counter(c, name, "ideal_ratio")), None)
-            row = f"| {suffix} | {fmt(ideal)} |"
+            if yard == "merge":  # the ideal time itself, from the first peft run
+                ideal_ms = next((rep.merge_ideal_ms(c, dims, r) for c in cols
+                                 if not c.startswith("torch") and rep.merge_ideal_ms(c, dims, r)),
+                                None)
+                shown = f"{fmt(ideal_ms)} ms" if ideal_ms else "–"
+            else:
+                shown = fmt(next((rep.counter(c, name, "ideal_ratio") for c in cols
+                                  if rep.counter(c, name, "ideal_ratio")), None))
+            row = f"| {suffix} | {shown} |"
             for c in cols:
                 t = rep.ms(c, name)
                 if yard == "merge":
@@ -338,6 +344,8 @@ def build(args):
     w("| shape |" + "".join(f" {c} ms | ratio |" for c in eig))
     w("|---|" + "---|---|" * len(eig))
     for suffix, _, r, dims in shapes(False, True):
+        if not any(rep.ms(c, f"adalora_allocator_step/{suffix}") for c in eig):
+            continue
         row = f"| {suffix} |"
         for c in eig:
             t = rep.ms(c, f"adalora_allocator_step/{suffix}")
@@ -379,6 +387,8 @@ def build(args):
             rows.append((f"base_forward/{suffix}", f"base_forward/{suffix}"))
         for suffix, _, _, _ in shapes(True, False):
             rows.append((f"base_backward_dx/{suffix}", f"base_backward_dx/{suffix}"))
+        for suffix, _, _, _ in shapes(True, True, (512, 1)):
+            rows.append((f"lora_forward/{suffix}", f"lora_forward/{suffix}"))
         for suffix, _, _, _ in shapes(True, True):
             rows.append((f"lora forward+backward/{suffix}", f"lora_fwd_bwd/{suffix}"))
         for suffix, _, _, _ in shapes(False, True):
