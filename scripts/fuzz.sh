@@ -24,6 +24,7 @@ if ! [[ "$seconds" =~ ^[0-9]+$ ]]; then
 fi
 
 # clang and its sanitizer/libFuzzer runtimes, plus the library's own dependencies.
+# shellcheck disable=SC2034  # read by peft_ensure_deps (common.sh)
 PEFT_APT_PACKAGES=(clang-14 libclang-rt-14-dev libeigen3-dev nlohmann-json3-dev)
 peft_ensure_deps
 cxx="${PEFT_FUZZ_CXX:-}"
@@ -49,7 +50,7 @@ else
   targets=("$target")
 fi
 
-flags=(-std=c++17 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all
+flags=(-std=c++17 -g -O1 "-fsanitize=fuzzer,address,undefined" "-fno-sanitize-recover=all"
        -fno-omit-frame-pointer -Iinclude -isystem /usr/include/eigen3)
 mkdir -p build/fuzz
 status=0
@@ -70,6 +71,8 @@ for name in "${targets[@]}"; do
   dict=()
   if [ -f "fuzz/$name.dict" ]; then dict=("-dict=fuzz/$name.dict"); fi
   jobs="${PEFT_FUZZ_JOBS:-1}"
+  parallel=()
+  if [ "$jobs" -gt 1 ]; then parallel=("-jobs=$jobs" "-workers=$jobs"); fi
   peft_banner "Fuzz $name for ${seconds}s ($jobs job(s); crashes -> $crashes/)"
   # The first corpus directory receives new inputs: the scratch one, not the committed seeds.
   # shellcheck disable=SC2086  # PEFT_FUZZ_ARGS is a list of flags
@@ -78,7 +81,7 @@ for name in "${targets[@]}"; do
        "$bin" -max_total_time="$seconds" -print_final_stats=1 -timeout=10 -rss_limit_mb=2048 \
          -max_len="${PEFT_FUZZ_MAX_LEN:-8192}" \
          -artifact_prefix="$crashes/" ${dict[@]+"${dict[@]}"} \
-         $([ "$jobs" -gt 1 ] && echo "-jobs=$jobs -workers=$jobs") ${PEFT_FUZZ_ARGS:-} \
+         ${parallel[@]+"${parallel[@]}"} ${PEFT_FUZZ_ARGS:-} \
          "$work" ${seeds[@]+"${seeds[@]}"}; then
     echo "peft: $name found a crash; see $crashes/ (reproduce: $bin $crashes/<file>)" >&2
     status=1
