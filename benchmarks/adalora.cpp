@@ -33,12 +33,20 @@ void adalora_forward(benchmark::State& state, const Shape& s) {
   ws.reserve(s.n, std::max(s.in, s.out));
   const Mat x = random_matrix(s.n, s.in, 4);
   Mat y(s.n, s.out);
+  Mat z(s.n, s.out);
   adapter.forward(x, y, ws);
-  for (auto _ : state) {
-    adapter.forward(x, y, ws);
-    benchmark::DoNotOptimize(y.data());
-    benchmark::ClobberMemory();
-  }
+  run_paired(
+      state,
+      [&] {
+        z.noalias() = x * w.transpose();
+        benchmark::DoNotOptimize(z.data());
+        benchmark::ClobberMemory();
+      },
+      [&] {
+        adapter.forward(x, y, ws);
+        benchmark::DoNotOptimize(y.data());
+        benchmark::ClobberMemory();
+      });
   const double rank_term =
       static_cast<double>(s.r) / (static_cast<double>(s.in) * static_cast<double>(s.out));
   const double flops = gemm_flops(s) * (1.0 + rank_term * static_cast<double>(s.in + s.out));
@@ -56,13 +64,21 @@ void adalora_backward(benchmark::State& state, const Shape& s) {
   const Mat dy = random_matrix(s.n, s.out, 5);
   Mat dx(s.n, s.in);
   Vec grad = Vec::Zero(adapter.num_parameters());
+  Mat dz(s.n, s.in);
   adapter.backward(x, dy, dx, grad, ws);
-  for (auto _ : state) {
-    adapter.backward(x, dy, dx, grad, ws);
-    benchmark::DoNotOptimize(dx.data());
-    benchmark::DoNotOptimize(grad.data());
-    benchmark::ClobberMemory();
-  }
+  run_paired(
+      state,
+      [&] {
+        dz.noalias() = dy * w;
+        benchmark::DoNotOptimize(dz.data());
+        benchmark::ClobberMemory();
+      },
+      [&] {
+        adapter.backward(x, dy, dx, grad, ws);
+        benchmark::DoNotOptimize(dx.data());
+        benchmark::DoNotOptimize(grad.data());
+        benchmark::ClobberMemory();
+      });
   const double rank_term =
       static_cast<double>(s.r) / (static_cast<double>(s.in) * static_cast<double>(s.out));
   const double flops =
@@ -108,8 +124,8 @@ void adalora_allocator_step(benchmark::State& state, const Shape& s) {
 }
 
 [[maybe_unused]] const bool registered = [] {
-  register_grid("adalora_forward", Axes::forward, adalora_forward);
-  register_grid("adalora_backward", Axes::training, adalora_backward);
+  register_grid("adalora_forward", Axes::forward, adalora_forward, true);
+  register_grid("adalora_backward", Axes::training, adalora_backward, true);
   register_grid("adalora_allocator_step", Axes::weight_only, adalora_allocator_step);
   return true;
 }();

@@ -7,6 +7,8 @@
 
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <chrono>
 #include <functional>
 #include <string>
 #include <vector>
@@ -52,7 +54,7 @@ constexpr Index ffn_out = 11008;
  * `name/N:n/d:d/r:r`, and the FFN shape 4096 → 11008 named `name/N:n/din:4096/dout:11008/r:r`.
  * Every case reports real (wall) time, so threaded runs are timed correctly.
  */
-inline void register_grid(const std::string& name, Axes axes, Body body) {
+inline void register_grid(const std::string& name, Axes axes, Body body, bool paired = false) {
   const bool has_n = axes != Axes::weight_only;
   const bool has_r = axes == Axes::forward || axes == Axes::training || axes == Axes::weight_only;
   std::vector<Index> tokens{512};
@@ -94,8 +96,46 @@ inline void register_grid(const std::string& name, Axes axes, Body body) {
         }
       }
     }
-    b->ArgNames(names)->UseRealTime()->Unit(benchmark::kMillisecond);
+    b->ArgNames(names)->Unit(benchmark::kMillisecond);
+    if (paired) {
+      b->UseManualTime();  // the case's own time; its yardstick is timed beside it
+    } else {
+      b->UseRealTime();
+    }
   }
+}
+
+/**
+ * Times `run` (the case) and `yardstick` (the bare layer's product) back to back in every
+ * iteration: the case's wall time is the reported time (manual timing), and the counters
+ * `yardstick_ms` and `paired_ratio` (median case / median yardstick over the iterations) compare
+ * the two under the same machine load, which a shared machine makes much steadier than a ratio
+ * of two cases run minutes apart.
+ */
+template <typename Yardstick, typename Run>
+void run_paired(benchmark::State& state, Yardstick&& yardstick, Run&& run) {
+  using Clock = std::chrono::steady_clock;
+  std::vector<double> base, own;
+  for (auto _ : state) {
+    const auto t0 = Clock::now();
+    yardstick();
+    const auto t1 = Clock::now();
+    run();
+    const auto t2 = Clock::now();
+    const double b = std::chrono::duration<double>(t1 - t0).count();
+    const double c = std::chrono::duration<double>(t2 - t1).count();
+    state.SetIterationTime(c);
+    base.push_back(b);
+    own.push_back(c);
+  }
+  const auto median = [](std::vector<double>& v) {
+    std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+    return v[v.size() / 2];
+  };
+  if (own.empty()) return;
+  const double b = median(base), c = median(own);
+  state.counters["yardstick_ms"] = b * 1e3;
+  state.counters["paired_ratio"] = c / b;
 }
 
 /// A seeded matrix with entries uniform in ±bound (peft's own generator: same on every run).
