@@ -110,6 +110,7 @@ struct Config {
   std::vector<std::string> tasks = {"digits", "planted"};
   std::vector<std::string> methods;  // empty: all
   int seeds = 3;
+  bool seeds_given = false;   // --seeds on the command line (else --quick uses 2)
   std::uint64_t seed = 42;    // base models, data split, planted shift; fine-tuning seeds are 1..n
   long steps = 0;             // 0: 1500 (--quick: 150)
   long pretrain_digits = 0;   // 0: 1500 (--quick: 400)
@@ -1487,7 +1488,7 @@ int run(Config cfg) {
   if (cfg.steps <= 0) cfg.steps = cfg.quick ? 150 : 1500;
   if (cfg.pretrain_digits <= 0) cfg.pretrain_digits = cfg.quick ? 400 : 1500;
   if (cfg.pretrain_planted <= 0) cfg.pretrain_planted = cfg.quick ? 600 : 3000;
-  if (cfg.quick && cfg.seeds == 3) cfg.seeds = 2;
+  if (cfg.quick && !cfg.seeds_given) cfg.seeds = 2;
   const long eval_every = std::max(1L, cfg.steps / 100);
   std::filesystem::create_directories(cfg.out);
 
@@ -1655,6 +1656,7 @@ int main(int argc, char** argv) {
   app.add_option("--planted-ranks", cfg.planted_ranks, "rank of the planted shift per layer")
       ->delimiter(',');
   CLI11_PARSE(app, argc, argv);
+  cfg.seeds_given = app.count("--seeds") > 0;
 
   try {
     return run(cfg);
