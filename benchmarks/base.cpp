@@ -32,8 +32,8 @@ void gemm_peak(benchmark::State& state) {
     benchmark::DoNotOptimize(c.data());
     benchmark::ClobberMemory();
   }
-  report_flops(state, 2.0 * static_cast<double>(d) * static_cast<double>(d) *
-                          static_cast<double>(d));
+  report_flops(state,
+               2.0 * static_cast<double>(d) * static_cast<double>(d) * static_cast<double>(d));
 }
 
 // a = b + s c over arrays far larger than the caches; STREAM counts 3 arrays × 4 bytes per
@@ -52,7 +52,8 @@ void stream_triad(benchmark::State& state) {
       const Index t = 0, nt = 1;
 #endif
       const Index begin = n * t / nt, end = n * (t + 1) / nt;
-      a.segment(begin, end - begin) = b.segment(begin, end - begin) + s * c.segment(begin, end - begin);
+      a.segment(begin, end - begin) =
+          b.segment(begin, end - begin) + s * c.segment(begin, end - begin);
     }
   };
   triad();

@@ -71,16 +71,16 @@ inline void register_grid(const std::string& name, Axes axes, Body body, bool pa
       names.push_back("d");
     }
     if (has_r) names.push_back("r");
-    auto* b = benchmark::RegisterBenchmark(name.c_str(), [body, has_n, has_r,
-                                                          rect](benchmark::State& state) {
-      Shape s;
-      int k = 0;
-      if (has_n) s.n = state.range(k++);
-      s.in = state.range(k++);
-      s.out = rect ? state.range(k++) : s.in;
-      if (has_r) s.r = state.range(k++);
-      body(state, s);
-    });
+    auto* b = benchmark::RegisterBenchmark(name.c_str(),
+                                           [body, has_n, has_r, rect](benchmark::State& state) {
+                                             Shape s;
+                                             int k = 0;
+                                             if (has_n) s.n = state.range(k++);
+                                             s.in = state.range(k++);
+                                             s.out = rect ? state.range(k++) : s.in;
+                                             if (has_r) s.r = state.range(k++);
+                                             body(state, s);
+                                           });
     for (const Index n : tokens) {
       for (const Index r : rs) {
         const std::vector<std::pair<Index, Index>> dims =
@@ -148,13 +148,13 @@ inline Mat random_matrix(Index rows, Index cols, std::uint64_t seed, double boun
 
 /// GFLOP/s (from a per-iteration FLOP count), the ideal ratio to the yardstick and the shape.
 inline void report_flops(benchmark::State& state, double flops_per_iteration) {
-  state.counters["GFLOP/s"] = benchmark::Counter(flops_per_iteration * 1e-9,
-                                                 benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops_per_iteration * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["flops"] = flops_per_iteration;
 }
 inline void report_bytes(benchmark::State& state, double bytes_per_iteration) {
-  state.counters["GB/s"] = benchmark::Counter(bytes_per_iteration * 1e-9,
-                                              benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GB/s"] =
+      benchmark::Counter(bytes_per_iteration * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["bytes"] = bytes_per_iteration;
 }
 inline void report_ideal_ratio(benchmark::State& state, double ratio) {

@@ -78,8 +78,8 @@ void lora_ga_full_svd(benchmark::State& state) {
   const Index d = state.range(0);
   const Mat& g = gradient(d);
   for (auto _ : state) {
-    Eigen::BDCSVD<peft::Matrix<float, Eigen::ColMajor>> svd(g, Eigen::ComputeThinU |
-                                                                   Eigen::ComputeThinV);
+    Eigen::BDCSVD<peft::Matrix<float, Eigen::ColMajor>> svd(
+        g, Eigen::ComputeThinU | Eigen::ComputeThinV);
     benchmark::DoNotOptimize(svd.singularValues().data());
   }
 }

@@ -43,8 +43,8 @@ void low_rank_update(Scalar* w, Index ldw, Index m, Index n, const Scalar* left,
   // Columns per block: the right factor's block (r × block) in about 256 KiB, which stays in L2
   // while 8 rows of w stream past it (measured best from r = 8 to 64 at d = 4096).
   const Index block = std::max<Index>(
-      width, (Index{262144} / static_cast<Index>(sizeof(Scalar)) / std::max<Index>(r, 1)) / width *
-                 width);
+      width,
+      (Index{262144} / static_cast<Index>(sizeof(Scalar)) / std::max<Index>(r, 1)) / width * width);
 
   // One micro-tile: `MR` rows × `NP` packets starting at column j.
   const auto tile = [&](auto mr_tag, auto np_tag, Index i, Index j) {
@@ -66,8 +66,8 @@ void low_rank_update(Scalar* w, Index ldw, Index m, Index n, const Scalar* left,
     for (Index a = 0; a < MR; ++a) {
       for (Index q = 0; q < NP; ++q) {
         Scalar* target = w + (i + a) * ldw + j + q * lanes;
-        Eigen::internal::pstoreu(target, Eigen::internal::pmadd(av, acc[a][q],
-                                                                Eigen::internal::ploadu<Packet>(target)));
+        Eigen::internal::pstoreu(
+            target, Eigen::internal::pmadd(av, acc[a][q], Eigen::internal::ploadu<Packet>(target)));
       }
     }
   };
@@ -75,8 +75,7 @@ void low_rank_update(Scalar* w, Index ldw, Index m, Index n, const Scalar* left,
   const auto rows = [&](auto mr_tag, Index i, Index j0, Index j1) {
     constexpr Index MR = decltype(mr_tag)::value;
     Index j = j0;
-    for (; j + width <= j1; j += width)
-      tile(mr_tag, std::integral_constant<Index, 2>{}, i, j);
+    for (; j + width <= j1; j += width) tile(mr_tag, std::integral_constant<Index, 2>{}, i, j);
     for (; j + lanes <= j1; j += lanes) tile(mr_tag, std::integral_constant<Index, 1>{}, i, j);
     for (; j < j1; ++j) {
       for (Index a = 0; a < MR; ++a) {
@@ -100,8 +99,8 @@ void low_rank_update(Scalar* w, Index ldw, Index m, Index n, const Scalar* left,
 
   const Index tiles = (m + rows_per_tile - 1) / rows_per_tile;
 #ifdef _OPENMP
-  const int threads = static_cast<int>(
-      std::min<Index>(Eigen::nbThreads(), m * n >= (Index{1} << 16) ? tiles : 1));
+  const int threads =
+      static_cast<int>(std::min<Index>(Eigen::nbThreads(), m * n >= (Index{1} << 16) ? tiles : 1));
   if (threads > 1 && omp_get_num_threads() == 1) {
 #  pragma omp parallel for schedule(static) num_threads(threads)
     for (int t = 0; t < threads; ++t) {
