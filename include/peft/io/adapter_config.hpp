@@ -41,9 +41,16 @@ using Pattern = std::vector<std::pair<std::string, Value>>;
  * selects every module named q_proj, "^model.q_proj" only the top-level one, and dots are
  * wildcards. An invalid regex is a config_error naming the key.
  */
+/// Longest pattern key or module name matched by regex: libstdc++'s regex executor recurses per
+/// character, so unbounded names from a file could exhaust the stack.
+inline constexpr std::size_t max_pattern_name = 1024;
+
 inline bool pattern_key_matches(const std::string& key, const std::string& module) {
   if (key == module) return true;
-  if (key.size() > 1024) PEFT_THROW(config_error("pattern key longer than 1024 characters"));
+  if (key.size() > max_pattern_name || module.size() > max_pattern_name) {
+    PEFT_THROW(config_error("pattern key or module name longer than " + std::to_string(max_pattern_name) +
+                            " characters"));
+  }
 #ifndef PEFT_NO_EXCEPTIONS
   try {
     return std::regex_match(module, std::regex("(.*\\.)?(" + key + ")"));
@@ -231,17 +238,28 @@ class ConfigReader {
 
 inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::string& label) {
   // Ordered, because rank_pattern and alpha_pattern are first-match in file order.
+  // Nesting is capped while parsing: copying, converting or printing a JSON value recurses per
+  // level, and no PEFT config nests deeper than a few levels.
+  constexpr int max_depth = 32;
+  bool too_deep = false;
+  const auto depth_guard = [&](int depth, nlohmann::ordered_json::parse_event_t, nlohmann::ordered_json&) {
+    if (depth > max_depth) too_deep = true;
+    return !too_deep;  // discard everything once too deep
+  };
   nlohmann::ordered_json ordered;
 #ifndef PEFT_NO_EXCEPTIONS
   try {
-    ordered = nlohmann::ordered_json::parse(text);
+    ordered = nlohmann::ordered_json::parse(text, depth_guard);
   } catch (const nlohmann::json::exception& e) {
-    PEFT_THROW(format_error(label + ": not valid JSON (" + e.what() + ")"));
+    PEFT_THROW(format_error(label + ": not valid JSON (" + std::string(e.what()).substr(0, 200) + ")"));
   }
 #else
-  ordered = nlohmann::ordered_json::parse(text, nullptr, false);
+  ordered = nlohmann::ordered_json::parse(text, depth_guard, false);
   if (ordered.is_discarded()) PEFT_THROW(format_error(label + ": not valid JSON"));
 #endif
+  if (too_deep) {
+    PEFT_THROW(format_error(label + ": JSON nests deeper than " + std::to_string(max_depth) + " levels"));
+  }
   if (!ordered.is_object()) PEFT_THROW(format_error(label + ": not a JSON object"));
   const nlohmann::json doc = ordered;  // sorted copy for the typed fields
   const detail::ConfigReader in(doc, label);
