@@ -103,6 +103,7 @@ void lora_merge(benchmark::State& state, const Shape& s) {
     benchmark::ClobberMemory();
     state.PauseTiming();
     f.adapter.unmerge_from(f.w);
+    evict_caches();
     state.ResumeTiming();
   }
   report_flops(state, merge_flops(s));
@@ -116,6 +117,7 @@ void lora_unmerge(benchmark::State& state, const Shape& s) {
   for (auto _ : state) {
     state.PauseTiming();
     f.adapter.merge_into(f.w);
+    evict_caches();
     state.ResumeTiming();
     f.adapter.unmerge_from(f.w);
     benchmark::DoNotOptimize(f.w.data());
@@ -135,6 +137,9 @@ void lora_merge_materialized(benchmark::State& state, const Shape& s) {
     f.w += delta;
     benchmark::DoNotOptimize(f.w.data());
     benchmark::ClobberMemory();
+    state.PauseTiming();
+    evict_caches();
+    state.ResumeTiming();
   }
   report_flops(state, merge_flops(s));
   report_bytes(state, merge_bytes(s));

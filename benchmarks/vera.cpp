@@ -95,6 +95,7 @@ void vera_merge(benchmark::State& state, const Shape& s) {
     benchmark::ClobberMemory();
     state.PauseTiming();
     f.adapter.unmerge_from(f.w);
+    evict_caches();
     state.ResumeTiming();
   }
   report_flops(state, 2.0 * static_cast<double>(s.out) * static_cast<double>(s.in) *

@@ -217,3 +217,30 @@ TEST_CASE("Class template argument deduction picks Scalar and layout", "[lora]")
   peft::LoraLinear lora(peft::frozen(w), o);
   STATIC_REQUIRE(std::is_same_v<decltype(lora), peft::LoraLinear<double, Eigen::ColMajor>>);
 }
+
+TEMPLATE_TEST_CASE("The merge kernel adds alpha·L·R on every tile and tail, inside a larger matrix",
+                   "[lora][merge][kernel]", float, double) {
+  // Shapes around the tile sizes (4 or 8 rows; 3 packets, 1 packet, scalar columns) for every
+  // vector width, with w a block of a wider matrix whose other entries must stay untouched.
+  for (const Index m : {1, 3, 4, 5, 8, 9, 13, 17, 33}) {
+    for (const Index n : {1, 7, 16, 47, 48, 49, 100, 130}) {
+      for (const Index r : {1, 3, 8}) {
+        peft::RowMatrix<TestType> big = random_matrix<TestType>(m + 2, n + 5, 1);
+        const peft::RowMatrix<TestType> before = big;
+        const peft::RowMatrix<TestType> left = random_matrix<TestType>(m, r, 2);
+        const peft::RowMatrix<TestType> right = random_matrix<TestType>(r, n, 3);
+        const TestType alpha = TestType(-0.75);
+        peft::detail::low_rank_update(&big(1, 2), big.outerStride(), m, n, left.data(), r,
+                                      right.data(), n, r, alpha);
+        const Eigen::MatrixXd expected =
+            before.block(1, 2, m, n).template cast<double>() +
+            double(alpha) * left.template cast<double>() * right.template cast<double>();
+        INFO("m = " << m << ", n = " << n << ", r = " << r);
+        REQUIRE(relative_error(big.block(1, 2, m, n), expected) <= rtol<TestType>(4 * r));
+        peft::RowMatrix<TestType> outside = big;
+        outside.block(1, 2, m, n) = before.block(1, 2, m, n);
+        REQUIRE(outside == before);
+      }
+    }
+  }
+}

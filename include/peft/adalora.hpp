@@ -224,7 +224,8 @@ class AdaLoraLinear {
     if (merged()) return false;
     base_.check_finite_parameters("merge_into()", parameters());
     const Matrix scaled_q = lambda().asDiagonal() * q();  // [r, in]: Λ folded in first
-    w.noalias() += scaling_ * (p() * scaled_q);
+    // One pass over W through the merge kernel (see LoraLinear::merge_into).
+    detail::add_low_rank<Scalar, WeightOrder>(w, p(), scaled_q, scaling_);
     base_.set_merged(true);
     return true;
   }
@@ -233,7 +234,7 @@ class AdaLoraLinear {
     base_.check_bound_weight("unmerge_from()", w);
     if (!merged()) return false;
     const Matrix scaled_q = lambda().asDiagonal() * q();
-    w.noalias() -= scaling_ * (p() * scaled_q);
+    detail::add_low_rank<Scalar, WeightOrder>(w, p(), scaled_q, -scaling_);
     base_.set_merged(false);
     return true;
   }
