@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import time
 
@@ -76,6 +77,7 @@ def main():
     parser.add_argument("--min-time", type=float, default=0.1, help="seconds per repetition")
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="d = 4096, r = 16 only")
+    parser.add_argument("--only", help="time only the cases whose name matches this regex")
     args = parser.parse_args()
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or torch.get_num_threads()
@@ -83,7 +85,11 @@ def main():
     torch.manual_seed(0)
     results = {}
 
+    only = re.compile(args.only) if args.only else None
+
     def record(name, fn, setup=None):
+        if only and not only.search(name):
+            return
         results[name] = timed(fn, args.min_time, args.repetitions, setup)
         print(f"{name:60s} {results[name]:10.3f} ms", flush=True)
 

@@ -133,6 +133,34 @@ else
   rm -f "$results"/torch-*t.json
 fi
 
+# LoRA forward + backward against PyTorch, alternating the two processes round by round: the
+# same bare GEMM moves by a few percent between moments of one run, as much as the difference
+# being measured, so each round's ratio compares neighbours in time.
+if [ "$have_torch" = 1 ]; then
+  rounds="${PEFT_BENCH_AB_ROUNDS:-5}"
+  [ "$quick" = 1 ] && rounds=2
+  rm -rf "$results/ab"
+  mkdir -p "$results/ab"
+  for t in $threads; do
+    peft_banner "Interleaved A/B, LoRA forward + backward vs PyTorch ($t thread(s), $rounds rounds)"
+    for round in $(seq "$rounds"); do
+      for build in "${builds[@]}"; do
+        name=${build%%:*}
+        dir=${build#*:}
+        OMP_NUM_THREADS=$t OPENBLAS_NUM_THREADS=$t "$dir/benchmarks/peft-bench" \
+          --benchmark_filter='^lora_(forward|backward)/N:512/d:4096/r:16/' \
+          --benchmark_min_time=0.5 \
+          --benchmark_out="$results/ab/peft-$name-${t}t-$round.json" \
+          --benchmark_out_format=json >/dev/null
+      done
+      OMP_NUM_THREADS=$t OPENBLAS_NUM_THREADS=$t "$torch_python" benchmarks/torch_peer.py \
+        --only '^lora_fwd_bwd/N:512/d:4096/r:16$' --min-time 0.5 --repetitions 1 \
+        --out "$results/ab/torch-${t}t-$round.json" >/dev/null
+      echo "round $round done"
+    done
+  done
+fi
+
 if [ "$quick" = 0 ]; then
   peft_banner "peft-memory (16 layers of 4096² fp32 = 1 GiB frozen)"
   OMP_NUM_THREADS=2 build/bench/benchmarks/peft-memory | tee "$results/memory.txt"
