@@ -3,13 +3,13 @@
 # SPDX-License-Identifier: Apache-2.0
 # Builds and runs the benchmark suite and regenerates docs/performance.md. Works from any
 # directory; installs what is missing (Google Benchmark, OpenBLAS, python3-torch) with apt-get.
-#   ./scripts/bench.sh          full run (about 10 minutes on 2 cores): peft-bench with pure
+#   ./scripts/bench.sh          full run (about 15 minutes on 2 cores): peft-bench with pure
 #                               Eigen and with PEFT_USE_BLAS (OpenBLAS) on 1 and 2 threads, the
 #                               PyTorch peer, peft-memory; JSON in benchmarks/results/
 #   ./scripts/bench.sh --quick  d = 4096, r = 16 only, one repetition, no memory run; results and
 #                               the report go to build/bench/quick/ (docs/ is left alone)
 # Environment: PEFT_BENCH_THREADS="1 2" (thread counts), PEFT_BENCH_MIN_TIME (seconds, 0.05),
-# PEFT_BENCH_REPETITIONS (3), PEFT_BENCH_SKIP_TORCH=1, PEFT_BENCH_SKIP_BLAS=1.
+# PEFT_BENCH_REPETITIONS (3), PEFT_BENCH_AB_ROUNDS (5), PEFT_BENCH_SKIP_TORCH=1, PEFT_BENCH_SKIP_BLAS=1.
 # OpenBLAS (ours and the one torch loads) detects the CPU itself: an OPENBLAS_CORETYPE in the
 # environment is dropped (it can pin slower kernels, e.g. Haswell's on an AVX-512 machine) unless
 # PEFT_BENCH_OPENBLAS_CORETYPE names the core to force.
