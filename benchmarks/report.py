@@ -478,7 +478,7 @@ def build(args):
     w("## Reproduce")
     w("")
     w("```sh")
-    w("./scripts/bench.sh            # everything, ~10 minutes on 2 cores; rewrites this page")
+    w("./scripts/bench.sh            # everything, ~15 minutes on 2 cores; rewrites this page")
     w("./scripts/bench.sh --quick    # d = 4096, r = 16 only; report in build/bench/quick/")
     w("OMP_NUM_THREADS=1 build/bench/benchmarks/peft-bench --benchmark_filter='^lora_forward/N:512/d:4096'")
     w("```")
