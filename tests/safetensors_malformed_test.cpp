@@ -229,6 +229,20 @@ TEST_CASE("safetensors malformed: reversed, out-of-range and overlapping spans",
       parse(file("{" + entry("a", "F32", "[4]", "[0, 16]") + "," + entry("b", "F32", "[4]", "[16, 32]") + "}", data)));
 }
 
+TEST_CASE("safetensors malformed: data bytes that no tensor covers", "[io][safetensors][malformed]") {
+  const std::string data(32, '\0');
+  CHECK_FORMAT_ERROR(file("{" + entry("a", "F32", "[4]", "[0, 16]") + "," + entry("b", "F32", "[2]", "[24, 32]") + "}", data),
+                     Contains("data bytes [16, 24) before tensor 'b' belong to no tensor"));
+  CHECK_FORMAT_ERROR(file("{" + entry("a", "F32", "[4]", "[8, 24]") + "," + entry("b", "F32", "[2]", "[24, 32]") + "}", data),
+                     Contains("data bytes [0, 8) before tensor 'a' belong to no tensor"));
+  CHECK_FORMAT_ERROR(file("{" + entry("a", "F32", "[4]", "[0, 16]") + "}", data),
+                     Contains("data bytes [16, 32) at the end of the data belong to no tensor"));
+  CHECK_FORMAT_ERROR(file("{}", data), Contains("data bytes [0, 32) at the end of the data belong to no tensor"));
+  // Empty tensors claim nothing, wherever their offsets point.
+  CHECK_FORMAT_ERROR(file("{" + entry("e", "F32", "[0]", "[4, 4]") + "}", data),
+                     Contains("data bytes [0, 32) at the end of the data"));
+}
+
 TEST_CASE("safetensors malformed: shape times dtype size differs from the span", "[io][safetensors][malformed]") {
   const std::string data(32, '\0');
   CHECK_FORMAT_ERROR(file("{" + entry("w", "F32", "[2, 2]", "[0, 8]") + "}", data),

@@ -182,7 +182,8 @@ inline bool checked_mul(std::uint64_t a, std::uint64_t b, std::uint64_t& out) no
  *
  * The constructor reads and validates the header only: 8-byte little-endian length (bounded by
  * ReaderLimits), JSON object, known dtypes, non-negative shapes whose element count times the
- * dtype size equals the byte span without overflow, spans inside the file and not overlapping.
+ * dtype size equals the byte span without overflow, spans inside the file, not overlapping and
+ * covering the data section with no byte left over (as the reference implementation checks).
  * Tensors are then read one at a time with positioned reads, so a large file costs only what is
  * asked for. Every violation is a format_error naming the file, the tensor and the fault.
  *
@@ -403,6 +404,19 @@ class SafetensorsReader {
              ") overlap");
       }
     }
+    // The spans must tile the data exactly, as the reference implementation requires: bytes that
+    // no tensor claims are invisible to every reader and would be dropped by any rewrite.
+    std::uint64_t covered = 0;
+    for (const TensorInfo* t : by_offset) {
+      if (t->begin != covered) fail(uncovered(covered, t->begin, "before tensor '" + t->name + "'"));
+      covered = t->end;
+    }
+    if (covered != data_size) fail(uncovered(covered, data_size, "at the end of the data"));
+  }
+
+  static std::string uncovered(std::uint64_t begin, std::uint64_t end, const std::string& where) {
+    return "data bytes [" + std::to_string(begin) + ", " + std::to_string(end) + ") " + where +
+           " belong to no tensor";
   }
 
   TensorInfo parse_entry(const std::string& name, const nlohmann::json& v,
