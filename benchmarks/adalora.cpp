@@ -25,66 +25,26 @@ void train_like(peft::AdaLoraLinear<float>& adapter, std::uint64_t seed) {
   rng.fill_uniform(adapter.lambda(), 0.1, 1.0);
 }
 
-void adalora_forward(benchmark::State& state, const Shape& s) {
-  Mat w = random_matrix(s.out, s.in, 3, 0.02);
-  peft::AdaLoraLinear<float> adapter(peft::frozen(w), options(s));
-  train_like(adapter, 13);
+struct AdaLoraFixture {
+  Mat w;
+  peft::AdaLoraLinear<float> adapter;
   peft::Workspace<float> ws;
-  ws.reserve(s.n, std::max(s.in, s.out));
-  const Mat x = random_matrix(s.n, s.in, 4);
-  Mat y(s.n, s.out);
-  Mat z(s.n, s.out);
-  adapter.forward(x, y, ws);
-  run_paired(
-      state,
-      [&] {
-        z.noalias() = x * w.transpose();
-        benchmark::DoNotOptimize(z.data());
-        benchmark::ClobberMemory();
-      },
-      [&] {
-        adapter.forward(x, y, ws);
-        benchmark::DoNotOptimize(y.data());
-        benchmark::ClobberMemory();
-      });
-  const double rank_term =
-      static_cast<double>(s.r) / (static_cast<double>(s.in) * static_cast<double>(s.out));
-  const double flops = gemm_flops(s) * (1.0 + rank_term * static_cast<double>(s.in + s.out));
-  report_flops(state, flops);
-  report_ideal_ratio(state, flops / gemm_flops(s));
-}
 
+  explicit AdaLoraFixture(const Shape& s)
+      : w(random_matrix(s.out, s.in, 3, 0.02)), adapter(peft::frozen(w), options(s)) {
+    train_like(adapter, 13);
+    ws.reserve(s.n, std::max(s.in, s.out));
+  }
+};
+
+// As LoRA: Λ scales the [n, r] intermediate, O(n r).
+void adalora_forward(benchmark::State& state, const Shape& s) {
+  AdaLoraFixture f(s);
+  adapter_forward(state, s, f, 1, 1);
+}
 void adalora_backward(benchmark::State& state, const Shape& s) {
-  Mat w = random_matrix(s.out, s.in, 3, 0.02);
-  peft::AdaLoraLinear<float> adapter(peft::frozen(w), options(s));
-  train_like(adapter, 13);
-  peft::Workspace<float> ws;
-  ws.reserve(s.n, std::max(s.in, s.out));
-  const Mat x = random_matrix(s.n, s.in, 4);
-  const Mat dy = random_matrix(s.n, s.out, 5);
-  Mat dx(s.n, s.in);
-  Vec grad = Vec::Zero(adapter.num_parameters());
-  Mat dz(s.n, s.in);
-  adapter.backward(x, dy, dx, grad, ws);
-  run_paired(
-      state,
-      [&] {
-        dz.noalias() = dy * w;
-        benchmark::DoNotOptimize(dz.data());
-        benchmark::ClobberMemory();
-      },
-      [&] {
-        adapter.backward(x, dy, dx, grad, ws);
-        benchmark::DoNotOptimize(dx.data());
-        benchmark::DoNotOptimize(grad.data());
-        benchmark::ClobberMemory();
-      });
-  const double rank_term =
-      static_cast<double>(s.r) / (static_cast<double>(s.in) * static_cast<double>(s.out));
-  const double flops =
-      gemm_flops(s) * (1.0 + rank_term * static_cast<double>(3 * s.in + 2 * s.out));
-  report_flops(state, flops);
-  report_ideal_ratio(state, flops / gemm_flops(s));
+  AdaLoraFixture f(s);
+  adapter_backward(state, s, f, 3, 2);
 }
 
 constexpr Index allocator_layers = 32;

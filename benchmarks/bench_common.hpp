@@ -146,7 +146,6 @@ inline Mat random_matrix(Index rows, Index cols, std::uint64_t seed, double boun
   return m;
 }
 
-/// GFLOP/s (from a per-iteration FLOP count), the ideal ratio to the yardstick and the shape.
 /// Reads 128 MiB (4× this machine's L3) so the next case starts with its weight in memory, not
 /// in cache: a merge touches each weight once, and the triad it is compared with cannot reuse
 /// its arrays either. Call it with the timer paused.
@@ -156,6 +155,7 @@ inline void evict_caches() {
   benchmark::DoNotOptimize(sum);
 }
 
+/// GFLOP/s (from a per-iteration FLOP count), bytes moved, and the ideal ratio to the yardstick.
 inline void report_flops(benchmark::State& state, double flops_per_iteration) {
   state.counters["GFLOP/s"] =
       benchmark::Counter(flops_per_iteration * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
@@ -173,6 +173,96 @@ inline void report_ideal_ratio(benchmark::State& state, double ratio) {
 /// FLOPs of x Wᵀ (or dy W): 2 n in out.
 inline double gemm_flops(const Shape& s) {
   return 2.0 * static_cast<double>(s.n) * static_cast<double>(s.in) * static_cast<double>(s.out);
+}
+
+/// An adapter's FLOPs relative to the bare product, when its rank-r products add `in_terms`
+/// passes of n·r·in and `out_terms` of n·r·out: 1 + r (in_terms·in + out_terms·out)/(in·out).
+inline double adapter_flop_ratio(const Shape& s, double in_terms, double out_terms) {
+  const double in = static_cast<double>(s.in), out = static_cast<double>(s.out);
+  return 1.0 + static_cast<double>(s.r) * (in_terms * in + out_terms * out) / (in * out);
+}
+
+// The cases every adapter shares. `Fixture` holds the frozen `w`, the `adapter` viewing it and
+// its workspace `ws`.
+
+/// Forward, paired with the bare y = x Wᵀ.
+template <typename Fixture>
+void adapter_forward(benchmark::State& state, const Shape& s, Fixture& f, double in_terms,
+                     double out_terms) {
+  const Mat x = random_matrix(s.n, s.in, 4);
+  Mat y(s.n, s.out), z(s.n, s.out);
+  f.adapter.forward(x, y, f.ws);
+  run_paired(
+      state,
+      [&] {
+        z.noalias() = x * f.w.transpose();
+        benchmark::DoNotOptimize(z.data());
+        benchmark::ClobberMemory();
+      },
+      [&] {
+        f.adapter.forward(x, y, f.ws);
+        benchmark::DoNotOptimize(y.data());
+        benchmark::ClobberMemory();
+      });
+  const double ratio = adapter_flop_ratio(s, in_terms, out_terms);
+  report_flops(state, gemm_flops(s) * ratio);
+  report_ideal_ratio(state, ratio);
+}
+
+/// Backward (the adapter's parameter gradients and dx), paired with the bare dx = dy W.
+template <typename Fixture>
+void adapter_backward(benchmark::State& state, const Shape& s, Fixture& f, double in_terms,
+                      double out_terms) {
+  const Mat x = random_matrix(s.n, s.in, 4);
+  const Mat dy = random_matrix(s.n, s.out, 5);
+  Mat dx(s.n, s.in), dz(s.n, s.in);
+  Vec grad = Vec::Zero(f.adapter.num_parameters());
+  f.adapter.backward(x, dy, dx, grad, f.ws);
+  run_paired(
+      state,
+      [&] {
+        dz.noalias() = dy * f.w;
+        benchmark::DoNotOptimize(dz.data());
+        benchmark::ClobberMemory();
+      },
+      [&] {
+        f.adapter.backward(x, dy, dx, grad, f.ws);
+        benchmark::DoNotOptimize(dx.data());
+        benchmark::DoNotOptimize(grad.data());
+        benchmark::ClobberMemory();
+      });
+  const double ratio = adapter_flop_ratio(s, in_terms, out_terms);
+  report_flops(state, gemm_flops(s) * ratio);
+  report_ideal_ratio(state, ratio);
+}
+
+/// FLOPs and bytes of a merge: 2 out·in·r, and W read and written once.
+inline void report_merge(benchmark::State& state, const Shape& s) {
+  const double weights = static_cast<double>(s.out) * static_cast<double>(s.in);
+  report_flops(state, 2.0 * weights * static_cast<double>(s.r));
+  report_bytes(state, 2.0 * 4.0 * weights);
+}
+
+/// merge_into (or, with `unmerge`, unmerge_from) timed alone; the opposite call and a cache
+/// eviction run untimed between iterations, so every timed call starts with W out of cache.
+template <typename Fixture>
+void adapter_merge(benchmark::State& state, const Shape& s, Fixture& f, bool unmerge) {
+  f.adapter.merge_into(f.w);
+  f.adapter.unmerge_from(f.w);
+  const auto timed = [&] { unmerge ? f.adapter.unmerge_from(f.w) : f.adapter.merge_into(f.w); };
+  const auto untimed = [&] { unmerge ? f.adapter.merge_into(f.w) : f.adapter.unmerge_from(f.w); };
+  if (unmerge) untimed();
+  evict_caches();
+  for (auto _ : state) {
+    timed();
+    benchmark::DoNotOptimize(f.w.data());
+    benchmark::ClobberMemory();
+    state.PauseTiming();
+    untimed();
+    evict_caches();
+    state.ResumeTiming();
+  }
+  report_merge(state, s);
 }
 
 }  // namespace peft_bench

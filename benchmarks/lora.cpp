@@ -29,102 +29,23 @@ struct LoraFixture {
   }
 };
 
-double rank_term(const Shape& s) {
-  return static_cast<double>(s.r) / (static_cast<double>(s.in) * static_cast<double>(s.out));
-}
-
+// Forward: x Aᵀ (n r in) and t Bᵀ (n r out) beside the bare product. Backward: x Aᵀ, (dy B)ᵀ x
+// and (dy B) A on the in side, dy B and dyᵀ t on the out side.
 void lora_forward(benchmark::State& state, const Shape& s) {
   LoraFixture f(s);
-  const Mat x = random_matrix(s.n, s.in, 4);
-  Mat y(s.n, s.out);
-  Mat z(s.n, s.out);
-  f.adapter.forward(x, y, f.ws);
-  run_paired(
-      state,
-      [&] {
-        z.noalias() = x * f.w.transpose();
-        benchmark::DoNotOptimize(z.data());
-        benchmark::ClobberMemory();
-      },
-      [&] {
-        f.adapter.forward(x, y, f.ws);
-        benchmark::DoNotOptimize(y.data());
-        benchmark::ClobberMemory();
-      });
-  // Base 2 n in out, plus x Aᵀ (2 n r in) and t Bᵀ (2 n r out).
-  const double flops = gemm_flops(s) * (1.0 + rank_term(s) * static_cast<double>(s.in + s.out));
-  report_flops(state, flops);
-  report_ideal_ratio(state, flops / gemm_flops(s));
+  adapter_forward(state, s, f, 1, 1);
 }
-
 void lora_backward(benchmark::State& state, const Shape& s) {
   LoraFixture f(s);
-  const Mat x = random_matrix(s.n, s.in, 4);
-  const Mat dy = random_matrix(s.n, s.out, 5);
-  Mat dx(s.n, s.in);
-  Vec grad = Vec::Zero(f.adapter.num_parameters());
-  Mat dz(s.n, s.in);
-  f.adapter.backward(x, dy, dx, grad, f.ws);
-  run_paired(
-      state,
-      [&] {
-        dz.noalias() = dy * f.w;
-        benchmark::DoNotOptimize(dz.data());
-        benchmark::ClobberMemory();
-      },
-      [&] {
-        f.adapter.backward(x, dy, dx, grad, f.ws);
-        benchmark::DoNotOptimize(dx.data());
-        benchmark::DoNotOptimize(grad.data());
-        benchmark::ClobberMemory();
-      });
-  // dy W (the yardstick), plus x Aᵀ, (dy B)ᵀ x and (dy B) A on the in side, dy B and dyᵀ t on
-  // the out side: 1 + r (3 in + 2 out) / (in out).
-  const double flops =
-      gemm_flops(s) * (1.0 + rank_term(s) * static_cast<double>(3 * s.in + 2 * s.out));
-  report_flops(state, flops);
-  report_ideal_ratio(state, flops / gemm_flops(s));
+  adapter_backward(state, s, f, 3, 2);
 }
-
-double merge_flops(const Shape& s) {
-  return 2.0 * static_cast<double>(s.out) * static_cast<double>(s.in) * static_cast<double>(s.r);
-}
-double merge_bytes(const Shape& s) {  // read and write W once
-  return 2.0 * 4.0 * static_cast<double>(s.out) * static_cast<double>(s.in);
-}
-
 void lora_merge(benchmark::State& state, const Shape& s) {
   LoraFixture f(s);
-  f.adapter.merge_into(f.w);
-  f.adapter.unmerge_from(f.w);
-  for (auto _ : state) {
-    f.adapter.merge_into(f.w);
-    benchmark::DoNotOptimize(f.w.data());
-    benchmark::ClobberMemory();
-    state.PauseTiming();
-    f.adapter.unmerge_from(f.w);
-    evict_caches();
-    state.ResumeTiming();
-  }
-  report_flops(state, merge_flops(s));
-  report_bytes(state, merge_bytes(s));
+  adapter_merge(state, s, f, false);
 }
-
 void lora_unmerge(benchmark::State& state, const Shape& s) {
   LoraFixture f(s);
-  f.adapter.merge_into(f.w);
-  f.adapter.unmerge_from(f.w);
-  for (auto _ : state) {
-    state.PauseTiming();
-    f.adapter.merge_into(f.w);
-    evict_caches();
-    state.ResumeTiming();
-    f.adapter.unmerge_from(f.w);
-    benchmark::DoNotOptimize(f.w.data());
-    benchmark::ClobberMemory();
-  }
-  report_flops(state, merge_flops(s));
-  report_bytes(state, merge_bytes(s));
+  adapter_merge(state, s, f, true);
 }
 
 // What PEFT's LoraLayer.merge does: delta = (B @ A) * s as a new [out, in] tensor, then
@@ -141,8 +62,7 @@ void lora_merge_materialized(benchmark::State& state, const Shape& s) {
     evict_caches();
     state.ResumeTiming();
   }
-  report_flops(state, merge_flops(s));
-  report_bytes(state, merge_bytes(s));
+  report_merge(state, s);
 }
 
 [[maybe_unused]] const bool registered = [] {
