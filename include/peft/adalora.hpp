@@ -6,6 +6,7 @@
 #include <peft/detail/checks.hpp>
 #include <peft/detail/frozen_linear.hpp>
 #include <peft/detail/parameter_storage.hpp>
+#include <peft/detail/workspace_gemm.hpp>
 #include <peft/error.hpp>
 #include <peft/random.hpp>
 #include <peft/types.hpp>
@@ -328,14 +329,14 @@ class AdaLoraLinear {
     if (rank_ == 0) return g;
     const auto xd = Base::backward_input(this, "AdaLoraLinear::backward()", x,
                                          options_.lora_dropout, ws, slot_x);
-    u.noalias() = xd * q().transpose();  // [n, r]
-    g.noalias() = dy * p();              // [n, r]
+    detail::assign_product(u, xd, q().transpose(), ws);  // [n, r]
+    detail::assign_product(g, dy, p(), ws);              // [n, r]
     grad_lambda(grad).noalias() +=
         scaling_ * (g.array() * u.array()).colwise().sum().matrix().transpose();
     u.array().rowwise() *= lambda().array().transpose();
     g.array().rowwise() *= lambda().array().transpose();
-    grad_p(grad).noalias() += scaling_ * (dy.transpose() * u);  // s dyᵀ (u ⊙ Λ)
-    grad_q(grad).noalias() += scaling_ * (g.transpose() * xd);  // s (g ⊙ Λ)ᵀ xd
+    detail::add_product(grad_p(grad), scaling_, dy.transpose(), u, ws);  // s dyᵀ (u ⊙ Λ)
+    detail::add_product(grad_q(grad), scaling_, g.transpose(), xd, ws);  // s (g ⊙ Λ)ᵀ xd
     return g;
   }
 
@@ -344,9 +345,9 @@ class AdaLoraLinear {
     const auto xd =
         Base::forward_input(this, "AdaLoraLinear::forward()", x, options_.lora_dropout, ws, slot_x);
     auto u = ws.buffer(slot_u, x.rows(), rank_);
-    u.noalias() = xd * q().transpose();
+    detail::assign_product(u, xd, q().transpose(), ws);
     u.array().rowwise() *= lambda().array().transpose();  // Λ on the [n, r] side: n·r work
-    y.noalias() += scaling_ * (u * p().transpose());
+    detail::add_product(y, scaling_, u, p().transpose(), ws);
   }
 
   Base base_;
@@ -540,14 +541,15 @@ class RankAllocator {
   /// Restores state() from an allocator over the same layers; checked first, then copied.
   void load_state(const State& s) {
     if (s.sensitivity.size() != layers_.size() || s.uncertainty.size() != layers_.size()) {
-      PEFT_THROW(dimension_error("RankAllocator::load_state(): state has " + std::to_string(s.sensitivity.size()) +
-                                 " layers, the allocator " + std::to_string(layers_.size())));
+      PEFT_THROW(dimension_error("RankAllocator::load_state(): state has " +
+                                 std::to_string(s.sensitivity.size()) + " layers, the allocator " +
+                                 std::to_string(layers_.size())));
     }
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const Index n = layers_[l].layer->num_parameters();
       if (s.sensitivity[l].size() != n || s.uncertainty[l].size() != n) {
-        PEFT_THROW(dimension_error("RankAllocator::load_state(): layer " + std::to_string(l) + " has " +
-                                   std::to_string(n) + " parameters, the state " +
+        PEFT_THROW(dimension_error("RankAllocator::load_state(): layer " + std::to_string(l) +
+                                   " has " + std::to_string(n) + " parameters, the state " +
                                    std::to_string(s.sensitivity[l].size())));
       }
     }

@@ -6,6 +6,7 @@
 #include <peft/detail/checks.hpp>
 #include <peft/detail/frozen_linear.hpp>
 #include <peft/detail/parameter_storage.hpp>
+#include <peft/detail/workspace_gemm.hpp>
 #include <peft/error.hpp>
 #include <peft/random.hpp>
 #include <peft/types.hpp>
@@ -257,10 +258,11 @@ class LoraLinear {
         Base::backward_input(this, "LoraLinear::backward()", x, options_.lora_dropout, ws, slot_x);
     auto t = ws.buffer(slot_t, x.rows(), rank());
     auto u = ws.buffer(slot_u, x.rows(), rank());
-    t.noalias() = xd * a().transpose();                         // [n, r]
-    u.noalias() = dy * b();                                     // [n, r]
-    grad_a(grad).noalias() += scaling_ * (u.transpose() * xd);  // s (dy B)ᵀ xd
-    grad_b(grad).noalias() += scaling_ * (dy.transpose() * t);  // s dyᵀ (xd Aᵀ)
+    // Every product here and below packs in `ws`: nothing allocates on any machine.
+    detail::assign_product(t, xd, a().transpose(), ws);                  // [n, r]
+    detail::assign_product(u, dy, b(), ws);                              // [n, r]
+    detail::add_product(grad_a(grad), scaling_, u.transpose(), xd, ws);  // s (dy B)ᵀ xd
+    detail::add_product(grad_b(grad), scaling_, dy.transpose(), t, ws);  // s dyᵀ (xd Aᵀ)
     return u;
   }
 
@@ -268,9 +270,9 @@ class LoraLinear {
     const auto xd =
         Base::forward_input(this, "LoraLinear::forward()", x, options_.lora_dropout, ws, slot_x);
     auto t = ws.buffer(slot_t, x.rows(), rank());
-    t.noalias() = xd * a().transpose();
+    detail::assign_product(t, xd, a().transpose(), ws);
     // Never form B A here: two thin products keep the cost at O(n r (in + out)).
-    y.noalias() += scaling_ * (t * b().transpose());
+    detail::add_product(y, scaling_, t, b().transpose(), ws);
   }
 
   Base base_;

@@ -6,6 +6,7 @@
 #include <peft/detail/checks.hpp>
 #include <peft/detail/frozen_linear.hpp>
 #include <peft/detail/parameter_storage.hpp>
+#include <peft/detail/workspace_gemm.hpp>
 #include <peft/error.hpp>
 #include <peft/random.hpp>
 #include <peft/types.hpp>
@@ -258,7 +259,7 @@ class VeraLinear {
     parameter_gradients(x, dy, grad, ws);
     const auto scaled_b = scaled_b_into(ws);
     auto v = ws.buffer(slot_u, x.rows(), rank());
-    v.noalias() = dy * scaled_b;  // [n, r]
+    detail::assign_product(v, dy, scaled_b, ws);  // [n, r]
     base_.input_gradient(this, "VeraLinear::backward()", x, dy, v, a(), Scalar(1),
                          options_.vera_dropout, ws, slot_x, dx);
   }
@@ -354,9 +355,9 @@ class VeraLinear {
     const auto xd =
         Base::backward_input(this, "VeraLinear::backward()", x, options_.vera_dropout, ws, slot_x);
     auto t = ws.buffer(slot_t, x.rows(), rank());
-    t.noalias() = xd * a().transpose();
+    detail::assign_product(t, xd, a().transpose(), ws);
     auto m = ws.buffer(slot_m, out_features(), rank());
-    m.noalias() = dy.transpose() * t;
+    detail::assign_product(m, dy.transpose(), t, ws);
     m.array() *= b().array();
     grad_lambda_d(grad).noalias() += m.transpose() * lambda_b();
     grad_lambda_b(grad).noalias() += m * lambda_d();
@@ -366,11 +367,11 @@ class VeraLinear {
     const auto xd =
         Base::forward_input(this, "VeraLinear::forward()", x, options_.vera_dropout, ws, slot_x);
     auto t = ws.buffer(slot_t, x.rows(), rank());
-    t.noalias() = xd * a().transpose();
+    detail::assign_product(t, xd, a().transpose(), ws);
     // Both scalings folded into an [out, r] copy of B_l: the [n, out] product is the only
     // large one, and it accumulates straight into y.
     const auto sb = scaled_b_into(ws);
-    y.noalias() += t * sb.transpose();
+    detail::add_product(y, Scalar(1), t, sb.transpose(), ws);
   }
 
   Base base_;

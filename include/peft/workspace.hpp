@@ -46,10 +46,18 @@ class Workspace {
     return Eigen::Map<Matrix>(storage.data(), rows, cols);
   }
 
-  /// Pre-sizes every slot for `rows x cols` so the first call does not allocate either.
+  /// Pre-sizes every slot for `rows x cols` so the first call does not allocate either (the
+  /// packing memory of the rank-r products is sized by the first call at each shape).
   void reserve(Index rows, Index cols) {
     for (int s = 0; s < num_slots; ++s) buffer(s, rows, cols);
     if (mask_.size() < rows * cols) mask_.resize(rows * cols);
+  }
+
+  /// Packing memory for the adapters' GEMMs (detail/workspace_gemm.hpp): at least `size` values,
+  /// aligned as Eigen aligns its own (a Vector's storage). Grows, never shrinks.
+  Scalar* packing_buffer(Index size) {
+    if (packing_.size() < size) packing_.resize(size);
+    return packing_.data();
   }
 
   /// Training mode: each forward of an adapter with lora_dropout > 0 draws a fresh mask.
@@ -126,6 +134,7 @@ class Workspace {
   enum class DropoutMode { off, sampled, fixed };
 
   std::array<Vector<Scalar>, num_slots> slots_;
+  Vector<Scalar> packing_;
   Vector<Scalar> mask_;
   Matrix fixed_keep_;
   Rng rng_{0};

@@ -7,6 +7,7 @@
 #  error "include <peft/peft.hpp> or a public peft header instead of a detail header"
 #endif
 #include <peft/detail/checks.hpp>
+#include <peft/detail/workspace_gemm.hpp>
 #include <peft/error.hpp>
 #include <peft/types.hpp>
 #include <peft/workspace.hpp>
@@ -98,8 +99,8 @@ template <Index MR, typename Scalar>
 void low_rank_rows(Scalar* w, Index ldw, const Scalar* left, Index ldl, const Scalar* right,
                    Index ldr, Index r, Scalar alpha, Index i, Index j0, Index j1) {
   constexpr Index lanes = Eigen::internal::packet_traits<Scalar>::size;
-  Index j = low_rank_strip<MR, LowRankTile::packets>(w, ldw, left, ldl, right, ldr, r, alpha, i,
-                                                     j0, j1);
+  Index j =
+      low_rank_strip<MR, LowRankTile::packets>(w, ldw, left, ldl, right, ldr, r, alpha, i, j0, j1);
   for (; j + lanes <= j1; j += lanes)
     low_rank_tile<MR, 1>(w, ldw, left, ldl, right, ldr, r, alpha, i, j);
   for (; j < j1; ++j) {
@@ -325,10 +326,10 @@ class FrozenLinear {
     if (dropout_active(p, ws)) {
       const auto mask = ws.recorded_dropout_mask(owner, method, x.rows(), in_, x.data());
       auto v = ws.buffer(slot, x.rows(), in_);
-      v.noalias() = u * factor;
+      assign_product(v, u, factor, ws);
       dx.array() += scale * v.array() * mask.array();
     } else {
-      dx.noalias() += scale * (u * factor);
+      add_product(dx, scale, u, factor, ws);
     }
   }
 
