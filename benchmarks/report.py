@@ -146,6 +146,15 @@ def text_file(results, name):
         return f.read()
 
 
+def machine_kind(flags):
+    """The project's two kinds of machine differ in SIMD width and caches (docs/performance.md)."""
+    if "avx512f" in flags:
+        return "AVX-512 (the project's AVX-512 EPYC kind: L1d 48 KiB, L2 1 MiB per core)"
+    if "avx2" in flags:
+        return "AVX2-only (the project's AVX2 EPYC kind: L1d 32 KiB, L2 512 KiB per core)"
+    return "neither AVX-512 nor AVX2"
+
+
 def machine_summary(results):
     text = text_file(results, "machine.txt") or ""
     wanted = ["Model name", "CPU(s)", "Thread(s) per core", "L1d cache", "L2 cache", "L3 cache",
@@ -159,6 +168,7 @@ def machine_summary(results):
         if line.startswith("Flags:"):
             flags = line.split(":", 1)[1].split()
             simd = [f for f in flags if f.startswith(("avx", "fma"))]
+            rows.append(("machine kind", machine_kind(flags)))
             rows.append(("SIMD flags", " ".join(simd)))
         if line.startswith(("Linux", "OPENBLAS_CORETYPE")):
             rows.append(("system" if line.startswith("Linux") else "env", line.strip()))
@@ -180,6 +190,13 @@ def build(args):
       "bandwidth), with PyTorch beside it. Medians of repetitions; fp32 throughout. "
       "`benchmarks/README.md` explains the cases and how to add one.")
     w("")
+    w("**Machines.** The project's machines are of two kinds, both 2-core AMD EPYC: one with "
+      "AVX-512 (L1d 48 KiB, L2 1 MiB per core) and one with AVX2 only (L1d 32 KiB, L2 512 KiB per "
+      "core), L3 32 MiB on both. Eigen sizes its GEMM blocking from the caches it detects and "
+      "its kernels from the SIMD width, so absolute times and some ratios differ between them; "
+      "each run names its machine below (the `machine kind` row, and the caches Eigen detected "
+      "in each build's row). Compare runs of the same kind only.")
+    w("")
     # ---------------------------------------------------------------- machine
     w("## Machine and run")
     w("")
@@ -194,7 +211,8 @@ def build(args):
               f"`{c.get('blas')}` |")
         else:
             w(f"| {key} | {c.get('gemm_backend', '?')}, OMP threads {c.get('omp_threads', '?')}, "
-              f"`{c.get('peft_flags', '')}`, Google Benchmark {c.get('library_version', '?')} |")
+              f"`{c.get('peft_flags', '')}`, Eigen SIMD {c.get('eigen_simd', '?')}, Eigen caches "
+              f"{c.get('eigen_caches', '?')}, Google Benchmark {c.get('library_version', '?')} |")
     for name, label in (("load_before.txt", "load before"), ("load_after.txt", "load after"),
                         ("load_eigen_rerun.txt", "load during the eigen re-run")):
         t = text_file(args.results, name)
