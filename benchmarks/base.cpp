@@ -99,12 +99,10 @@ void base_backward_dx(benchmark::State& state, const Shape& s) {
   benchmark::AddCustomContext("eigen_threads", std::to_string(Eigen::nbThreads()));
   // The caches Eigen detected: its GEMM blocking (so speed, and summation order) follows them,
   // and the project's machines differ in them (docs/performance.md, "Machines").
-  benchmark::AddCustomContext("eigen_caches", "L1 " + std::to_string(Eigen::l1CacheSize() / 1024) +
-                                                  " KiB, L2 " +
-                                                  std::to_string(Eigen::l2CacheSize() / 1024) +
-                                                  " KiB, L3 " +
-                                                  std::to_string(Eigen::l3CacheSize() / 1024) +
-                                                  " KiB");
+  benchmark::AddCustomContext("eigen_caches",
+                              "L1 " + std::to_string(Eigen::l1CacheSize() / 1024) + " KiB, L2 " +
+                                  std::to_string(Eigen::l2CacheSize() / 1024) + " KiB, L3 " +
+                                  std::to_string(Eigen::l3CacheSize() / 1024) + " KiB");
 #if defined(EIGEN_VECTORIZE_AVX512)
   benchmark::AddCustomContext("eigen_simd", "AVX-512");
 #elif defined(EIGEN_VECTORIZE_AVX2)
