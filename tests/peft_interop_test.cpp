@@ -32,10 +32,10 @@ std::string read_text(const fs::path& p) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
-// Raw tensors in double, read without the adapter code.
+// Raw tensors in double, read without the adapter code (a 1-D tensor as one row).
 RowMatrix<double> raw(const io::SafetensorsReader& f, const std::string& name) {
   const auto& info = f.info(name);
-  const Index rows = info.shape.empty() ? 1 : Index(info.shape[0]);
+  const Index rows = info.shape.size() < 2 ? 1 : Index(info.shape[0]);
   const Index cols = Index(info.numel()) / std::max<Index>(rows, 1);
   RowMatrix<double> m(rows, cols);
   f.read(name, m.data(), info.numel());

@@ -185,7 +185,7 @@ struct AdapterConfig {
    * Throws config_error naming the field if PEFT's config class would refuse this config when
    * loading it (the `__post_init__` rules of tuners/{lora,adalora,vera}/config.py), e.g. an
    * ADALORA config without a schedule. dump() runs it, so every config peft writes loads in
-   * PEFT; parse() does not, so files written by peft 0.x before this check still load.
+   * PEFT, and parse() too (as a format_error), so what loads here also loads there.
    */
   void check_peft_rules(const std::string& label = "adapter config") const;
 };
@@ -428,11 +428,13 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
 #ifndef PEFT_NO_EXCEPTIONS
   try {
     c.validate(label);
+    c.check_peft_rules(label);  // a config PEFT refuses is not a PEFT file
   } catch (const config_error& e) {
     PEFT_THROW(format_error(e.what()));
   }
 #else
   c.validate(label);
+  c.check_peft_rules(label);
 #endif
   return c;
 }
@@ -483,11 +485,6 @@ inline void AdapterConfig::check_peft_rules(const std::string& label) const {
     if (tinit >= total_step - tfinal) {
       fail("tinit", "= " + std::to_string(tinit) + " must be < total_step - tfinal = " +
                         std::to_string(total_step - tfinal) + " (no budgeting phase)");
-    }
-    // Not a PEFT check, but a target above init_r cannot be reached (the allocator refuses it).
-    if (target_r > init_r) {
-      fail("target_r",
-           "= " + std::to_string(target_r) + " exceeds init_r = " + std::to_string(init_r));
     }
   }
   if (peft_type == PeftType::lora && init_lora_weights == "loftq") {

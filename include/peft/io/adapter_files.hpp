@@ -252,6 +252,11 @@ AdapterFolder<Scalar> to_folder(const AdapterSet<AdaLoraLinear<Scalar, Order>>& 
   }
   config.peft_type = PeftType::adalora;
   config.init_r = first.ranknum();
+  if (config.target_r > config.init_r) {
+    // PEFT would load it, but the schedule cannot describe this run (the allocator refuses it).
+    PEFT_THROW(config_error("save_adapter(): \"target_r\" = " + std::to_string(config.target_r) +
+                            " exceeds the adapters' init_r = " + std::to_string(config.init_r)));
+  }
   config.lora_alpha = first.options().lora_alpha;
   config.lora_dropout = first.options().lora_dropout;
   config.target_modules = names;
