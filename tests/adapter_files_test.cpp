@@ -387,7 +387,11 @@ TEST_CASE("VeRA folder: projections saved and reused, lambdas by module, no scal
 
     AdapterSet<VeraLinear<float>> loaded;
     model.register_all(loaded);
-    const auto folder = io::load_adapter(dir.string(), loaded);
+    // Without projections the load needs the opt-in (peft's generator is not PyTorch's).
+    io::LoadOptions opt;
+    opt.allow_regenerated_projections = !save_projection;
+    const auto folder = io::load_adapter(dir.string(), loaded, opt);
+    CHECK(folder.projections_regenerated == !save_projection);
     CHECK(folder.config.projection_prng_key == 77);
     CHECK(loaded.projections().a() == set.projections().a());  // the seed regenerates in peft
     const RowMatrix<float> x = peft_test::random_matrix<float>(2, 10, 5);

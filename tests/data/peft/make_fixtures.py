@@ -163,6 +163,22 @@ def lora_peft_020_keys():
     write_folder("lora_peft_020_keys", cfg, adapter, base)
 
 
+def refused_without_flag():
+    # For the tool tests: folders peft-merge and peft-inspect refuse unless given a flag.
+    cfg = {
+        "base_model_name_or_path": "tiny", "bias": "none", "d_initial": 0.1, "fan_in_fan_out": False,
+        "inference_mode": True, "modules_to_save": None, "peft_type": "VERA", "projection_prng_key": 0,
+        "r": 3, "save_projection": False, "target_modules": ["q_proj"], "vera_dropout": 0.0,
+    }
+    m = "model.layers.0.q_proj"
+    adapter = {P + m + ".vera_lambda_d": tensor(110, [3]), P + m + ".vera_lambda_b": tensor(111, [5])}
+    write_folder("vera_without_projections", cfg, adapter, {m + ".weight": tensor(112, [5, 6])})
+    # LoRA-GA saved without PEFT's conversion: trained for the base offset at initialisation.
+    cfg = dict(LORA_COMMON, r=2, lora_alpha=4, init_lora_weights="lora_ga", target_modules=["q_proj"])
+    adapter = {P + m + ".lora_A.weight": tensor(113, [2, 6]), P + m + ".lora_B.weight": tensor(114, [5, 2])}
+    write_folder("lora_ga_offset_base", cfg, adapter, {m + ".weight": tensor(115, [5, 6])})
+
+
 if __name__ == "__main__":
     lora_fan_in_fan_out()
     rslora_patterns()
@@ -170,3 +186,4 @@ if __name__ == "__main__":
     vera_saved_projections()
     lora_modules_to_save()
     lora_peft_020_keys()
+    refused_without_flag()
