@@ -314,7 +314,7 @@ TEST_CASE("VeRA folder without projections is refused unless opted in, then warn
   w.register_all(loaded);
   REQUIRE_THROWS_AS(io::load_adapter(dir.string(), loaded), format_error);
   REQUIRE_THROWS_WITH(io::load_adapter(dir.string(), loaded),
-                      Contains("adapter_model.safetensors") &&
+                      Contains("adapter_config.json") &&
                           Contains("\"save_projection\" is false") && Contains("PyTorch"));
   io::LoadOptions opt;
   opt.allow_regenerated_projections = true;
@@ -396,6 +396,7 @@ TEST_CASE(
     c.init_lora_weights = "lora_ga";
     io::save_adapter(offset.string(), set, c);
     CHECK(nlohmann::json::parse(read_text(offset / "adapter_config.json"))["r"] == 2);
+    check_peft_accepts(offset);
     const fs::path out2 = dir / "out2.safetensors";
     REQUIRE_THROWS_AS(io::merge_files(base_path.string(), offset.string(), out2.string()),
                       format_error);

@@ -438,13 +438,17 @@ class AdapterFolder {
           "peft would regenerate them from projection_prng_key with its own "
           "generator, not PyTorch's, so a folder written by PEFT merges to a "
           "different model";
+      // Named by the config file, which holds the field.
+      const std::string where =
+          (std::filesystem::path(file.path()).parent_path() / config_file_name).string();
       if (!options.allow_regenerated_projections) {
-        fail(file, why +
-                       " (opt in with LoadOptions::allow_regenerated_projections / "
-                       "--allow-regenerated-projections only for folders written by peft)");
+        PEFT_THROW(
+            format_error(where + ": " + why +
+                         " (opt in with LoadOptions::allow_regenerated_projections / "
+                         "--allow-regenerated-projections only for folders written by peft)"));
       }
       projections_regenerated = true;
-      warnings.push_back(file.path() + ": " + why + "; accepted as asked");
+      warnings.push_back(where + ": " + why + "; accepted as asked");
       return;
     }
     if (vera_a.rows() != config.r || vera_b.cols() != config.r) {
