@@ -255,6 +255,21 @@ TEST_CASE("PEFT fixture: a config with PEFT 0.20's newer keys loads, and they ar
   CHECK(rewritten["peft_version"] == "0.20.0");
 }
 
+TEST_CASE("PEFT fixtures: the tensors written back are byte-identical to PEFT's file",
+          "[io][interop][fixture]") {
+  io::LoadOptions opt;
+  opt.allow_regenerated_projections = true;  // vera_without_projections
+  int folders = 0;
+  for (const auto& entry : fs::directory_iterator(fixtures)) {
+    if (!entry.is_directory()) continue;
+    CAPTURE(entry.path().string());
+    const auto folder = io::AdapterFolder<float>::load(entry.path().string(), opt);
+    CHECK(folder.tensors().serialize() == read_text(entry.path() / "adapter_model.safetensors"));
+    ++folders;
+  }
+  CHECK(folders == 8);
+}
+
 // ---- #16.1 AdaLoRA schedule ----------------------------------------------------------------
 
 TEST_CASE("AdaLoRA save without a schedule is refused by field; with one PEFT accepts it (#16.1)",
@@ -314,8 +329,8 @@ TEST_CASE("VeRA folder without projections is refused unless opted in, then warn
   w.register_all(loaded);
   REQUIRE_THROWS_AS(io::load_adapter(dir.string(), loaded), format_error);
   REQUIRE_THROWS_WITH(io::load_adapter(dir.string(), loaded),
-                      Contains("adapter_config.json") &&
-                          Contains("\"save_projection\" is false") && Contains("PyTorch"));
+                      Contains("adapter_config.json") && Contains("\"save_projection\" is false") &&
+                          Contains("PyTorch"));
   io::LoadOptions opt;
   opt.allow_regenerated_projections = true;
   const auto folder = io::load_adapter(dir.string(), loaded, opt);
