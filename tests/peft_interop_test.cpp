@@ -307,6 +307,31 @@ TEST_CASE("AdaLoRA save without a schedule is refused by field; with one PEFT ac
                       Contains("\"target_r\""));
 }
 
+TEST_CASE("A config PEFT refuses is refused at read too, naming the field",
+          "[io][interop][rules]") {
+  // What #16.1 used to write: PEFT's AdaLoraConfig raises on it.
+  CHECK_THROWS_AS(io::AdapterConfig::parse(R"({"peft_type": "ADALORA", "init_r": 4, "target_r": 2,
+      "total_step": 0, "tinit": 0, "tfinal": 0})",
+                                           "old/adapter_config.json"),
+                  format_error);
+  CHECK_THROWS_WITH(io::AdapterConfig::parse(R"({"peft_type": "ADALORA", "init_r": 4, "target_r": 2,
+      "total_step": 0})",
+                                             "old/adapter_config.json"),
+                    Contains("old/adapter_config.json") && Contains("\"total_step\""));
+  CHECK_THROWS_WITH(io::AdapterConfig::parse(R"({"peft_type": "ADALORA", "init_r": 4, "target_r": 2,
+      "total_step": 100, "tinit": 50, "tfinal": 50})"),
+                    Contains("\"tinit\""));
+  CHECK_THROWS_WITH(
+      io::AdapterConfig::parse(R"({"peft_type": "LORA", "layers_pattern": "layers"})"),
+      Contains("\"layers_pattern\""));
+  CHECK_THROWS_WITH(
+      io::AdapterConfig::parse(R"({"peft_type": "LORA", "init_lora_weights": "loftq"})"),
+      Contains("\"loftq_config\""));
+  // PEFT accepts target_r > init_r (it only budgets more than it has), so a file saying so loads.
+  CHECK_NOTHROW(io::AdapterConfig::parse(R"({"peft_type": "ADALORA", "init_r": 4, "target_r": 8,
+      "total_step": 100, "tinit": 10, "tfinal": 10})"));
+}
+
 // ---- #16.2 VeRA without projections ----------------------------------------------------------
 
 TEST_CASE("VeRA folder without projections is refused unless opted in, then warned (#16.2)",

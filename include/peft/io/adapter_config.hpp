@@ -473,6 +473,26 @@ inline void AdapterConfig::check_peft_rules(const std::string& label) const {
     PEFT_THROW(
         config_error(label + ": \"" + field + "\" " + what + " (PEFT refuses such a config)"));
   };
+  // Python truthiness of a kept key: present, not null, not false / "" / [] / {}.
+  auto truthy = [&](const char* key) {
+    const auto it = extra.find(key);
+    if (it == extra.end() || it->is_null()) return false;
+    if (it->is_boolean()) return it->get<bool>();
+    if (it->is_string() || it->is_array() || it->is_object()) return !it->empty();
+    return true;
+  };
+  auto present = [&](const char* key) {
+    const auto it = extra.find(key);
+    return it != extra.end() && !it->is_null();
+  };
+  // tuners/{lora,adalora,vera}/config.py, __post_init__ of each
+  if (truthy("layers_pattern") && !present("layers_to_transform"))
+    fail("layers_pattern", "is set without \"layers_to_transform\"");
+  if (present("target_modules") && extra.at("target_modules").is_string() &&
+      present("layers_to_transform"))
+    fail("layers_to_transform", "is set while target_modules is a regex string");
+  if (peft_type == PeftType::adalora && truthy("loftq_config"))
+    fail("loftq_config", "is set: AdaLoRA does not support LoftQ");
   if (peft_type == PeftType::adalora) {
     // tuners/adalora/config.py, AdaLoraConfig.__post_init__
     if (total_step <= 0) {
