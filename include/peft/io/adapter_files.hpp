@@ -190,6 +190,13 @@ AdapterFolder<Scalar> to_folder(const AdapterSet<LoraLinear<Scalar, Order>>& set
     if (converted[i]) {
       // s(B A) − s₀(B₀ A₀): the trained ΔW relative to W₀. s₀ = s unless the options changed.
       const auto& off = *a.base_offset();
+      if (off.a0.rows() != a.rank() || off.a0.cols() != a.in_features() ||
+          off.b0.rows() != a.out_features() || off.b0.cols() != a.rank()) {
+        PEFT_THROW(dimension_error(
+            "save_adapter(): '" + names[i] + "': base_offset A0 [" + std::to_string(off.a0.rows()) +
+            ", " + std::to_string(off.a0.cols()) + "], B0 [" + std::to_string(off.b0.rows()) +
+            ", " + std::to_string(off.b0.cols()) + "] do not fit the adapter"));
+      }
       const double ratio = double(off.scaling) / double(a.scaling());
       m.a.resize(ranks[i], a.in_features());
       m.a << a.a(), off.a0;
