@@ -49,7 +49,7 @@ int main(int argc, char** argv) {
     using namespace peft::io;
     LoadOptions options;
     options.allow_regenerated_projections = allow_regenerated;
-    const auto folder = AdapterFolder<double>::load(dir, options);
+    const auto folder = AdapterFolder<double>::load(dir, {}, options);
     for (const auto& w : folder.warnings)
       std::fprintf(stderr, "peft-inspect: warning: %s\n", w.c_str());
     const SafetensorsReader file((std::filesystem::path(dir) / weights_file_name).string());

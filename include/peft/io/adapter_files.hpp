@@ -444,7 +444,7 @@ template <typename Adapter>
 AdapterFolder<typename Adapter::Scalar> load_adapter(const std::string& dir,
                                                      AdapterSet<Adapter>& set,
                                                      const LoadOptions& options) {
-  auto folder = AdapterFolder<typename Adapter::Scalar>::load(dir, options);
+  auto folder = AdapterFolder<typename Adapter::Scalar>::load(dir, {}, options);
   apply(folder, set);
   return folder;
 }

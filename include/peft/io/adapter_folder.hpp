@@ -30,7 +30,6 @@ inline constexpr const char* module_key_prefix = "base_model.model.";
 
 /// What a load may accept beyond what reproduces the trained model everywhere.
 struct LoadOptions {
-  ReaderLimits limits;
   /**
    * Accept a VERA folder saved with save_projection false. Its vera_A/vera_B are then regenerated
    * from projection_prng_key with peft's portable generator, which is not PyTorch's: a folder
@@ -96,15 +95,10 @@ class AdapterFolder {
   /// What an opted-in load accepted that may not reproduce the trained model (tools print them).
   std::vector<std::string> warnings;
 
-  /// Reads `dir`/adapter_config.json and `dir`/adapter_model.safetensors.
-  static AdapterFolder load(const std::string& dir, const ReaderLimits& limits = {}) {
-    LoadOptions options;
-    options.limits = limits;
-    return load(dir, options);
-  }
-
-  /// As load(dir, limits), with the opt-ins of `options`.
-  static AdapterFolder load(const std::string& dir, const LoadOptions& options) {
+  /// Reads `dir`/adapter_config.json and `dir`/adapter_model.safetensors; `options` holds the
+  /// opt-ins (a third parameter, so `load(dir, limits)` calls keep their meaning).
+  static AdapterFolder load(const std::string& dir, const ReaderLimits& limits = {},
+                            const LoadOptions& options = {}) {
     namespace fs = std::filesystem;
     const fs::path root(dir);
     const fs::path config_path = root / config_file_name;
@@ -123,7 +117,7 @@ class AdapterFolder {
     }
     const std::string text = read_text(config_path.string(), 16u << 20);
     return from_parts(AdapterConfig::parse(text, config_path.string()),
-                      SafetensorsReader(weights_path.string(), options.limits), options);
+                      SafetensorsReader(weights_path.string(), limits), options);
   }
 
   /// Parses a folder held in memory (a config's JSON text and the safetensors bytes).

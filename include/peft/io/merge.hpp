@@ -132,7 +132,7 @@ inline MergeReport merge_files(const std::string& base_path, const std::string& 
                                const std::string& out_path, const MergeOptions& options = {}) {
   LoadOptions load_options;
   load_options.allow_regenerated_projections = options.allow_regenerated_projections;
-  const AdapterFolder<double> folder = AdapterFolder<double>::load(adapter_dir, load_options);
+  const AdapterFolder<double> folder = AdapterFolder<double>::load(adapter_dir, {}, load_options);
   MergeReport report;
   report.requires_modified_base = folder.config.requires_modified_base();
   report.projections_regenerated = folder.projections_regenerated;
