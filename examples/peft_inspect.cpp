@@ -3,7 +3,7 @@
 // peft-inspect: what a PEFT adapter folder holds — method, per-module ranks, alpha, scaling,
 // parameter counts and dtypes.
 //
-//   peft-inspect DIR [--json]
+//   peft-inspect DIR [--json] [--allow-regenerated-projections]
 #include <peft/io.hpp>
 
 #include <nlohmann/json.hpp>
@@ -17,36 +17,54 @@
 
 int main(int argc, char** argv) {
   std::string dir;
-  bool json = false;
+  bool json = false, allow_regenerated = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
-    if (arg == "--json") json = true;
+    if (arg == "--json")
+      json = true;
+    else if (arg == "--allow-regenerated-projections")
+      allow_regenerated = true;
     else if (arg == "-h" || arg == "--help") {
-      std::printf("peft-inspect DIR [--json]: method, per-module ranks, alpha, scaling, parameters, dtypes\n");
+      std::printf(
+          "peft-inspect DIR [--json] [--allow-regenerated-projections]: method, per-module ranks,\n"
+          "alpha, scaling, parameters, dtypes. A VERA folder without saved projections is\n"
+          "refused unless --allow-regenerated-projections (peft regenerates them with its own\n"
+          "generator, not PyTorch's).\n");
       return 0;
-    } else if (dir.empty() && arg.rfind("--", 0) != 0) dir = arg;
+    } else if (dir.empty() && arg.rfind("--", 0) != 0)
+      dir = arg;
     else {
-      std::fprintf(stderr, "peft-inspect: unexpected argument '%s'\nusage: peft-inspect DIR [--json]\n", arg.c_str());
+      std::fprintf(stderr,
+                   "peft-inspect: unexpected argument '%s'\nusage: peft-inspect DIR [--json] "
+                   "[--allow-regenerated-projections]\n",
+                   arg.c_str());
       return 2;
     }
   }
   if (dir.empty()) {
-    std::fprintf(stderr, "usage: peft-inspect DIR [--json]\n");
+    std::fprintf(stderr, "usage: peft-inspect DIR [--json] [--allow-regenerated-projections]\n");
     return 2;
   }
   try {
     using namespace peft::io;
-    const auto folder = AdapterFolder<double>::load(dir);
+    LoadOptions options;
+    options.allow_regenerated_projections = allow_regenerated;
+    const auto folder = AdapterFolder<double>::load(dir, {}, options);
+    for (const auto& w : folder.warnings)
+      std::fprintf(stderr, "peft-inspect: warning: %s\n", w.c_str());
     const SafetensorsReader file((std::filesystem::path(dir) / weights_file_name).string());
     // dtypes by module: every tensor whose key holds the module's prefix.
     std::map<std::string, std::set<std::string>> dtypes;
     for (const auto& t : file.tensors()) {
       for (const auto& m : folder.modules)
-        if (t.name.rfind(module_key_prefix + m.name + ".", 0) == 0) dtypes[m.name].insert(dtype_name(t.dtype));
+        if (t.name.rfind(module_key_prefix + m.name + ".", 0) == 0)
+          dtypes[m.name].insert(dtype_name(t.dtype));
     }
     const AdapterConfig& c = folder.config;
     auto alpha_of = [&](const std::string& m) {
-      return c.peft_type == PeftType::lora ? c.alpha_for(m) : c.peft_type == PeftType::adalora ? c.lora_alpha : 0.0;
+      return c.peft_type == PeftType::lora      ? c.alpha_for(m)
+             : c.peft_type == PeftType::adalora ? c.lora_alpha
+                                                : 0.0;
     };
     if (json) {
       nlohmann::ordered_json out;
@@ -54,6 +72,8 @@ int main(int argc, char** argv) {
       out["use_rslora"] = c.use_rslora;
       out["fan_in_fan_out"] = c.fan_in_fan_out;
       out["requires_modified_base"] = c.requires_modified_base();
+      if (c.peft_type == PeftType::vera)
+        out["projections"] = folder.projections_regenerated ? "regenerated" : "saved";
       out["num_parameters"] = folder.num_parameters();
       out["modules"] = nlohmann::ordered_json::array();
       for (const auto& m : folder.modules) {
@@ -71,31 +91,42 @@ int main(int argc, char** argv) {
       std::printf("%s\n", out.dump(2).c_str());
       return 0;
     }
-    std::printf("%s adapter, %zu modules, %ld trainable parameters%s%s\n", peft_type_name(c.peft_type),
-                folder.modules.size(), static_cast<long>(folder.num_parameters()), c.use_rslora ? ", rsLoRA" : "",
+    std::printf("%s adapter, %zu modules, %ld trainable parameters%s%s\n",
+                peft_type_name(c.peft_type), folder.modules.size(),
+                static_cast<long>(folder.num_parameters()), c.use_rslora ? ", rsLoRA" : "",
                 c.fan_in_fan_out ? ", fan_in_fan_out" : "");
     if (c.peft_type == PeftType::adalora) {
-      std::printf("init_r %ld, target_r %ld, ranknum %ld\n", long(c.init_r), long(c.target_r), long(c.init_r));
+      std::printf("init_r %ld, target_r %ld, ranknum %ld\n", long(c.init_r), long(c.target_r),
+                  long(c.init_r));
     }
     if (c.peft_type == PeftType::vera) {
-      std::printf("shared projections: %s\n", folder.vera_a.size()
-                                                  ? ("saved, A [" + std::to_string(folder.vera_a.rows()) + ", " +
-                                                     std::to_string(folder.vera_a.cols()) + "]").c_str()
-                                                  : "not saved (regenerated from projection_prng_key)");
+      std::printf("shared projections: %s\n",
+                  folder.vera_a.size()
+                      ? ("saved, A [" + std::to_string(folder.vera_a.rows()) + ", " +
+                         std::to_string(folder.vera_a.cols()) + "]")
+                            .c_str()
+                      : "not saved, regenerated from projection_prng_key "
+                        "with peft's generator (exact only for folders peft wrote)");
     }
-    std::printf("%-48s %5s %8s %10s %12s %10s  %s\n", "module", "rank", "alpha", "scaling", "[out, in]", "params", "dtypes");
+    std::printf("%-48s %5s %8s %10s %12s %10s  %s\n", "module", "rank", "alpha", "scaling",
+                "[out, in]", "params", "dtypes");
     for (const auto& m : folder.modules) {
       std::string types;
       for (const auto& d : dtypes[m.name]) types += (types.empty() ? "" : ",") + d;
-      const std::string shape = "[" + std::to_string(m.out_features()) + ", " +
-                                (m.in_features() ? std::to_string(m.in_features()) : std::string("?")) + "]";
-      std::printf("%-48s %5ld %8.4g %10.6g %12s %10ld  %s\n", m.name.c_str(), long(m.rank), alpha_of(m.name),
-                  m.scaling, shape.c_str(), long(m.num_parameters()), types.c_str());
+      const std::string shape =
+          "[" + std::to_string(m.out_features()) + ", " +
+          (m.in_features() ? std::to_string(m.in_features()) : std::string("?")) + "]";
+      std::printf("%-48s %5ld %8.4g %10.6g %12s %10ld  %s\n", m.name.c_str(), long(m.rank),
+                  alpha_of(m.name), m.scaling, shape.c_str(), long(m.num_parameters()),
+                  types.c_str());
     }
-    for (const auto& kv : folder.full_tensors) std::printf("trained copy of base tensor: %s\n", kv.first.c_str());
+    for (const auto& kv : folder.full_tensors)
+      std::printf("trained copy of base tensor: %s\n", kv.first.c_str());
     if (c.requires_modified_base()) {
-      std::printf("note: init_lora_weights = %s: reproduces the trained model only on the base modified at "
-                  "initialisation\n", c.init_lora_weights.dump().c_str());
+      std::printf(
+          "note: init_lora_weights = %s: reproduces the trained model only on the base modified at "
+          "initialisation\n",
+          c.init_lora_weights.dump().c_str());
     }
     return 0;
   } catch (const std::exception& e) {

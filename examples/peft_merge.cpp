@@ -3,6 +3,7 @@
 // peft-merge: writes a base model's safetensors with a PEFT adapter folder merged into it.
 //
 //   peft-merge --base BASE.safetensors --adapter DIR --out OUT.safetensors [--dtype f32|f16|bf16]
+//              [--allow-regenerated-projections] [--offset-base]
 //
 // Exits 0 after printing the merged modules; on any bad input prints one line to stderr, writes
 // nothing and exits 1 (2 for usage errors).
@@ -16,8 +17,11 @@
 namespace {
 
 int usage(const char* msg) {
-  std::fprintf(stderr, "peft-merge: %s\nusage: peft-merge --base BASE.safetensors --adapter DIR "
-                       "--out OUT.safetensors [--dtype f32|f16|bf16]\n", msg);
+  std::fprintf(stderr,
+               "peft-merge: %s\nusage: peft-merge --base BASE.safetensors --adapter DIR "
+               "--out OUT.safetensors [--dtype f32|f16|bf16]\n"
+               "       [--allow-regenerated-projections] [--offset-base]\n",
+               msg);
   return 2;
 }
 
@@ -25,38 +29,58 @@ int usage(const char* msg) {
 
 int main(int argc, char** argv) {
   std::string base, adapter, out, dtype;
+  bool allow_regenerated = false, offset_base = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "-h" || arg == "--help") {
-      std::printf("peft-merge --base BASE.safetensors --adapter DIR --out OUT.safetensors [--dtype f32|f16|bf16]\n"
-                  "Merges a Hugging Face PEFT adapter folder (LORA, ADALORA, VERA) into the base weights.\n"
-                  "The merged weight is computed in double and rounded once; without --dtype every\n"
-                  "tensor keeps the base's dtype.\n");
+      std::printf(
+          "peft-merge --base BASE.safetensors --adapter DIR --out OUT.safetensors [--dtype "
+          "f32|f16|bf16]\n"
+          "Merges a Hugging Face PEFT adapter folder (LORA, ADALORA, VERA) into the base weights.\n"
+          "The merged weight is computed in double and rounded once; without --dtype every\n"
+          "tensor keeps the base's dtype.\n"
+          "Refused unless asked for:\n"
+          "  --allow-regenerated-projections  a VERA folder saved without vera_A/vera_B: they are\n"
+          "      regenerated with peft's generator, which reproduces peft's own folders only\n"
+          "  --offset-base  an adapter marked init_lora_weights lora_ga/pissa/olora/corda: BASE\n"
+          "      is the base offset at initialisation, not the original model\n");
       return 0;
     }
-    std::string* target = arg == "--base" ? &base : arg == "--adapter" ? &adapter : arg == "--out" ? &out
-                        : arg == "--dtype" ? &dtype : nullptr;
+    if (arg == "--allow-regenerated-projections") {
+      allow_regenerated = true;
+      continue;
+    }
+    if (arg == "--offset-base") {
+      offset_base = true;
+      continue;
+    }
+    std::string* target = arg == "--base"      ? &base
+                          : arg == "--adapter" ? &adapter
+                          : arg == "--out"     ? &out
+                          : arg == "--dtype"   ? &dtype
+                                               : nullptr;
     if (!target) return usage(("unknown argument '" + arg + "'").c_str());
     if (i + 1 >= argc) return usage(("missing value after " + arg).c_str());
     *target = argv[++i];
   }
-  if (base.empty() || adapter.empty() || out.empty()) return usage("--base, --adapter and --out are required");
+  if (base.empty() || adapter.empty() || out.empty())
+    return usage("--base, --adapter and --out are required");
   try {
     peft::io::MergeOptions options;
     if (!dtype.empty()) options.dtype = peft::io::parse_dtype(dtype);
+    options.allow_regenerated_projections = allow_regenerated;
+    options.allow_offset_base = offset_base;
     const auto report = peft::io::merge_files(base, adapter, out, options);
     std::printf("base tensors named %s\n", peft::io::base_naming_name(report.naming));
     std::printf("%-48s %5s %8s %10s %12s\n", "module", "rank", "alpha", "scaling", "||dW||");
     for (const auto& m : report.modules) {
-      std::printf("%-48s %5ld %8.4g %10.6g %12.6g\n", m.module.c_str(), static_cast<long>(m.rank), m.alpha,
-                  m.scaling, m.delta_norm);
+      std::printf("%-48s %5ld %8.4g %10.6g %12.6g\n", m.module.c_str(), static_cast<long>(m.rank),
+                  m.alpha, m.scaling, m.delta_norm);
     }
-    for (const auto& r : report.replaced) std::printf("replaced by the adapter's trained copy: %s\n", r.c_str());
-    if (report.requires_modified_base) {
-      std::fprintf(stderr, "peft-merge: warning: init_lora_weights says this adapter was trained on a base "
-                           "modified at initialisation (LoRA-GA/PiSSA/OLoRA); merge it into that base, or "
-                           "convert it to a plain LoRA first\n");
-    }
+    for (const auto& r : report.replaced)
+      std::printf("replaced by the adapter's trained copy: %s\n", r.c_str());
+    for (const auto& w : report.warnings)
+      std::fprintf(stderr, "peft-merge: warning: %s\n", w.c_str());
     std::printf("wrote %zu tensors to %s\n", report.tensors_written, out.c_str());
     return 0;
   } catch (const std::exception& e) {

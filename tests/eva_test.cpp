@@ -200,8 +200,10 @@ TEST_CASE("A layer can lose every rank: it is reported, not adapted", "[eva][ran
   }
   REQUIRE(eva.rank(strong) == 8);
   REQUIRE(eva.rank(weak) == 0);
-  REQUIRE(eva.rank_pattern().at("weak") == 0);
-  REQUIRE(eva.alpha_pattern().at("weak") == 0.0);
+  // PEFT drops a rank-0 layer from the adapter; a pattern entry r = 0 would make PEFT raise.
+  REQUIRE(eva.rank_pattern().count("weak") == 0);
+  REQUIRE(eva.alpha_pattern().count("weak") == 0);
+  REQUIRE(eva.rank_pattern().at("strong") == 8);
   const peft::RowMatrix<double> w = random_matrix<double>(d, d, 1);
   REQUIRE_FALSE(eva.make_adapter(weak, peft::frozen(w)).has_value());
   REQUIRE(eva.make_adapter(strong, peft::frozen(w))->rank() == 8);
@@ -293,4 +295,25 @@ TEST_CASE("EVA refuses bad options and input", "[eva][errors]") {
   REQUIRE_THROWS_AS(eva.feed(l, nan), peft::numerical_error);
   REQUIRE_THROWS_AS(eva.pca(l), peft::state_error);
   REQUIRE_THROWS_AS(eva.index_of("nope"), peft::config_error);
+}
+
+TEST_CASE("EVA caps round(r·rho) half to even, as Python's round in PEFT", "[eva][ranks]") {
+  peft::init::EvaOptions o;
+  o.r = 3;
+  o.rho = 1.5;  // 4.5 -> 4
+  peft::init::Eva eva(o);
+  const Index a = eva.add_layer("a", 64, 64);
+  o.rho = 2.5;
+  peft::init::Eva eva2(o);
+  const Index b = eva2.add_layer("b", 64, 64, 1);  // 2.5 -> 2
+  const Index c = eva2.add_layer("c", 64, 64, 5);  // 12.5 -> 12
+  const Index d = eva2.add_layer("d", 64, 64, 3);  // 7.5 -> 8
+  CHECK(eva.cap(a) == 4);
+  CHECK(eva2.cap(b) == 2);
+  CHECK(eva2.cap(c) == 12);
+  CHECK(eva2.cap(d) == 8);
+  CHECK(peft::init::Eva::round_half_even(0.5) == 0);
+  CHECK(peft::init::Eva::round_half_even(1.5) == 2);
+  CHECK(peft::init::Eva::round_half_even(2.4999) == 2);
+  CHECK(peft::init::Eva::round_half_even(2.5001) == 3);
 }

@@ -17,8 +17,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 PEFT_NAMESPACE_BEGIN
 
@@ -30,7 +32,7 @@ enum class LoraInit {
 
 /** Options for LoraLinear. Field names follow PEFT's `adapter_config.json` keys. */
 struct LoraOptions {
-  Index r = 8;                ///< rank; 0 < r <= min(in, out).
+  Index r = 8;  ///< rank, > 0; may exceed min(in, out) as PEFT allows (BA then has rank min).
   double lora_alpha = 8.0;    ///< scaling numerator: s = lora_alpha / r (or / √r with rsLoRA).
   double lora_dropout = 0.0;  ///< dropout probability on the adapter input, in [0, 1).
   bool use_rslora = false;    ///< rank-stabilised scaling s = lora_alpha / √r.
@@ -201,6 +203,19 @@ class LoraLinear {
     return true;
   }
 
+  /**
+   * Set by init::lora_ga(): the frozen weight was offset to W₀ − s₀ B₀ A₀ at initialisation, so
+   * this adapter reproduces the trained model only on that offset base. io::save_adapter() uses
+   * it to write the adapter relative to the original W₀ (rank 2r). Empty for other inits.
+   */
+  struct BaseOffset {
+    RowMatrix<Scalar> a0;  ///< A₀ `[r, in]`
+    RowMatrix<Scalar> b0;  ///< B₀ `[out, r]`
+    Scalar scaling = 0;    ///< s₀
+  };
+  const std::optional<BaseOffset>& base_offset() const noexcept { return base_offset_; }
+  void set_base_offset(std::optional<BaseOffset> offset) { base_offset_ = std::move(offset); }
+
   /// Re-draws A with `rng` as at construction and zeroes B (the adapter becomes a no-op).
   void reset_parameters(Rng& rng) {
     if (options_.init == LoraInit::kaiming_uniform) {
@@ -237,10 +252,11 @@ class LoraLinear {
   void validate() const {
     const Index in = in_features(), out = out_features();
     const std::string where = "LoraLinear::LoraLinear()";
-    if (options_.r <= 0 || options_.r > std::min(in, out)) {
-      PEFT_THROW(config_error(
-          where + ": r = " + std::to_string(options_.r) + " must satisfy 0 < r <= min(out, in) = " +
-          std::to_string(std::min(in, out)) + " (W is " + detail::shape_string(out, in) + ")"));
+    // PEFT accepts r > min(out, in) (e.g. r = 8 on a 2-label head): B A is then rank-deficient
+    // but exact, so only r <= 0 is refused.
+    if (options_.r <= 0) {
+      PEFT_THROW(config_error(where + ": r = " + std::to_string(options_.r) +
+                              " must be > 0 (W is " + detail::shape_string(out, in) + ")"));
     }
     detail::check_finite_option(where.c_str(), "lora_alpha", options_.lora_alpha);
     if (!(options_.lora_dropout >= 0.0 && options_.lora_dropout < 1.0)) {
@@ -279,6 +295,7 @@ class LoraLinear {
   LoraOptions options_;
   Scalar scaling_ = 0;
   detail::ParameterStorage<Scalar> storage_;
+  std::optional<BaseOffset> base_offset_;
 };
 
 template <typename Scalar, int Order>

@@ -95,7 +95,7 @@ class Eva {
     layer.in = in_features;
     layer.out = out_features;
     layer.r = r > 0 ? r : options_.r;
-    layer.cap = std::min<Index>(static_cast<Index>(std::lround(double(layer.r) * options_.rho)),
+    layer.cap = std::min<Index>(round_half_even(double(layer.r) * options_.rho),
                                 std::min(in_features, out_features));
     layer.owner = static_cast<Index>(layers_.size());
     layers_.push_back(std::move(layer));
@@ -213,18 +213,31 @@ class Eva {
     return *owner.pca;
   }
 
-  /// PEFT's rank_pattern / alpha_pattern: entries for layers whose rank (alpha) differs from r (α).
+  /**
+   * PEFT's rank_pattern / alpha_pattern: entries for layers whose rank (alpha) differs from r (α).
+   * Rank-0 layers get no entry: PEFT removes their adapter and drops them from target_modules
+   * (tuners/lora/eva.py, _load_eva_state_dict); an r = 0 entry would make PEFT raise.
+   */
   std::map<std::string, Index> rank_pattern() const {
     std::map<std::string, Index> p;
     for (Index l = 0; l < num_layers(); ++l)
-      if (rank(l) != options_.r) p[name(l)] = rank(l);
+      if (rank(l) != 0 && rank(l) != options_.r) p[name(l)] = rank(l);
     return p;
   }
   std::map<std::string, double> alpha_pattern() const {
     std::map<std::string, double> p;
     for (Index l = 0; l < num_layers(); ++l)
-      if (alpha(l) != options_.lora_alpha) p[name(l)] = alpha(l);
+      if (rank(l) != 0 && alpha(l) != options_.lora_alpha) p[name(l)] = alpha(l);
     return p;
+  }
+
+  /// Python's round(): half to even (4.5 → 4, 2.5 → 2), as PEFT and the official code cap r·ρ.
+  static Index round_half_even(double x) {
+    const double f = std::floor(x);
+    const double d = x - f;
+    if (d > 0.5) return static_cast<Index>(f) + 1;
+    if (d < 0.5) return static_cast<Index>(f);
+    return static_cast<Index>(std::fmod(f, 2.0) == 0.0 ? f : f + 1.0);
   }
 
   /// A `[r_l, in]`: the top r_l components, each divided by √σ_i when whitening.

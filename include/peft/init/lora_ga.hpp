@@ -237,6 +237,9 @@ LoraGaResult<Scalar> lora_ga(LoraLinear<Scalar, Order>& adapter,
 
   // The offset keeps W + s B A equal to the original W at step 0.
   weight.noalias() -= adapter.scaling() * (adapter.b() * adapter.a());
+  // Recorded on the adapter so a save can never pass the offset base off as the original one.
+  adapter.set_base_offset(
+      typename LoraLinear<Scalar, Order>::BaseOffset{adapter.a(), adapter.b(), adapter.scaling()});
 
   LoraGaResult<Scalar> result;
   result.singular_values = svd.s;

@@ -24,9 +24,12 @@ enum class PeftType { lora, adalora, vera };
 
 inline const char* peft_type_name(PeftType t) noexcept {
   switch (t) {
-    case PeftType::lora: return "LORA";
-    case PeftType::adalora: return "ADALORA";
-    case PeftType::vera: return "VERA";
+    case PeftType::lora:
+      return "LORA";
+    case PeftType::adalora:
+      return "ADALORA";
+    case PeftType::vera:
+      return "VERA";
   }
   return "?";
 }
@@ -48,8 +51,8 @@ inline constexpr std::size_t max_pattern_name = 1024;
 inline bool pattern_key_matches(const std::string& key, const std::string& module) {
   if (key == module) return true;
   if (key.size() > max_pattern_name || module.size() > max_pattern_name) {
-    PEFT_THROW(config_error("pattern key or module name longer than " + std::to_string(max_pattern_name) +
-                            " characters"));
+    PEFT_THROW(config_error("pattern key or module name longer than " +
+                            std::to_string(max_pattern_name) + " characters"));
   }
 #ifndef PEFT_NO_EXCEPTIONS
   try {
@@ -86,8 +89,8 @@ struct AdapterConfig {
   double lora_alpha = 8.0;
   double lora_dropout = 0.0;
   bool use_rslora = false;
-  Pattern<Index> rank_pattern;   ///< LORA: module pattern → rank (0: no adapter on the module)
-  Pattern<double> alpha_pattern; ///< LORA: module pattern → alpha
+  Pattern<Index> rank_pattern;    ///< LORA: module pattern → rank (0: no adapter on the module)
+  Pattern<double> alpha_pattern;  ///< LORA: module pattern → alpha
 
   // ADALORA
   Index init_r = 12;
@@ -112,7 +115,7 @@ struct AdapterConfig {
   // common
   bool fan_in_fan_out = false;
   std::string bias = "none";
-  std::vector<std::string> target_modules;   ///< as a list (a regex string is kept in extra)
+  std::vector<std::string> target_modules;  ///< as a list (a regex string is kept in extra)
   std::vector<std::string> modules_to_save;
   std::string base_model_name_or_path;
   /// init_lora_weights as written (true, false, "gaussian", "eva", "lora_ga", ...).
@@ -122,14 +125,16 @@ struct AdapterConfig {
 
   /// r_m of a LORA module: rank_pattern's first match, else r.
   Index rank_for(const std::string& module) const { return first_match(rank_pattern, module, r); }
-  /// alpha_m of a LORA module: alpha_pattern's first match (independent of the rank's), else lora_alpha.
+  /// alpha_m of a LORA module: alpha_pattern's first match (independent of the rank's), else
+  /// lora_alpha.
   double alpha_for(const std::string& module) const {
     return first_match(alpha_pattern, module, lora_alpha);
   }
   /**
    * The factor applied to the adapter's product, as PEFT computes it for `module`:
    * LORA alpha_m / r_m (alpha_m / √r_m with use_rslora); ADALORA lora_alpha / (init_r + 1e-5)
-   * whatever rank the layer was pruned to (ranknum stays init_r); VERA 1 (no scaling).
+   * whatever rank the layer was pruned to (ranknum stays init_r), with init_r in place of a
+   * lora_alpha <= 0 (tuners/adalora/layer.py, update_layer); VERA 1 (no scaling).
    */
   double scaling_for(const std::string& module) const {
     switch (peft_type) {
@@ -139,8 +144,10 @@ struct AdapterConfig {
         const double am = alpha_for(module);
         return use_rslora ? am / std::sqrt(double(rm)) : am / double(rm);
       }
-      case PeftType::adalora: return lora_alpha / (double(init_r) + 1e-5);
-      case PeftType::vera: return 1.0;
+      case PeftType::adalora:
+        return (lora_alpha > 0 ? lora_alpha : double(init_r)) / (double(init_r) + 1e-5);
+      case PeftType::vera:
+        return 1.0;
     }
     return 0.0;
   }
@@ -165,20 +172,30 @@ struct AdapterConfig {
   }
 
   /// Parses the JSON text of adapter_config.json; `label` (the file name) prefixes every error.
-  static AdapterConfig parse(const std::string& text, const std::string& label = "adapter_config.json");
+  static AdapterConfig parse(const std::string& text,
+                             const std::string& label = "adapter_config.json");
 
   /// The JSON document as PEFT writes it: indent 2, keys sorted, inference_mode true.
   std::string dump() const;
 
   /// Throws config_error if a field is out of range (used by parse and before saving).
   void validate(const std::string& label = "adapter config") const;
+
+  /**
+   * Throws config_error naming the field if PEFT's config class would refuse this config when
+   * loading it (the `__post_init__` rules of tuners/{lora,adalora,vera}/config.py), e.g. an
+   * ADALORA config without a schedule. dump() runs it, so every config peft writes loads in
+   * PEFT, and parse() too (as a format_error), so what loads here also loads there.
+   */
+  void check_peft_rules(const std::string& label = "adapter config") const;
 };
 
 namespace detail {
 
 class ConfigReader {
  public:
-  ConfigReader(const nlohmann::json& doc, std::string label) : doc_(doc), label_(std::move(label)) {}
+  ConfigReader(const nlohmann::json& doc, std::string label)
+      : doc_(doc), label_(std::move(label)) {}
 
   [[noreturn]] void fail(const std::string& key, const std::string& what) const {
     PEFT_THROW(format_error(label_ + ": \"" + key + "\" " + what));
@@ -242,7 +259,8 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
   // level, and no PEFT config nests deeper than a few levels.
   constexpr int max_depth = 32;
   bool too_deep = false;
-  const auto depth_guard = [&](int depth, nlohmann::ordered_json::parse_event_t, nlohmann::ordered_json&) {
+  const auto depth_guard = [&](int depth, nlohmann::ordered_json::parse_event_t,
+                               nlohmann::ordered_json&) {
     if (depth > max_depth) too_deep = true;
     return !too_deep;  // discard everything once too deep
   };
@@ -251,14 +269,16 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
   try {
     ordered = nlohmann::ordered_json::parse(text, depth_guard);
   } catch (const nlohmann::json::exception& e) {
-    PEFT_THROW(format_error(label + ": not valid JSON (" + std::string(e.what()).substr(0, 200) + ")"));
+    PEFT_THROW(
+        format_error(label + ": not valid JSON (" + std::string(e.what()).substr(0, 200) + ")"));
   }
 #else
   ordered = nlohmann::ordered_json::parse(text, depth_guard, false);
   if (ordered.is_discarded()) PEFT_THROW(format_error(label + ": not valid JSON"));
 #endif
   if (too_deep) {
-    PEFT_THROW(format_error(label + ": JSON nests deeper than " + std::to_string(max_depth) + " levels"));
+    PEFT_THROW(
+        format_error(label + ": JSON nests deeper than " + std::to_string(max_depth) + " levels"));
   }
   if (!ordered.is_object()) PEFT_THROW(format_error(label + ": not a JSON object"));
   const nlohmann::json doc = ordered;  // sorted copy for the typed fields
@@ -268,10 +288,14 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
   std::string type;
   in.string("peft_type", type);
   if (type.empty()) in.fail("peft_type", "is missing (expected \"LORA\", \"ADALORA\" or \"VERA\")");
-  if (type == "LORA") c.peft_type = PeftType::lora;
-  else if (type == "ADALORA") c.peft_type = PeftType::adalora;
-  else if (type == "VERA") c.peft_type = PeftType::vera;
-  else in.fail("peft_type", "is \"" + type + "\"; peft reads LORA, ADALORA and VERA adapters");
+  if (type == "LORA")
+    c.peft_type = PeftType::lora;
+  else if (type == "ADALORA")
+    c.peft_type = PeftType::adalora;
+  else if (type == "VERA")
+    c.peft_type = PeftType::vera;
+  else
+    in.fail("peft_type", "is \"" + type + "\"; peft reads LORA, ADALORA and VERA adapters");
 
   // Refuse what would make a merged model differ from the trained one.
   bool flag = false;
@@ -280,10 +304,12 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
   flag = false;
   in.boolean("lora_bias", flag);
   if (flag) in.fail("lora_bias", "is true: a trainable bias on lora_B is not supported");
-  if (const nlohmann::json* tp = in.find("target_parameters"); tp && !(tp->is_array() && tp->empty())) {
+  if (const nlohmann::json* tp = in.find("target_parameters");
+      tp && !(tp->is_array() && tp->empty())) {
     in.fail("target_parameters", "is set: adapters on bare parameters are not supported");
   }
-  if (const nlohmann::json* lr = in.find("layer_replication"); lr && !(lr->is_array() && lr->empty())) {
+  if (const nlohmann::json* lr = in.find("layer_replication");
+      lr && !(lr->is_array() && lr->empty())) {
     in.fail("layer_replication", "is set: layer replication is not supported");
   }
 
@@ -296,11 +322,14 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
   in.string("base_model_name_or_path", c.base_model_name_or_path);
   in.string_list("modules_to_save", c.modules_to_save);
   if (const nlohmann::json* tm = in.find("target_modules")) {
-    if (tm->is_array()) in.string_list("target_modules", c.target_modules);
-    else if (!tm->is_string()) in.fail("target_modules", "must be a list of names or a regex string");
+    if (tm->is_array())
+      in.string_list("target_modules", c.target_modules);
+    else if (!tm->is_string())
+      in.fail("target_modules", "must be a list of names or a regex string");
   }
   if (const nlohmann::json* init = in.find("init_lora_weights")) {
-    if (!init->is_boolean() && !init->is_string()) in.fail("init_lora_weights", "must be a boolean or a string");
+    if (!init->is_boolean() && !init->is_string())
+      in.fail("init_lora_weights", "must be a boolean or a string");
     c.init_lora_weights = *init;
   }
 
@@ -324,10 +353,12 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
     in.integer("total_step", c.total_step);
     if (const auto* rp = pattern_of("rank_pattern")) {
       for (auto it = rp->begin(); it != rp->end(); ++it) {
-        if (!it.value().is_array()) in.fail("rank_pattern", "entry '" + it.key() + "' must be a list of booleans");
+        if (!it.value().is_array())
+          in.fail("rank_pattern", "entry '" + it.key() + "' must be a list of booleans");
         std::vector<bool> mask;
         for (const auto& b : it.value()) {
-          if (!b.is_boolean()) in.fail("rank_pattern", "entry '" + it.key() + "' must be a list of booleans");
+          if (!b.is_boolean())
+            in.fail("rank_pattern", "entry '" + it.key() + "' must be a list of booleans");
           mask.push_back(b.get<bool>());
         }
         c.adalora_rank_pattern.emplace_back(it.key(), std::move(mask));
@@ -336,19 +367,22 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
   } else if (c.peft_type == PeftType::lora) {
     if (const auto* rp = pattern_of("rank_pattern")) {
       for (auto it = rp->begin(); it != rp->end(); ++it) {
-        if (!it.value().is_number_integer()) in.fail("rank_pattern", "entry '" + it.key() + "' must be an integer rank");
+        if (!it.value().is_number_integer())
+          in.fail("rank_pattern", "entry '" + it.key() + "' must be an integer rank");
         c.rank_pattern.emplace_back(it.key(), it.value().get<Index>());
       }
     }
     if (const auto* ap = pattern_of("alpha_pattern")) {
       for (auto it = ap->begin(); it != ap->end(); ++it) {
-        if (!it.value().is_number()) in.fail("alpha_pattern", "entry '" + it.key() + "' must be a number");
+        if (!it.value().is_number())
+          in.fail("alpha_pattern", "entry '" + it.key() + "' must be a number");
         c.alpha_pattern.emplace_back(it.key(), it.value().get<double>());
       }
     }
   } else {
     if (const nlohmann::json* key = in.find("projection_prng_key")) {
-      if (!key->is_number_integer() || (key->is_number_integer() && !key->is_number_unsigned() && key->get<std::int64_t>() < 0)) {
+      if (!key->is_number_integer() || (key->is_number_integer() && !key->is_number_unsigned() &&
+                                        key->get<std::int64_t>() < 0)) {
         in.fail("projection_prng_key", "must be a non-negative integer");
       }
       c.projection_prng_key = key->get<std::uint64_t>();
@@ -359,12 +393,32 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
   }
 
   // Everything not interpreted above is kept as written.
-  static const char* const interpreted[] = {
-      "peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "fan_in_fan_out", "bias",
-      "base_model_name_or_path", "modules_to_save", "init_lora_weights", "rank_pattern",
-      "alpha_pattern", "init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
-      "orth_reg_weight", "total_step", "projection_prng_key", "save_projection", "vera_dropout",
-      "d_initial", "inference_mode"};
+  static const char* const interpreted[] = {"peft_type",
+                                            "r",
+                                            "lora_alpha",
+                                            "lora_dropout",
+                                            "use_rslora",
+                                            "fan_in_fan_out",
+                                            "bias",
+                                            "base_model_name_or_path",
+                                            "modules_to_save",
+                                            "init_lora_weights",
+                                            "rank_pattern",
+                                            "alpha_pattern",
+                                            "init_r",
+                                            "target_r",
+                                            "tinit",
+                                            "tfinal",
+                                            "deltaT",
+                                            "beta1",
+                                            "beta2",
+                                            "orth_reg_weight",
+                                            "total_step",
+                                            "projection_prng_key",
+                                            "save_projection",
+                                            "vera_dropout",
+                                            "d_initial",
+                                            "inference_mode"};
   for (auto it = doc.begin(); it != doc.end(); ++it) {
     bool known = false;
     for (const char* k : interpreted) known = known || it.key() == k;
@@ -374,18 +428,21 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
 #ifndef PEFT_NO_EXCEPTIONS
   try {
     c.validate(label);
+    c.check_peft_rules(label);  // a config PEFT refuses is not a PEFT file
   } catch (const config_error& e) {
     PEFT_THROW(format_error(e.what()));
   }
 #else
   c.validate(label);
+  c.check_peft_rules(label);
 #endif
   return c;
 }
 
 inline void AdapterConfig::validate(const std::string& label) const {
   auto fail = [&](const std::string& what) { PEFT_THROW(config_error(label + ": " + what)); };
-  if (peft_type != PeftType::adalora && r <= 0) fail("r = " + std::to_string(r) + ", must be positive");
+  if (peft_type != PeftType::adalora && r <= 0)
+    fail("r = " + std::to_string(r) + ", must be positive");
   if (!(lora_dropout >= 0.0 && lora_dropout < 1.0)) fail("lora_dropout must be in [0, 1)");
   if (!(vera_dropout >= 0.0 && vera_dropout < 1.0)) fail("vera_dropout must be in [0, 1)");
   for (const auto& [key, rank] : rank_pattern)
@@ -402,7 +459,8 @@ inline void AdapterConfig::validate(const std::string& label) const {
              " flags, expected init_r = " + std::to_string(init_r));
       }
       const std::string suffix = ".lora_E";
-      if (key.size() <= suffix.size() || key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0)
+      if (key.size() <= suffix.size() ||
+          key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0)
         fail("rank_pattern key '" + key + "' does not end in .lora_E");
     }
   }
@@ -410,14 +468,65 @@ inline void AdapterConfig::validate(const std::string& label) const {
     fail("bias = \"" + bias + "\" (expected none, all, lora_only or vera_only)");
 }
 
+inline void AdapterConfig::check_peft_rules(const std::string& label) const {
+  auto fail = [&](const std::string& field, const std::string& what) {
+    PEFT_THROW(
+        config_error(label + ": \"" + field + "\" " + what + " (PEFT refuses such a config)"));
+  };
+  // Python truthiness of a kept key: present, not null, not false / "" / [] / {}.
+  auto truthy = [&](const char* key) {
+    const auto it = extra.find(key);
+    if (it == extra.end() || it->is_null()) return false;
+    if (it->is_boolean()) return it->get<bool>();
+    if (it->is_string() || it->is_array() || it->is_object()) return !it->empty();
+    return true;
+  };
+  auto present = [&](const char* key) {
+    const auto it = extra.find(key);
+    return it != extra.end() && !it->is_null();
+  };
+  // tuners/{lora,adalora,vera}/config.py, __post_init__ of each
+  if (truthy("layers_pattern") && !present("layers_to_transform"))
+    fail("layers_pattern", "is set without \"layers_to_transform\"");
+  if (present("target_modules") && extra.at("target_modules").is_string() &&
+      present("layers_to_transform"))
+    fail("layers_to_transform", "is set while target_modules is a regex string");
+  if (peft_type == PeftType::adalora && truthy("loftq_config"))
+    fail("loftq_config", "is set: AdaLoRA does not support LoftQ");
+  if (peft_type == PeftType::adalora) {
+    // tuners/adalora/config.py, AdaLoraConfig.__post_init__
+    if (total_step <= 0) {
+      fail("total_step",
+           "= " + std::to_string(total_step) +
+               ", must be > 0: the rank schedule (total_step, tinit, tfinal) is unknown; "
+               "save with io::adalora_config(the allocator's options)");
+    }
+    if (orth_reg_weight < 0) fail("orth_reg_weight", "must be >= 0");
+    if (tinit >= total_step - tfinal) {
+      fail("tinit", "= " + std::to_string(tinit) + " must be < total_step - tfinal = " +
+                        std::to_string(total_step - tfinal) + " (no budgeting phase)");
+    }
+  }
+  if (peft_type == PeftType::lora && init_lora_weights == "loftq") {
+    // tuners/lora/config.py, LoraConfig.__post_init__ raises without it (eva_config and
+    // corda_config only warn and fall back to defaults).
+    const auto it = extra.find("loftq_config");
+    if (it == extra.end() || it->is_null() || (it->is_object() && it->empty())) {
+      fail("loftq_config", "is missing, required with init_lora_weights = \"loftq\"");
+    }
+  }
+}
+
 inline std::string AdapterConfig::dump() const {
   validate();
+  check_peft_rules();
   nlohmann::json doc = extra;  // std::map-backed: keys come out sorted, as PEFT's sort_keys=True
   doc["peft_type"] = peft_type_name(peft_type);
   doc["inference_mode"] = true;
   doc["fan_in_fan_out"] = fan_in_fan_out;
   doc["bias"] = bias;
-  doc["modules_to_save"] = modules_to_save.empty() ? nlohmann::json(nullptr) : nlohmann::json(modules_to_save);
+  doc["modules_to_save"] =
+      modules_to_save.empty() ? nlohmann::json(nullptr) : nlohmann::json(modules_to_save);
   if (!target_modules.empty()) doc["target_modules"] = target_modules;
   if (!base_model_name_or_path.empty()) doc["base_model_name_or_path"] = base_model_name_or_path;
   if (peft_type == PeftType::vera) {

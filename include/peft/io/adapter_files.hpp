@@ -6,12 +6,14 @@
 #include <peft/adapter_set.hpp>
 #include <peft/config.hpp>
 #include <peft/error.hpp>
+#include <peft/init/eva.hpp>
 #include <peft/io/adapter_config.hpp>
 #include <peft/io/adapter_folder.hpp>
 #include <peft/lora.hpp>
 #include <peft/vera.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <map>
 #include <memory>
 #include <string>
@@ -35,6 +37,24 @@ inline AdapterConfig adalora_config(const RankAllocatorOptions& o) {
   c.beta2 = o.beta2;
   c.orth_reg_weight = o.orth_reg_weight;
   c.total_step = o.total_step;
+  return c;
+}
+
+/**
+ * A LORA config for adapters initialised by init::Eva: the nominal r and lora_alpha (what PEFT
+ * writes, the per-layer ranks going to rank_pattern/alpha_pattern), init_lora_weights "eva" and
+ * the eva_config PEFT keeps. Pass it to save_adapter.
+ */
+inline AdapterConfig eva_config(const init::EvaOptions& o) {
+  AdapterConfig c;
+  c.peft_type = PeftType::lora;
+  c.r = o.r;
+  c.lora_alpha = o.lora_alpha;
+  c.init_lora_weights = "eva";
+  c.extra["eva_config"] = {{"rho", o.rho},
+                           {"tau", o.tau},
+                           {"whiten", o.whiten},
+                           {"adjust_scaling_factors", o.adjust_scaling_factors}};
   return c;
 }
 
@@ -65,17 +85,20 @@ void check_against(const AdapterFolder<Scalar>& folder, const Set& set, PeftType
     if (!set.has_module(m.name)) {
       std::string known;
       for (const auto& n : set.module_names()) known += (known.empty() ? "" : ", ") + n;
-      mismatch("adapter has module '" + m.name + "', which the AdapterSet does not (registered: " + known + ")");
+      mismatch("adapter has module '" + m.name +
+               "', which the AdapterSet does not (registered: " + known + ")");
     }
     const auto& w = set.module(m.name).weight;
     const bool in_ok = m.in_features() == 0 || m.in_features() == w.cols();
     if (!in_ok || m.out_features() != w.rows()) {
-      PEFT_THROW(dimension_error("module '" + m.name + "': adapter tensors are for a [" +
-                                 std::to_string(m.out_features()) + ", " + std::to_string(m.in_features()) +
-                                 "] weight, the registered weight is [" + std::to_string(w.rows()) + ", " +
-                                 std::to_string(w.cols()) + "]" +
-                                 (folder.config.fan_in_fan_out ? " (fan_in_fan_out: register the [in, out] "
-                                                                 "tensor through a column-major adapter)" : "")));
+      PEFT_THROW(dimension_error(
+          "module '" + m.name + "': adapter tensors are for a [" +
+          std::to_string(m.out_features()) + ", " + std::to_string(m.in_features()) +
+          "] weight, the registered weight is [" + std::to_string(w.rows()) + ", " +
+          std::to_string(w.cols()) + "]" +
+          (folder.config.fan_in_fan_out ? " (fan_in_fan_out: register the [in, out] "
+                                          "tensor through a column-major adapter)"
+                                        : "")));
     }
   }
   for (const auto& name : set.adapted_modules()) {
@@ -87,7 +110,8 @@ void check_against(const AdapterFolder<Scalar>& folder, const Set& set, PeftType
 
 // Replaces the set's adapters with `built` (detaching those the folder does not have).
 template <typename Adapter>
-void install(AdapterSet<Adapter>& set, std::vector<std::pair<std::string, std::unique_ptr<Adapter>>>& built) {
+void install(AdapterSet<Adapter>& set,
+             std::vector<std::pair<std::string, std::unique_ptr<Adapter>>>& built) {
   for (const auto& name : set.adapted_modules()) set.detach(name);
   for (auto& [name, adapter] : built) set.attach_adapter(name, std::move(adapter));
 }
@@ -101,13 +125,25 @@ void install(AdapterSet<Adapter>& set, std::vector<std::pair<std::string, std::u
  * (base_model_name_or_path, task_type, init_lora_weights, unknown keys); r and lora_alpha become
  * the most common values, and modules that differ get rank_pattern / alpha_pattern entries keyed
  * by their full name (anchored with '^' where a plain name would also select another module).
+ *
+ * With `config.init_lora_weights == "eva"` (see eva_config) r and lora_alpha are kept as given,
+ * the nominal ones PEFT writes. Adapters initialised by init::lora_ga() (LoraLinear::base_offset)
+ * are written relative to the ORIGINAL weight by default, as the rank-2r LoRA
+ * A' = [A; A₀], B' = [B, −B₀], α' = 2α (√2·α with rsLoRA), which PEFT and peft-merge apply to
+ * the unmodified base (PEFT's path_initial_model_for_weight_conversion). Only when asked with
+ * `config.init_lora_weights == "lora_ga"` are they written as trained, for the offset base, and
+ * that marker makes peft-merge refuse the file without --offset-base.
  */
 template <typename Scalar, int Order>
-AdapterFolder<Scalar> to_folder(const AdapterSet<LoraLinear<Scalar, Order>>& set, AdapterConfig config = {}) {
+AdapterFolder<Scalar> to_folder(const AdapterSet<LoraLinear<Scalar, Order>>& set,
+                                AdapterConfig config = {}) {
   const auto names = set.adapted_modules();
   if (names.empty()) PEFT_THROW(state_error("save_adapter(): the AdapterSet has no adapters"));
+  const bool offset_form = config.init_lora_weights == "lora_ga";
+  const bool nominal = config.init_lora_weights == "eva";
   std::vector<Index> ranks;
   std::vector<double> alphas;
+  std::vector<bool> converted;  // written relative to the original weight (rank 2r)
   bool rslora = false;
   for (std::size_t i = 0; i < names.size(); ++i) {
     const LoraOptions& o = set.adapter(names[i]).options();
@@ -116,12 +152,17 @@ AdapterFolder<Scalar> to_folder(const AdapterSet<LoraLinear<Scalar, Order>>& set
                               "' disagree on use_rslora, which a PEFT config holds once"));
     }
     rslora = o.use_rslora;
-    ranks.push_back(o.r);
-    alphas.push_back(o.lora_alpha);
+    const bool convert = !offset_form && set.adapter(names[i]).base_offset().has_value();
+    converted.push_back(convert);
+    // s' = α'/(2r) = α/r (α'/√(2r) = α/√r with rsLoRA) keeps the trained scale.
+    ranks.push_back(convert ? 2 * o.r : o.r);
+    alphas.push_back(convert ? (o.use_rslora ? std::sqrt(2.0) : 2.0) * o.lora_alpha : o.lora_alpha);
   }
   config.peft_type = PeftType::lora;
-  config.r = detail::most_common(ranks);
-  config.lora_alpha = detail::most_common(alphas);
+  if (!nominal) {
+    config.r = detail::most_common(ranks);
+    config.lora_alpha = detail::most_common(alphas);
+  }
   config.use_rslora = rslora;
   config.lora_dropout = set.adapter(names[0]).options().lora_dropout;
   config.target_modules = names;
@@ -135,18 +176,36 @@ AdapterFolder<Scalar> to_folder(const AdapterSet<LoraLinear<Scalar, Order>>& set
   };
   for (std::size_t i = 0; i < names.size(); ++i) {
     if (ranks[i] != config.r) config.rank_pattern.emplace_back(key_for(names[i]), ranks[i]);
-    if (alphas[i] != config.lora_alpha) config.alpha_pattern.emplace_back(key_for(names[i]), alphas[i]);
+    if (alphas[i] != config.lora_alpha)
+      config.alpha_pattern.emplace_back(key_for(names[i]), alphas[i]);
   }
   AdapterFolder<Scalar> folder;
   folder.config = std::move(config);
-  for (const auto& name : names) {
-    const auto& a = set.adapter(name);
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    const auto& a = set.adapter(names[i]);
     ModuleTensors<Scalar> m;
-    m.name = name;
-    m.rank = a.rank();
+    m.name = names[i];
+    m.rank = ranks[i];
     m.scaling = double(a.scaling());
-    m.a = a.a();
-    m.b = a.b();
+    if (converted[i]) {
+      // s(B A) − s₀(B₀ A₀): the trained ΔW relative to W₀. s₀ = s unless the options changed.
+      const auto& off = *a.base_offset();
+      if (off.a0.rows() != a.rank() || off.a0.cols() != a.in_features() ||
+          off.b0.rows() != a.out_features() || off.b0.cols() != a.rank()) {
+        PEFT_THROW(dimension_error(
+            "save_adapter(): '" + names[i] + "': base_offset A0 [" + std::to_string(off.a0.rows()) +
+            ", " + std::to_string(off.a0.cols()) + "], B0 [" + std::to_string(off.b0.rows()) +
+            ", " + std::to_string(off.b0.cols()) + "] do not fit the adapter"));
+      }
+      const double ratio = double(off.scaling) / double(a.scaling());
+      m.a.resize(ranks[i], a.in_features());
+      m.a << a.a(), off.a0;
+      m.b.resize(a.out_features(), ranks[i]);
+      m.b << a.b(), (-ratio * off.b0.template cast<double>()).template cast<Scalar>();
+    } else {
+      m.a = a.a();
+      m.b = a.b();
+    }
     folder.modules.push_back(std::move(m));
   }
   std::sort(folder.modules.begin(), folder.modules.end(),
@@ -184,12 +243,27 @@ void apply(const AdapterFolder<FileScalar>& folder, AdapterSet<LoraLinear<Scalar
  * with k leading true flags (any k flags give the same tensors back).
  */
 template <typename Scalar, int Order>
-AdapterFolder<Scalar> to_folder(const AdapterSet<AdaLoraLinear<Scalar, Order>>& set, AdapterConfig config = {}) {
+AdapterFolder<Scalar> to_folder(const AdapterSet<AdaLoraLinear<Scalar, Order>>& set,
+                                AdapterConfig config = {}) {
   const auto names = set.adapted_modules();
   if (names.empty()) PEFT_THROW(state_error("save_adapter(): the AdapterSet has no adapters"));
   const auto& first = set.adapter(names[0]);
+  if (config.total_step <= 0) {
+    // PEFT's AdaLoraConfig refuses total_step <= 0 and tinit >= total_step - tfinal, and the
+    // adapters do not know the schedule: only the RankAllocator's options do.
+    PEFT_THROW(config_error(
+        "save_adapter(): an ADALORA config needs the rank schedule: \"total_step\" (= " +
+        std::to_string(config.total_step) +
+        "), \"tinit\", \"tfinal\", \"target_r\" are unknown; pass "
+        "io::adalora_config(the RankAllocator's options)"));
+  }
   config.peft_type = PeftType::adalora;
   config.init_r = first.ranknum();
+  if (config.target_r > config.init_r) {
+    // PEFT would load it, but the schedule cannot describe this run (the allocator refuses it).
+    PEFT_THROW(config_error("save_adapter(): \"target_r\" = " + std::to_string(config.target_r) +
+                            " exceeds the adapters' init_r = " + std::to_string(config.init_r)));
+  }
   config.lora_alpha = first.options().lora_alpha;
   config.lora_dropout = first.options().lora_dropout;
   config.target_modules = names;
@@ -200,10 +274,11 @@ AdapterFolder<Scalar> to_folder(const AdapterSet<AdaLoraLinear<Scalar, Order>>& 
   for (const auto& name : names) {
     const auto& a = set.adapter(name);
     if (a.ranknum() != config.init_r || a.options().lora_alpha != config.lora_alpha) {
-      PEFT_THROW(config_error("save_adapter(): '" + name + "' has init_r " + std::to_string(a.ranknum()) +
-                              " and lora_alpha " + std::to_string(a.options().lora_alpha) + ", '" + names[0] +
-                              "' has " + std::to_string(config.init_r) + " and " +
-                              std::to_string(config.lora_alpha) + " (a PEFT config holds one of each)"));
+      PEFT_THROW(
+          config_error("save_adapter(): '" + name + "' has init_r " + std::to_string(a.ranknum()) +
+                       " and lora_alpha " + std::to_string(a.options().lora_alpha) + ", '" +
+                       names[0] + "' has " + std::to_string(config.init_r) + " and " +
+                       std::to_string(config.lora_alpha) + " (a PEFT config holds one of each)"));
     }
     std::vector<bool> flags(std::size_t(config.init_r), false);
     std::vector<Index> rows;
@@ -272,7 +347,8 @@ void apply(const AdapterFolder<FileScalar>& folder, AdapterSet<AdaLoraLinear<Sca
 /// `config.save_projection` is false (then a reader regenerates them from projection_prng_key,
 /// which reproduces them in peft but not in PyTorch).
 template <typename Scalar, int Order>
-AdapterFolder<Scalar> to_folder(const AdapterSet<VeraLinear<Scalar, Order>>& set, AdapterConfig config = {}) {
+AdapterFolder<Scalar> to_folder(const AdapterSet<VeraLinear<Scalar, Order>>& set,
+                                AdapterConfig config = {}) {
   const auto names = set.adapted_modules();
   if (names.empty()) PEFT_THROW(state_error("save_adapter(): the AdapterSet has no adapters"));
   const auto& p = set.projections();
@@ -318,12 +394,15 @@ void apply(const AdapterFolder<FileScalar>& folder, AdapterSet<VeraLinear<Scalar
     max_in = std::max(max_in, set.module(m.name).weight.cols());
   }
   VeraProjections<Scalar> projections =
-      folder.vera_a.size() ? VeraProjections<Scalar>::from_matrices(folder.vera_a, folder.vera_b, c.projection_prng_key)
-                           : VeraProjections<Scalar>(c.r, std::max<Index>(max_out, 1), std::max<Index>(max_in, 1),
-                                                     c.projection_prng_key);
+      folder.vera_a.size()
+          ? VeraProjections<Scalar>::from_matrices(folder.vera_a, folder.vera_b,
+                                                   c.projection_prng_key)
+          : VeraProjections<Scalar>(c.r, std::max<Index>(max_out, 1), std::max<Index>(max_in, 1),
+                                    c.projection_prng_key);
   if (projections.max_in() < max_in || projections.max_out() < max_out) {
-    PEFT_THROW(dimension_error("load_adapter(): vera_A/vera_B cover [" + std::to_string(projections.max_out()) +
-                               ", " + std::to_string(projections.max_in()) + "], a module needs [" +
+    PEFT_THROW(dimension_error("load_adapter(): vera_A/vera_B cover [" +
+                               std::to_string(projections.max_out()) + ", " +
+                               std::to_string(projections.max_in()) + "], a module needs [" +
                                std::to_string(max_out) + ", " + std::to_string(max_in) + "]"));
   }
   for (const auto& name : set.adapted_modules()) set.detach(name);
@@ -341,7 +420,8 @@ void apply(const AdapterFolder<FileScalar>& folder, AdapterSet<VeraLinear<Scalar
 
 // ---- whole folders -----------------------------------------------------------------------------
 
-/// Writes the set's adapters to `dir` as a PEFT adapter folder (atomically; see AdapterFolder::save).
+/// Writes the set's adapters to `dir` as a PEFT adapter folder (atomically; see
+/// AdapterFolder::save).
 template <typename Adapter>
 void save_adapter(const std::string& dir, const AdapterSet<Adapter>& set, AdapterConfig config = {},
                   Dtype dtype = Dtype::f32) {
@@ -354,8 +434,17 @@ void save_adapter(const std::string& dir, const AdapterSet<Adapter>& set, Adapte
  * folder, whose `full_tensors` (modules_to_save, trained biases) the caller copies into the model.
  */
 template <typename Adapter>
-AdapterFolder<typename Adapter::Scalar> load_adapter(const std::string& dir, AdapterSet<Adapter>& set) {
-  auto folder = AdapterFolder<typename Adapter::Scalar>::load(dir);
+AdapterFolder<typename Adapter::Scalar> load_adapter(const std::string& dir,
+                                                     AdapterSet<Adapter>& set) {
+  return load_adapter(dir, set, LoadOptions{});
+}
+
+/// As load_adapter(dir, set), with the opt-ins of `options` (their warnings are in the result).
+template <typename Adapter>
+AdapterFolder<typename Adapter::Scalar> load_adapter(const std::string& dir,
+                                                     AdapterSet<Adapter>& set,
+                                                     const LoadOptions& options) {
+  auto folder = AdapterFolder<typename Adapter::Scalar>::load(dir, {}, options);
   apply(folder, set);
   return folder;
 }

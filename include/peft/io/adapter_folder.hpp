@@ -28,6 +28,17 @@ inline constexpr const char* weights_file_name = "adapter_model.safetensors";
 /// Prefix of every module tensor key: "base_model.model." + module name.
 inline constexpr const char* module_key_prefix = "base_model.model.";
 
+/// What a load may accept beyond what reproduces the trained model everywhere.
+struct LoadOptions {
+  /**
+   * Accept a VERA folder saved with save_projection false. Its vera_A/vera_B are then regenerated
+   * from projection_prng_key with peft's portable generator, which is not PyTorch's: a folder
+   * written by PEFT merges to a different model (one written by peft round-trips exactly). The
+   * folder's `warnings` says so.
+   */
+  bool allow_regenerated_projections = false;
+};
+
 /// A tensor kept whole (modules_to_save copies, trained biases): shape and row-major values.
 template <typename Scalar>
 struct FullTensor {
@@ -38,19 +49,24 @@ struct FullTensor {
 /// One adapted module's tensors, as stored (PyTorch layout).
 template <typename Scalar>
 struct ModuleTensors {
-  std::string name;      ///< module path, e.g. "model.layers.0.self_attn.q_proj"
-  Index rank = 0;        ///< r_m (LORA), kept rank k_m (ADALORA), r (VERA)
-  double scaling = 0.0;  ///< what the adapter's product is multiplied by (AdapterConfig::scaling_for)
-  RowMatrix<Scalar> a;   ///< LORA/ADALORA lora_A `[rank, in]`
-  RowMatrix<Scalar> b;   ///< LORA/ADALORA lora_B `[out, rank]`
-  Vector<Scalar> e;      ///< ADALORA lora_E `[rank]`
+  std::string name;  ///< module path, e.g. "model.layers.0.self_attn.q_proj"
+  Index rank = 0;    ///< r_m (LORA), kept rank k_m (ADALORA), r (VERA)
+  double scaling =
+      0.0;  ///< what the adapter's product is multiplied by (AdapterConfig::scaling_for)
+  RowMatrix<Scalar> a;      ///< LORA/ADALORA lora_A `[rank, in]`
+  RowMatrix<Scalar> b;      ///< LORA/ADALORA lora_B `[out, rank]`
+  Vector<Scalar> e;         ///< ADALORA lora_E `[rank]`
   Vector<Scalar> lambda_d;  ///< VERA vera_lambda_d `[r]`
   Vector<Scalar> lambda_b;  ///< VERA vera_lambda_b `[out]`
 
-  Index out_features() const noexcept { return b.size() ? b.rows() : (lambda_b.size() ? lambda_b.size() : b.rows()); }
+  Index out_features() const noexcept {
+    return b.size() ? b.rows() : (lambda_b.size() ? lambda_b.size() : b.rows());
+  }
   /// in_features, or 0 for VeRA (whose vectors do not say it).
   Index in_features() const noexcept { return a.cols(); }
-  Index num_parameters() const noexcept { return a.size() + b.size() + e.size() + lambda_d.size() + lambda_b.size(); }
+  Index num_parameters() const noexcept {
+    return a.size() + b.size() + e.size() + lambda_d.size() + lambda_b.size();
+  }
 };
 
 /**
@@ -68,20 +84,28 @@ template <typename Scalar = float>
 class AdapterFolder {
  public:
   AdapterConfig config;
-  std::vector<ModuleTensors<Scalar>> modules;         ///< sorted by name
-  RowMatrix<Scalar> vera_a;                           ///< VERA A `[r, max_in]`, empty if not saved
-  RowMatrix<Scalar> vera_b;                           ///< VERA B `[max_out, r]`
+  std::vector<ModuleTensors<Scalar>> modules;  ///< sorted by name
+  RowMatrix<Scalar> vera_a;                    ///< VERA A `[r, max_in]`, empty if not saved
+  RowMatrix<Scalar> vera_b;                    ///< VERA B `[max_out, r]`
   std::map<std::string, FullTensor<Scalar>> full_tensors;  ///< base tensor name → trained copy
-  std::map<std::string, std::string> metadata;        ///< safetensors __metadata__
+  std::map<std::string, std::string> metadata;             ///< safetensors __metadata__
+  /// True for a VERA folder whose projections are regenerated
+  /// (LoadOptions::allow_regenerated_projections).
+  bool projections_regenerated = false;
+  /// What an opted-in load accepted that may not reproduce the trained model (tools print them).
+  std::vector<std::string> warnings;
 
-  /// Reads `dir`/adapter_config.json and `dir`/adapter_model.safetensors.
-  static AdapterFolder load(const std::string& dir, const ReaderLimits& limits = {}) {
+  /// Reads `dir`/adapter_config.json and `dir`/adapter_model.safetensors; `options` holds the
+  /// opt-ins (a third parameter, so `load(dir, limits)` calls keep their meaning).
+  static AdapterFolder load(const std::string& dir, const ReaderLimits& limits = {},
+                            const LoadOptions& options = {}) {
     namespace fs = std::filesystem;
     const fs::path root(dir);
     const fs::path config_path = root / config_file_name;
     const fs::path weights_path = root / weights_file_name;
     if (!fs::exists(config_path)) {
-      PEFT_THROW(io_error(config_path.string() + ": not found (is " + dir + " a PEFT adapter folder?)"));
+      PEFT_THROW(
+          io_error(config_path.string() + ": not found (is " + dir + " a PEFT adapter folder?)"));
     }
     if (!fs::exists(weights_path)) {
       if (fs::exists(root / "adapter_model.bin")) {
@@ -93,23 +117,26 @@ class AdapterFolder {
     }
     const std::string text = read_text(config_path.string(), 16u << 20);
     return from_parts(AdapterConfig::parse(text, config_path.string()),
-                      SafetensorsReader(weights_path.string(), limits));
+                      SafetensorsReader(weights_path.string(), limits), options);
   }
 
   /// Parses a folder held in memory (a config's JSON text and the safetensors bytes).
   static AdapterFolder from_buffers(const std::string& config_json, std::string safetensors_bytes,
-                                    const std::string& label = "<adapter>") {
+                                    const std::string& label = "<adapter>",
+                                    const LoadOptions& options = {}) {
     return from_parts(AdapterConfig::parse(config_json, label + "/" + config_file_name),
                       SafetensorsReader::from_buffer(std::move(safetensors_bytes),
-                                                     label + "/" + weights_file_name));
+                                                     label + "/" + weights_file_name),
+                      options);
   }
 
   /// Builds and validates a folder from a parsed config and an open tensor file.
-  static AdapterFolder from_parts(AdapterConfig config, const SafetensorsReader& file) {
+  static AdapterFolder from_parts(AdapterConfig config, const SafetensorsReader& file,
+                                  const LoadOptions& options = {}) {
     AdapterFolder f;
     f.config = std::move(config);
     f.metadata = file.metadata();
-    f.read_tensors(file);
+    f.read_tensors(file, options);
     return f;
   }
 
@@ -187,7 +214,9 @@ class AdapterFolder {
     std::error_code ec;
     const std::uintmax_t size = std::filesystem::file_size(path, ec);
     if (ec) PEFT_THROW(io_error(path + ": cannot read (" + ec.message() + ")"));
-    if (size > limit) PEFT_THROW(format_error(path + ": " + std::to_string(size) + " bytes, larger than any config"));
+    if (size > limit)
+      PEFT_THROW(
+          format_error(path + ": " + std::to_string(size) + " bytes, larger than any config"));
     std::ifstream in(path, std::ios::binary);
     std::string text(static_cast<std::size_t>(size), '\0');
     in.read(&text[0], static_cast<std::streamsize>(size));
@@ -200,11 +229,13 @@ class AdapterFolder {
   }
 
   static bool ends_with(const std::string& s, const std::string& suffix) {
-    return s.size() > suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+    return s.size() > suffix.size() &&
+           s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
   }
 
   // Splits a module key into (module, part); false if the key is not one of the method's.
-  bool classify(const SafetensorsReader& file, const std::string& rest, std::string& module, Part& part) const {
+  bool classify(const SafetensorsReader& file, const std::string& rest, std::string& module,
+                Part& part) const {
     static const char* const unsupported[][2] = {
         {".lora_embedding_A", "embedding layers are not supported"},
         {".lora_embedding_B", "embedding layers are not supported"},
@@ -212,14 +243,17 @@ class AdapterFolder {
         {".lora_magnitude_vector.weight", "DoRA adapters are not supported"},
         {".lora_B.bias", "a trainable bias on lora_B (lora_bias) is not supported"}};
     for (const auto& u : unsupported)
-      if (ends_with(rest, u[0])) fail(file, "tensor '" + std::string(module_key_prefix) + rest + "': " + u[1]);
+      if (ends_with(rest, u[0]))
+        fail(file, "tensor '" + std::string(module_key_prefix) + rest + "': " + u[1]);
     struct Suffix {
       const char* text;
       Part part;
     };
     static const Suffix lora[] = {{".lora_A.weight", Part::a}, {".lora_B.weight", Part::b}};
-    static const Suffix adalora[] = {{".lora_A", Part::a}, {".lora_B", Part::b}, {".lora_E", Part::e}};
-    static const Suffix vera[] = {{".vera_lambda_d", Part::lambda_d}, {".vera_lambda_b", Part::lambda_b}};
+    static const Suffix adalora[] = {
+        {".lora_A", Part::a}, {".lora_B", Part::b}, {".lora_E", Part::e}};
+    static const Suffix vera[] = {{".vera_lambda_d", Part::lambda_d},
+                                  {".vera_lambda_b", Part::lambda_b}};
     const Suffix* begin = lora;
     const Suffix* end = lora + 2;
     if (config.peft_type == PeftType::adalora) begin = adalora, end = adalora + 3;
@@ -232,8 +266,9 @@ class AdapterFolder {
       }
     }
     // A method's keys in another method's file mean the config and the tensors disagree.
-    static const char* const foreign[] = {".lora_A.weight", ".lora_B.weight", ".lora_A", ".lora_B",
-                                          ".lora_E", ".vera_lambda_d", ".vera_lambda_b"};
+    static const char* const foreign[] = {".lora_A.weight", ".lora_B.weight", ".lora_A",
+                                          ".lora_B",        ".lora_E",        ".vera_lambda_d",
+                                          ".vera_lambda_b"};
     for (const char* f : foreign) {
       if (ends_with(rest, f)) {
         fail(file, "tensor '" + std::string(module_key_prefix) + rest + "' is not a " +
@@ -244,13 +279,16 @@ class AdapterFolder {
     return false;
   }
 
-  void read_tensors(const SafetensorsReader& file) {
+  void read_tensors(const SafetensorsReader& file, const LoadOptions& options) {
     const std::string prefix = module_key_prefix;
     std::map<std::string, ModuleTensors<Scalar>> found;
     for (const TensorInfo& t : file.tensors()) {
       if (t.name == "base_model.vera_A" || t.name == "base_model.vera_B") {
-        if (config.peft_type != PeftType::vera) fail(file, "tensor '" + t.name + "' in a " + peft_type_name(config.peft_type) + " adapter");
-        if (t.shape.size() != 2) fail(file, "tensor '" + t.name + "' has shape " + t.shape_string() + ", expected 2-D");
+        if (config.peft_type != PeftType::vera)
+          fail(file,
+               "tensor '" + t.name + "' in a " + peft_type_name(config.peft_type) + " adapter");
+        if (t.shape.size() != 2)
+          fail(file, "tensor '" + t.name + "' has shape " + t.shape_string() + ", expected 2-D");
         (t.name == "base_model.vera_A" ? vera_a : vera_b) = checked_matrix(file, t);
         continue;
       }
@@ -264,7 +302,8 @@ class AdapterFolder {
         // A trained replacement of a base tensor; "<m>.base_layer.bias" is the base's "<m>.bias".
         std::string base_name = rest;
         const std::string marker = ".base_layer.";
-        if (const auto at = base_name.find(marker); at != std::string::npos) base_name.replace(at, marker.size(), ".");
+        if (const auto at = base_name.find(marker); at != std::string::npos)
+          base_name.replace(at, marker.size(), ".");
         FullTensor<Scalar> full;
         full.shape = t.shape;
         full.values.resize(Index(t.numel()));
@@ -301,7 +340,7 @@ class AdapterFolder {
       check_module(file, kv.second);
       modules.push_back(std::move(kv.second));
     }
-    if (config.peft_type == PeftType::vera) check_projections(file);
+    if (config.peft_type == PeftType::vera) check_projections(file, options);
   }
 
   RowMatrix<Scalar> checked_matrix(const SafetensorsReader& file, const TensorInfo& t) const {
@@ -326,7 +365,8 @@ class AdapterFolder {
   template <typename Derived>
   static void check_finite(const SafetensorsReader& file, const std::string& name,
                            const Eigen::DenseBase<Derived>& m) {
-    if (!m.derived().array().isFinite().all()) fail(file, "tensor '" + name + "' holds NaN or infinite values");
+    if (!m.derived().array().isFinite().all())
+      fail(file, "tensor '" + name + "' holds NaN or infinite values");
   }
 
   void check_module(const SafetensorsReader& file, ModuleTensors<Scalar>& m) const {
@@ -339,8 +379,9 @@ class AdapterFolder {
         require(m.a.size() || m.a.rows() || m.a.cols(), ".lora_A.weight");
         require(m.b.size() || m.b.rows() || m.b.cols(), ".lora_B.weight");
         if (m.a.rows() != m.b.cols()) {
-          fail(file, "module '" + m.name + "': lora_A is " + shape(m.a) + " and lora_B " + shape(m.b) +
-                         ", their ranks differ (" + std::to_string(m.a.rows()) + " vs " + std::to_string(m.b.cols()) + ")");
+          fail(file, "module '" + m.name + "': lora_A is " + shape(m.a) + " and lora_B " +
+                         shape(m.b) + ", their ranks differ (" + std::to_string(m.a.rows()) +
+                         " vs " + std::to_string(m.b.cols()) + ")");
         }
         const Index expected = config.rank_for(m.name);
         if (m.a.rows() != expected || expected <= 0) {
@@ -356,8 +397,9 @@ class AdapterFolder {
         const std::vector<bool>* mask = config.adalora_mask(m.name);
         const Index k = mask ? Index(std::count(mask->begin(), mask->end(), true)) : config.init_r;
         if (m.a.rows() != k || m.b.cols() != k || m.e.size() != k) {
-          fail(file, "module '" + m.name + "': lora_A " + shape(m.a) + ", lora_E [" + std::to_string(m.e.size()) +
-                         "], lora_B " + shape(m.b) + " do not all have rank " + std::to_string(k) +
+          fail(file, "module '" + m.name + "': lora_A " + shape(m.a) + ", lora_E [" +
+                         std::to_string(m.e.size()) + "], lora_B " + shape(m.b) +
+                         " do not all have rank " + std::to_string(k) +
                          (mask ? " (the rank_pattern's kept count)" : " (init_r)"));
         }
         m.rank = k;
@@ -367,7 +409,8 @@ class AdapterFolder {
         require(m.lambda_d.size() > 0, ".vera_lambda_d");
         require(m.lambda_b.size() > 0, ".vera_lambda_b");
         if (m.lambda_d.size() != config.r) {
-          fail(file, "module '" + m.name + "': vera_lambda_d has " + std::to_string(m.lambda_d.size()) +
+          fail(file, "module '" + m.name + "': vera_lambda_d has " +
+                         std::to_string(m.lambda_d.size()) +
                          " entries, expected r = " + std::to_string(config.r));
         }
         m.rank = config.r;
@@ -377,16 +420,34 @@ class AdapterFolder {
     m.scaling = config.scaling_for(m.name);
   }
 
-  void check_projections(const SafetensorsReader& file) const {
+  void check_projections(const SafetensorsReader& file, const LoadOptions& options) {
     const bool has_a = vera_a.size() > 0, has_b = vera_b.size() > 0;
     if (has_a != has_b) fail(file, "has only one of base_model.vera_A and base_model.vera_B");
     if (!has_a) {
-      if (config.save_projection) fail(file, "save_projection is true but base_model.vera_A/vera_B are missing");
+      if (config.save_projection)
+        fail(file, "save_projection is true but base_model.vera_A/vera_B are missing");
+      // PEFT regenerates them with PyTorch's generator, peft with its own: every ΔW would differ.
+      const std::string why =
+          "\"save_projection\" is false: base_model.vera_A/vera_B are not saved and "
+          "peft would regenerate them from projection_prng_key with its own "
+          "generator, not PyTorch's, so a folder written by PEFT merges to a "
+          "different model";
+      // Named by the config file, which holds the field.
+      const std::string where =
+          (std::filesystem::path(file.path()).parent_path() / config_file_name).string();
+      if (!options.allow_regenerated_projections) {
+        PEFT_THROW(
+            format_error(where + ": " + why +
+                         " (opt in with LoadOptions::allow_regenerated_projections / "
+                         "--allow-regenerated-projections only for folders written by peft)"));
+      }
+      projections_regenerated = true;
+      warnings.push_back(where + ": " + why + "; accepted as asked");
       return;
     }
     if (vera_a.rows() != config.r || vera_b.cols() != config.r) {
-      fail(file, "vera_A is " + shape(vera_a) + " and vera_B " + shape(vera_b) + ", expected rank r = " +
-                     std::to_string(config.r));
+      fail(file, "vera_A is " + shape(vera_a) + " and vera_B " + shape(vera_b) +
+                     ", expected rank r = " + std::to_string(config.r));
     }
     for (const auto& m : modules) {
       if (m.lambda_b.size() > vera_b.rows()) {
@@ -401,10 +462,12 @@ class AdapterFolder {
     config.validate();
     for (const auto& m : modules) {
       const bool lora_like = config.peft_type != PeftType::vera;
-      if (lora_like && (m.a.rows() != m.rank || m.b.cols() != m.rank || m.a.cols() == 0 || m.b.rows() == 0)) {
+      if (lora_like &&
+          (m.a.rows() != m.rank || m.b.cols() != m.rank || m.a.cols() == 0 || m.b.rows() == 0)) {
         if (!(config.peft_type == PeftType::adalora && m.rank == 0)) {
-          PEFT_THROW(dimension_error("AdapterFolder::save(): module '" + m.name + "' has A " + shape(m.a) +
-                                     " and B " + shape(m.b) + " for rank " + std::to_string(m.rank)));
+          PEFT_THROW(dimension_error("AdapterFolder::save(): module '" + m.name + "' has A " +
+                                     shape(m.a) + " and B " + shape(m.b) + " for rank " +
+                                     std::to_string(m.rank)));
         }
       }
     }

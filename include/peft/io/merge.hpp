@@ -7,6 +7,7 @@
 #include <peft/io/adapter_folder.hpp>
 #include <peft/io/safetensors.hpp>
 
+#include <filesystem>
 #include <map>
 #include <optional>
 #include <string>
@@ -17,16 +18,19 @@ namespace io {
 
 /// How adapter module names map to base tensor names.
 enum class BaseNaming {
-  plain,           ///< "<m>.weight" (the module path as PEFT stores it)
-  peft_prefixed,   ///< "base_model.model.<m>.weight" (a base saved from a PEFT-wrapped model)
-  without_model,   ///< "<m minus a leading 'model.'>.weight" (a base saved from the inner model)
+  plain,          ///< "<m>.weight" (the module path as PEFT stores it)
+  peft_prefixed,  ///< "base_model.model.<m>.weight" (a base saved from a PEFT-wrapped model)
+  without_model,  ///< "<m minus a leading 'model.'>.weight" (a base saved from the inner model)
 };
 
 inline const char* base_naming_name(BaseNaming n) noexcept {
   switch (n) {
-    case BaseNaming::plain: return "<module>.weight";
-    case BaseNaming::peft_prefixed: return "base_model.model.<module>.weight";
-    case BaseNaming::without_model: return "<module without leading 'model.'>.weight";
+    case BaseNaming::plain:
+      return "<module>.weight";
+    case BaseNaming::peft_prefixed:
+      return "base_model.model.<module>.weight";
+    case BaseNaming::without_model:
+      return "<module without leading 'model.'>.weight";
   }
   return "?";
 }
@@ -46,21 +50,34 @@ struct MergeReport {
   std::vector<MergedModule> modules;
   std::vector<std::string> replaced;  ///< base tensors overwritten by modules_to_save copies
   std::size_t tensors_written = 0;
-  bool requires_modified_base = false;  ///< see AdapterConfig::requires_modified_base
+  bool requires_modified_base = false;   ///< see AdapterConfig::requires_modified_base
+  bool projections_regenerated = false;  ///< VERA without saved projections (opted in)
+  std::vector<std::string> warnings;     ///< what an opt-in accepted; print them
 };
 
 struct MergeOptions {
   /// Output dtype of every tensor; unset keeps each base tensor's dtype. The merged weight is
   /// computed in double and rounded once.
   std::optional<Dtype> dtype;
+  /// Merge a VERA folder without saved projections (LoadOptions::allow_regenerated_projections).
+  bool allow_regenerated_projections = false;
+  /**
+   * Merge an adapter marked as trained on a base modified at initialisation (init_lora_weights
+   * "lora_ga", "pissa...", "olora", "corda"): the caller states that `base_path` IS that
+   * modified base. Without it such a folder is refused, since merged into the original weights
+   * it silently gives a different model.
+   */
+  bool allow_offset_base = false;
 };
 
 namespace detail {
 
 inline std::string base_tensor_name(const std::string& module_or_tensor, BaseNaming n) {
   switch (n) {
-    case BaseNaming::plain: return module_or_tensor;
-    case BaseNaming::peft_prefixed: return module_key_prefix + module_or_tensor;
+    case BaseNaming::plain:
+      return module_or_tensor;
+    case BaseNaming::peft_prefixed:
+      return module_key_prefix + module_or_tensor;
     case BaseNaming::without_model:
       return module_or_tensor.rfind("model.", 0) == 0 ? module_or_tensor.substr(6) : std::string();
   }
@@ -70,7 +87,8 @@ inline std::string base_tensor_name(const std::string& module_or_tensor, BaseNam
 // Loads the adapted base tensors into double matrices, applies the folder through an AdapterSet
 // and merges; fan_in_fan_out bases ([in, out]) are viewed column-major as [out, in].
 template <typename Adapter>
-void merge_weights(const AdapterFolder<double>& folder, std::map<std::string, RowMatrix<double>>& weights,
+void merge_weights(const AdapterFolder<double>& folder,
+                   std::map<std::string, RowMatrix<double>>& weights,
                    const std::map<std::string, std::string>& tensor_of, MergeReport& report) {
   AdapterSet<Adapter> set;
   using WeightMatrix = typename AdapterSet<Adapter>::WeightMatrix;
@@ -79,7 +97,8 @@ void merge_weights(const AdapterFolder<double>& folder, std::map<std::string, Ro
     if constexpr (Adapter::WeightOrder == Eigen::RowMajor) {
       set.add_module(m.name, w);
     } else {
-      Eigen::Map<WeightMatrix> view(w.data(), w.cols(), w.rows());  // [in, out] row-major = [out, in] col-major
+      Eigen::Map<WeightMatrix> view(w.data(), w.cols(),
+                                    w.rows());  // [in, out] row-major = [out, in] col-major
       set.add_module(m.name, view);
     }
   }
@@ -90,8 +109,9 @@ void merge_weights(const AdapterFolder<double>& folder, std::map<std::string, Ro
     r.tensor = tensor_of.at(m.name);
     r.rank = m.rank;
     r.scaling = m.scaling;
-    r.alpha = folder.config.peft_type == PeftType::lora ? folder.config.alpha_for(m.name)
-              : folder.config.peft_type == PeftType::adalora ? folder.config.lora_alpha : 0.0;
+    r.alpha = folder.config.peft_type == PeftType::lora      ? folder.config.alpha_for(m.name)
+              : folder.config.peft_type == PeftType::adalora ? folder.config.lora_alpha
+                                                             : 0.0;
     r.delta_norm = set.adapter(m.name).delta_weight().norm();
     report.modules.push_back(r);
   }
@@ -110,10 +130,28 @@ void merge_weights(const AdapterFolder<double>& folder, std::map<std::string, Ro
  */
 inline MergeReport merge_files(const std::string& base_path, const std::string& adapter_dir,
                                const std::string& out_path, const MergeOptions& options = {}) {
-  const AdapterFolder<double> folder = AdapterFolder<double>::load(adapter_dir);
-  const SafetensorsReader base(base_path);
+  LoadOptions load_options;
+  load_options.allow_regenerated_projections = options.allow_regenerated_projections;
+  const AdapterFolder<double> folder = AdapterFolder<double>::load(adapter_dir, {}, load_options);
   MergeReport report;
   report.requires_modified_base = folder.config.requires_modified_base();
+  report.projections_regenerated = folder.projections_regenerated;
+  report.warnings = folder.warnings;
+  if (report.requires_modified_base) {
+    const std::string where = (std::filesystem::path(adapter_dir) / config_file_name).string();
+    const std::string what =
+        "\"init_lora_weights\" is " + folder.config.init_lora_weights.dump() +
+        ": the adapter reproduces the trained model only on the base offset at "
+        "initialisation, not on the original weights";
+    if (!options.allow_offset_base) {
+      PEFT_THROW(format_error(
+          where + ": " + what + " (pass --offset-base / MergeOptions::allow_offset_base if " +
+          base_path + " is that offset base, or save the adapter in the portable form)"));
+    }
+    report.warnings.push_back(where + ": " + what + "; merged into " + base_path +
+                              " as the offset base, as asked");
+  }
+  const SafetensorsReader base(base_path);
 
   // Pick the naming convention under which the base has every adapted weight.
   std::optional<BaseNaming> naming;
@@ -135,7 +173,8 @@ inline MergeReport merge_files(const std::string& base_path, const std::string& 
   }
   if (!naming) {
     PEFT_THROW(format_error(base_path + ": no tensor for adapted module weight '" + first_missing +
-                            "' (tried <module>.weight, base_model.model.<module>.weight and without a leading 'model.')"));
+                            "' (tried <module>.weight, base_model.model.<module>.weight and "
+                            "without a leading 'model.')"));
   }
   report.naming = *naming;
 
@@ -145,7 +184,8 @@ inline MergeReport merge_files(const std::string& base_path, const std::string& 
     const std::string t = detail::base_tensor_name(m.name, *naming) + ".weight";
     const TensorInfo& info = base.info(t);
     if (info.shape.size() != 2) {
-      PEFT_THROW(format_error(base_path + ": '" + t + "' has shape " + info.shape_string() + ", expected a matrix"));
+      PEFT_THROW(format_error(base_path + ": '" + t + "' has shape " + info.shape_string() +
+                              ", expected a matrix"));
     }
     weights[t] = base.matrix<double>(t);
     tensor_of[m.name] = t;
@@ -155,12 +195,13 @@ inline MergeReport merge_files(const std::string& base_path, const std::string& 
     std::string t = detail::base_tensor_name(name, *naming);
     if (t.empty() || !base.contains(t)) t = name;
     if (!base.contains(t)) {
-      PEFT_THROW(format_error(adapter_dir + ": trained tensor '" + name + "' (modules_to_save) has no counterpart in " + base_path));
+      PEFT_THROW(format_error(adapter_dir + ": trained tensor '" + name +
+                              "' (modules_to_save) has no counterpart in " + base_path));
     }
     if (base.info(t).shape != tensor.shape) {
       PEFT_THROW(dimension_error(adapter_dir + ": trained tensor '" + name + "' has shape " +
-                                 TensorInfo{name, Dtype::f32, tensor.shape, 0, 0}.shape_string() + ", the base's '" + t +
-                                 "' " + base.info(t).shape_string()));
+                                 TensorInfo{name, Dtype::f32, tensor.shape, 0, 0}.shape_string() +
+                                 ", the base's '" + t + "' " + base.info(t).shape_string()));
     }
     replacements[t] = &tensor;
   }
@@ -168,15 +209,18 @@ inline MergeReport merge_files(const std::string& base_path, const std::string& 
   const bool transposed = folder.config.fan_in_fan_out;
   switch (folder.config.peft_type) {
     case PeftType::lora:
-      transposed ? detail::merge_weights<LoraLinear<double, Eigen::ColMajor>>(folder, weights, tensor_of, report)
+      transposed ? detail::merge_weights<LoraLinear<double, Eigen::ColMajor>>(folder, weights,
+                                                                              tensor_of, report)
                  : detail::merge_weights<LoraLinear<double>>(folder, weights, tensor_of, report);
       break;
     case PeftType::adalora:
-      transposed ? detail::merge_weights<AdaLoraLinear<double, Eigen::ColMajor>>(folder, weights, tensor_of, report)
+      transposed ? detail::merge_weights<AdaLoraLinear<double, Eigen::ColMajor>>(folder, weights,
+                                                                                 tensor_of, report)
                  : detail::merge_weights<AdaLoraLinear<double>>(folder, weights, tensor_of, report);
       break;
     case PeftType::vera:
-      transposed ? detail::merge_weights<VeraLinear<double, Eigen::ColMajor>>(folder, weights, tensor_of, report)
+      transposed ? detail::merge_weights<VeraLinear<double, Eigen::ColMajor>>(folder, weights,
+                                                                              tensor_of, report)
                  : detail::merge_weights<VeraLinear<double>>(folder, weights, tensor_of, report);
       break;
   }
