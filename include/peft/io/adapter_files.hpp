@@ -317,6 +317,15 @@ void apply(const AdapterFolder<FileScalar>& folder, AdapterSet<VeraLinear<Scalar
     max_out = std::max(max_out, set.module(m.name).weight.rows());
     max_in = std::max(max_in, set.module(m.name).weight.cols());
   }
+  // Regenerated projections take r · (max_in + max_out) values that no file paid for: r is bounded
+  // by the largest dimension of the layers served (ΔW's rank never exceeds min(out, in) anyway),
+  // so a small adapter cannot claim gigabytes.
+  if (!folder.vera_a.size() && !folder.modules.empty() && c.r > std::max(max_out, max_in)) {
+    PEFT_THROW(format_error("VERA adapter_config.json: r = " + std::to_string(c.r) +
+                            " exceeds the largest dimension of the layers it serves (" +
+                            std::to_string(std::max(max_out, max_in)) + "); the regenerated projections would hold " +
+                            std::to_string(double(c.r) * double(max_in + max_out)) + " values"));
+  }
   VeraProjections<Scalar> projections =
       folder.vera_a.size() ? VeraProjections<Scalar>::from_matrices(folder.vera_a, folder.vera_b, c.projection_prng_key)
                            : VeraProjections<Scalar>(c.r, std::max<Index>(max_out, 1), std::max<Index>(max_in, 1),
