@@ -45,7 +45,9 @@ int main(int argc, char** argv) {
     static const std::vector<std::string> lora_parts = {".lora_A.weight", ".lora_B.weight"};
     static const std::vector<std::string> adalora_parts = {".lora_A", ".lora_B", ".lora_E"};
     static const std::vector<std::string> vera_parts = {".vera_lambda_d", ".vera_lambda_b"};
-    const auto& parts = c.peft_type == PeftType::lora ? lora_parts : c.peft_type == PeftType::adalora ? adalora_parts : vera_parts;
+    const auto& parts = c.peft_type == PeftType::lora      ? lora_parts
+                        : c.peft_type == PeftType::adalora ? adalora_parts
+                                                           : vera_parts;
     std::map<std::string, std::set<std::string>> dtypes;
     for (const auto& m : folder.modules) {
       for (const auto& part : parts) {
@@ -55,7 +57,9 @@ int main(int argc, char** argv) {
     }
     const PatternMatcher<double> alphas(c.alpha_pattern);  // compiled once for all modules
     auto alpha_of = [&](const std::string& m) {
-      return c.peft_type == PeftType::lora ? alphas.first(m, c.lora_alpha) : c.peft_type == PeftType::adalora ? c.lora_alpha : 0.0;
+      return c.peft_type == PeftType::lora      ? alphas.first(m, c.lora_alpha)
+             : c.peft_type == PeftType::adalora ? c.lora_alpha
+                                                : 0.0;
     };
     using peft::io::detail::printable;
     if (json) {
@@ -99,10 +103,12 @@ int main(int argc, char** argv) {
       for (const auto& d : dtypes[m.name]) types += (types.empty() ? "" : ",") + d;
       const std::string shape = "[" + std::to_string(m.out_features()) + ", " +
                                 (m.in_features() ? std::to_string(m.in_features()) : std::string("?")) + "]";
-      std::printf("%-48s %5ld %8.4g %10.6g %12s %10ld  %s\n", printable(m.name).c_str(), long(m.rank), alpha_of(m.name),
-                  m.scaling, shape.c_str(), long(m.num_parameters()), types.c_str());
+      std::printf("%-48s %5ld %8.4g %10.6g %12s %10ld  %s\n", printable(m.name).c_str(),
+                  long(m.rank), alpha_of(m.name), m.scaling, shape.c_str(),
+                  long(m.num_parameters()), types.c_str());
     }
-    for (const auto& kv : folder.full_tensors) std::printf("trained copy of base tensor: %s\n", printable(kv.first).c_str());
+    for (const auto& kv : folder.full_tensors)
+      std::printf("trained copy of base tensor: %s\n", printable(kv.first).c_str());
     if (c.requires_modified_base()) {
       std::printf("note: init_lora_weights = %s: reproduces the trained model only on the base modified at "
                   "initialisation\n", c.init_lora_weights.dump().c_str());

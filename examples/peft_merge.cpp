@@ -51,10 +51,11 @@ int main(int argc, char** argv) {
     std::printf("base tensors named %s\n", peft::io::base_naming_name(report.naming));
     std::printf("%-48s %5s %8s %10s %12s\n", "module", "rank", "alpha", "scaling", "||dW||");
     for (const auto& m : report.modules) {
-      std::printf("%-48s %5ld %8.4g %10.6g %12.6g\n", printable(m.module).c_str(), static_cast<long>(m.rank), m.alpha,
-                  m.scaling, m.delta_norm);
+      std::printf("%-48s %5ld %8.4g %10.6g %12.6g\n", printable(m.module).c_str(),
+                  static_cast<long>(m.rank), m.alpha, m.scaling, m.delta_norm);
     }
-    for (const auto& r : report.replaced) std::printf("replaced by the adapter's trained copy: %s\n", printable(r).c_str());
+    for (const auto& r : report.replaced)
+      std::printf("replaced by the adapter's trained copy: %s\n", printable(r).c_str());
     if (report.requires_modified_base) {
       std::fprintf(stderr, "peft-merge: warning: init_lora_weights says this adapter was trained on a base "
                            "modified at initialisation (LoRA-GA/PiSSA/OLoRA); merge it into that base, or "

@@ -3,8 +3,8 @@
 // LoRA adapter over a caller-owned frozen dense weight: y = x Wᵀ + b + s (drop(x) Aᵀ) Bᵀ.
 #pragma once
 #include <peft/config.hpp>
-#include <peft/detail/checks.hpp>
 #include <peft/detail/checked_merge.hpp>
+#include <peft/detail/checks.hpp>
 #include <peft/detail/frozen_linear.hpp>
 #include <peft/detail/parameter_storage.hpp>
 #include <peft/error.hpp>
@@ -188,7 +188,8 @@ class LoraLinear {
     if (merged()) return false;
     base_.check_finite_parameters("merge_into()", parameters());
     // One pass over W: each rank-r sum is accumulated in registers and rounded once.
-    detail::add_low_rank_checked<Scalar, WeightOrder>(w, b(), a(), scaling_, base_.where("merge_into()"));
+    detail::add_low_rank_checked<Scalar, WeightOrder>(w, b(), a(), scaling_,
+                                                      base_.where("merge_into()"));
     base_.set_merged(true);
     return true;
   }
@@ -197,7 +198,8 @@ class LoraLinear {
   bool unmerge_from(WeightRef w) {
     base_.check_bound_weight("unmerge_from()", w);
     if (!merged()) return false;
-    detail::add_low_rank_checked<Scalar, WeightOrder>(w, b(), a(), -scaling_, base_.where("unmerge_from()"));
+    detail::add_low_rank_checked<Scalar, WeightOrder>(w, b(), a(), -scaling_,
+                                                      base_.where("unmerge_from()"));
     base_.set_merged(false);
     return true;
   }

@@ -28,8 +28,10 @@ namespace detail {
  * updated, checked, and restored from the copy if any entry overflowed.
  */
 template <typename Scalar, int Order, typename Left, typename Right>
-void add_low_rank_checked(Eigen::Ref<peft::Matrix<Scalar, Order>> w, const Eigen::MatrixBase<Left>& left,
-                          const Eigen::MatrixBase<Right>& right, Scalar alpha, const std::string& where) {
+void add_low_rank_checked(Eigen::Ref<peft::Matrix<Scalar, Order>> w,
+                          const Eigen::MatrixBase<Left>& left,
+                          const Eigen::MatrixBase<Right>& right, Scalar alpha,
+                          const std::string& where) {
   if (w.size() == 0) return;
   using Wide = long double;  // the bound itself must not overflow for double weights
   const Wide w_max = Wide(w.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
@@ -58,10 +60,10 @@ void add_low_rank_checked(Eigen::Ref<peft::Matrix<Scalar, Order>> w, const Eigen
   const double at = double(saved(bad_i, bad_j));
   w = saved;
   PEFT_THROW(numerical_error(where + ": W + ΔW overflows at [" + std::to_string(bad_i) + ", " +
-                             std::to_string(bad_j) + "] of the [" + std::to_string(w.rows()) + ", " +
-                             std::to_string(w.cols()) + "] weight (W there is " + std::to_string(at) +
-                             ", the update's bound " + std::to_string(double(delta)) +
-                             "); W left unchanged"));
+                             std::to_string(bad_j) + "] of the [" + std::to_string(w.rows()) +
+                             ", " + std::to_string(w.cols()) + "] weight (W there is " +
+                             std::to_string(at) + ", the update's bound " +
+                             std::to_string(double(delta)) + "); W left unchanged"));
 }
 
 }  // namespace detail

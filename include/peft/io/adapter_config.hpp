@@ -128,7 +128,8 @@ struct AdapterConfig {
    */
   double scaling_for(const std::string& module) const {
     switch (peft_type) {
-      case PeftType::lora: return lora_scaling(rank_for(module), alpha_for(module));
+      case PeftType::lora:
+        return lora_scaling(rank_for(module), alpha_for(module));
       case PeftType::adalora: return lora_alpha / (double(init_r) + 1e-5);
       case PeftType::vera: return 1.0;
     }
@@ -245,7 +246,8 @@ void splice_pattern(std::string& text, const char* name, const Pattern<Value>& p
   std::unordered_set<std::string> seen;
   for (const auto& [k, v] : pattern) {
     if (!seen.insert(k).second) continue;
-    obj += (seen.size() == 1 ? "\n    " : ",\n    ") + nlohmann::json(k).dump() + ": " + nlohmann::json(v).dump();
+    obj += (seen.size() == 1 ? "\n    " : ",\n    ") + nlohmann::json(k).dump() + ": " +
+           nlohmann::json(v).dump();
   }
   obj += seen.empty() ? "}" : "\n  }";
   text.replace(at, placeholder.size(), "\n  " + nlohmann::json(name).dump() + ": " + obj);
@@ -259,12 +261,14 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
   // side (they are first-match in file order). Nesting is capped: copying, converting or printing
   // a JSON value recurses per level, and no PEFT config nests deeper than a few levels.
   if (text.size() > max_config_bytes) {
-    PEFT_THROW(format_error(label + ": " + std::to_string(text.size()) + " bytes, larger than the " +
-                            std::to_string(max_config_bytes) + " any config needs"));
+    PEFT_THROW(format_error(label + ": " + std::to_string(text.size()) +
+                            " bytes, larger than the " + std::to_string(max_config_bytes) +
+                            " any config needs"));
   }
   std::map<std::string, std::vector<std::string>> order;
-  const nlohmann::json doc = detail::parse_json_strict(text, label, detail::JsonLimits{32, max_config_keys},
-                                                       {"rank_pattern", "alpha_pattern"}, &order);
+  const nlohmann::json doc =
+      detail::parse_json_strict(text, label, detail::JsonLimits{32, max_config_keys},
+                                {"rank_pattern", "alpha_pattern"}, &order);
   if (!doc.is_object()) PEFT_THROW(format_error(label + ": not a JSON object"));
   const detail::ConfigReader in(doc, label);
 
@@ -332,14 +336,16 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
       if (!v->is_array()) in.fail("rank_pattern", "entry '" + k + "' must be a list of booleans");
       std::vector<bool> mask;
       for (const auto& b : *v) {
-        if (!b.is_boolean()) in.fail("rank_pattern", "entry '" + k + "' must be a list of booleans");
+        if (!b.is_boolean())
+          in.fail("rank_pattern", "entry '" + k + "' must be a list of booleans");
         mask.push_back(b.get<bool>());
       }
       c.adalora_rank_pattern.emplace_back(k, std::move(mask));
     }
   } else if (c.peft_type == PeftType::lora) {
     for (const auto& [k, v] : pattern_of("rank_pattern")) {
-      if (!v->is_number_integer()) in.fail("rank_pattern", "entry '" + k + "' must be an integer rank");
+      if (!v->is_number_integer())
+        in.fail("rank_pattern", "entry '" + k + "' must be an integer rank");
       c.rank_pattern.emplace_back(k, v->get<Index>());
     }
     for (const auto& [k, v] : pattern_of("alpha_pattern")) {

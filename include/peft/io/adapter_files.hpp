@@ -323,7 +323,8 @@ void apply(const AdapterFolder<FileScalar>& folder, AdapterSet<VeraLinear<Scalar
   if (!folder.vera_a.size() && !folder.modules.empty() && c.r > std::max(max_out, max_in)) {
     PEFT_THROW(format_error("VERA adapter_config.json: r = " + std::to_string(c.r) +
                             " exceeds the largest dimension of the layers it serves (" +
-                            std::to_string(std::max(max_out, max_in)) + "); the regenerated projections would hold " +
+                            std::to_string(std::max(max_out, max_in)) +
+                            "); the regenerated projections would hold " +
                             std::to_string(double(c.r) * double(max_in + max_out)) + " values"));
   }
   VeraProjections<Scalar> projections =

@@ -120,8 +120,8 @@ class AdapterFolder {
   static AdapterFolder from_buffers(const std::string& config_json, std::string safetensors_bytes,
                                     const std::string& label = "<adapter>") {
     AdapterConfig config = AdapterConfig::parse(config_json, label + "/" + config_file_name);
-    const SafetensorsReader file =
-        SafetensorsReader::from_buffer(std::move(safetensors_bytes), label + "/" + weights_file_name);
+    const SafetensorsReader file = SafetensorsReader::from_buffer(std::move(safetensors_bytes),
+                                                                  label + "/" + weights_file_name);
     check_digest(file, config_json, label + "/" + config_file_name);
     return from_parts(std::move(config), file);
   }
@@ -243,8 +243,8 @@ class AdapterFolder {
     const std::string actual = detail::sha256_hex(config_text);
     if (it->second != actual) {
       PEFT_THROW(format_error(file.path() + ": these tensors were saved with a config of SHA-256 " +
-                              detail::printable(it->second.substr(0, 64)) + ", but " + config_label +
-                              " has SHA-256 " + actual +
+                              detail::printable(it->second.substr(0, 64)) + ", but " +
+                              config_label + " has SHA-256 " + actual +
                               ": the folder mixes files from two saves (or the config was edited "
                               "after saving); save the adapter again"));
     }
@@ -361,8 +361,9 @@ class AdapterFolder {
     if (work > max_pattern_work) {
       fail(file, std::to_string(found.size()) + " modules against " +
                      std::to_string(ranks.size() + alphas.size()) +
-                     " rank_pattern/alpha_pattern keys would take ~" + std::to_string(std::uint64_t(work)) +
-                     " matching steps, more than the " + std::to_string(std::uint64_t(max_pattern_work)) +
+                     " rank_pattern/alpha_pattern keys would take ~" +
+                     std::to_string(std::uint64_t(work)) + " matching steps, more than the " +
+                     std::to_string(std::uint64_t(max_pattern_work)) +
                      " allowed (use fewer regex keys)");
     }
     modules.reserve(found.size());
@@ -398,7 +399,8 @@ class AdapterFolder {
     if (!m.derived().array().isFinite().all()) fail(file, "tensor '" + name + "' holds NaN or infinite values");
   }
 
-  void check_module(const SafetensorsReader& file, ModuleTensors<Scalar>& m, const PatternMatcher<Index>& ranks,
+  void check_module(const SafetensorsReader& file, ModuleTensors<Scalar>& m,
+                    const PatternMatcher<Index>& ranks,
                     const PatternMatcher<double>& alphas) const {
     const std::string key = std::string(module_key_prefix) + m.name;
     auto require = [&](bool present, const char* part) {

@@ -86,15 +86,18 @@ void merge_weights(const AdapterFolder<double>& folder, std::map<std::string, Ro
     }
   }
   apply(folder, set);
-  const PatternMatcher<double> alphas(folder.config.alpha_pattern);  // compiled once, not per module
+  const PatternMatcher<double> alphas(
+      folder.config.alpha_pattern);  // compiled once, not per module
   for (const auto& m : folder.modules) {
     MergedModule r;
     r.module = m.name;
     r.tensor = tensor_of.at(m.name);
     r.rank = m.rank;
     r.scaling = m.scaling;
-    r.alpha = folder.config.peft_type == PeftType::lora ? alphas.first(m.name, folder.config.lora_alpha)
-              : folder.config.peft_type == PeftType::adalora ? folder.config.lora_alpha : 0.0;
+    r.alpha = folder.config.peft_type == PeftType::lora
+                  ? alphas.first(m.name, folder.config.lora_alpha)
+              : folder.config.peft_type == PeftType::adalora ? folder.config.lora_alpha
+                                                             : 0.0;
     r.delta_norm = set.adapter(m.name).delta_weight().norm();
     report.modules.push_back(r);
   }
@@ -102,7 +105,7 @@ void merge_weights(const AdapterFolder<double>& folder, std::map<std::string, Ro
 }
 
 inline MergeReport merge_files_impl(const std::string& base_path, const std::string& adapter_dir,
-                             const std::string& out_path, const MergeOptions& options);
+                                    const std::string& out_path, const MergeOptions& options);
 
 // Throws numerical_error if a finite value of tensor `name` would not be finite in `dtype`
 // (e.g. above 65504 in F16): the output would silently hold inf.
@@ -112,16 +115,24 @@ inline void check_representable(const std::string& out_path, const std::string& 
   // finite value of the dtype.
   double limit = 0;
   switch (dtype) {
-    case Dtype::f64: return;
-    case Dtype::f32: limit = 0x1.ffffffp+127; break;
-    case Dtype::bf16: limit = 0x1.ffp+127; break;
-    case Dtype::f16: limit = 65520.0; break;
+    case Dtype::f64:
+      return;
+    case Dtype::f32:
+      limit = 0x1.ffffffp+127;
+      break;
+    case Dtype::bf16:
+      limit = 0x1.ffp+127;
+      break;
+    case Dtype::f16:
+      limit = 65520.0;
+      break;
   }
   for (std::size_t i = 0; i < count; ++i) {
     const double v = values[i];
     if (std::isfinite(v) && std::fabs(v) >= limit) {
-      PEFT_THROW(numerical_error(out_path + ": tensor '" + printable(name) + "' element " + std::to_string(i) +
-                                 " = " + std::to_string(v) + " is out of the range of " + dtype_name(dtype) +
+      PEFT_THROW(numerical_error(out_path + ": tensor '" + printable(name) + "' element " +
+                                 std::to_string(i) + " = " + std::to_string(v) +
+                                 " is out of the range of " + dtype_name(dtype) +
                                  " (it would be written as inf); nothing was written"));
     }
   }
@@ -144,8 +155,9 @@ inline MergeReport merge_files(const std::string& base_path, const std::string& 
     return detail::merge_files_impl(base_path, adapter_dir, out_path, options);
   } catch (const std::bad_alloc&) {
     // The inputs are bounded by their file sizes, but a large base can still exceed the memory.
-    PEFT_THROW(io_error("merging " + adapter_dir + " into " + base_path +
-                        ": out of memory (the merge holds the adapted weights and the output in memory)"));
+    PEFT_THROW(
+        io_error("merging " + adapter_dir + " into " + base_path +
+                 ": out of memory (the merge holds the adapted weights and the output in memory)"));
   }
 #else
   return detail::merge_files_impl(base_path, adapter_dir, out_path, options);
@@ -153,11 +165,14 @@ inline MergeReport merge_files(const std::string& base_path, const std::string& 
 }
 
 // merge_files without the conversion of std::bad_alloc into io_error.
-inline MergeReport detail::merge_files_impl(const std::string& base_path, const std::string& adapter_dir,
-                                            const std::string& out_path, const MergeOptions& options) {
+inline MergeReport detail::merge_files_impl(const std::string& base_path,
+                                            const std::string& adapter_dir,
+                                            const std::string& out_path,
+                                            const MergeOptions& options) {
   const AdapterFolder<double> folder = AdapterFolder<double>::load(adapter_dir);
   if (folder.modules.empty() && folder.full_tensors.empty()) {
-    PEFT_THROW(format_error(adapter_dir + ": the adapter has no tensors; merging it would only copy the base"));
+    PEFT_THROW(format_error(adapter_dir +
+                            ": the adapter has no tensors; merging it would only copy the base"));
   }
   const SafetensorsReader base(base_path);
   MergeReport report;
@@ -211,8 +226,9 @@ inline MergeReport detail::merge_files_impl(const std::string& base_path, const 
                                  "' " + base.info(t).shape_string()));
     }
     if (weights.count(t)) {
-      PEFT_THROW(format_error(adapter_dir + ": trained tensor '" + printable(name) + "' (modules_to_save) replaces '" +
-                              t + "', the weight an adapter is merged into; PEFT never saves both"));
+      PEFT_THROW(format_error(adapter_dir + ": trained tensor '" + printable(name) +
+                              "' (modules_to_save) replaces '" + t +
+                              "', the weight an adapter is merged into; PEFT never saves both"));
     }
     replacements[t] = &tensor;
   }

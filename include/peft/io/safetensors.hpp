@@ -367,7 +367,8 @@ class SafetensorsReader {
     const std::uint64_t data_size = file_size_ - data_start_;
     // Duplicate names are refused: the reference reader keeps one of them, another reader might
     // keep the other, and the two would load different adapters from the same bytes.
-    const nlohmann::json header = detail::parse_json_strict(text, detail::printable(label_) + ": header", detail::JsonLimits{});
+    const nlohmann::json header = detail::parse_json_strict(
+        text, detail::printable(label_) + ": header", detail::JsonLimits{});
     if (!header.is_object()) fail("header is not a JSON object");
     for (auto it = header.begin(); it != header.end(); ++it) {
       const std::string& key = it.key();

@@ -7,8 +7,8 @@
 #include <peft/error.hpp>
 
 #include <atomic>
-#include <cstdint>
 #include <cerrno>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -17,14 +17,14 @@
 #  include <filesystem>
 #  include <fstream>
 #else
-#  include <dirent.h>
-#  include <fcntl.h>
-#  include <signal.h>
 #  include <sys/stat.h>
-#  include <unistd.h>
 
 #  include <climits>
 #  include <cstdlib>
+#  include <dirent.h>
+#  include <fcntl.h>
+#  include <signal.h>
+#  include <unistd.h>
 #endif
 
 PEFT_NAMESPACE_BEGIN
@@ -239,7 +239,8 @@ class AtomicFileWriter {
     char* resolved = ::realpath(path_.c_str(), nullptr);
     if (!resolved) {
       const int err = errno;
-      PEFT_THROW(io_error(path_ + ": cannot write through this symlink (" + std::strerror(err) + ")"));
+      PEFT_THROW(
+          io_error(path_ + ": cannot write through this symlink (" + std::strerror(err) + ")"));
     }
     path_ = resolved;
     std::free(resolved);

@@ -23,12 +23,14 @@ inline std::uintmax_t require_regular_file(const std::string& path) {
   std::error_code ec;
   const std::filesystem::file_status st = std::filesystem::status(path, ec);
   if (ec || !std::filesystem::exists(st)) {
-    PEFT_THROW(io_error(path + ": cannot open (" + (ec ? ec.message() : std::string("not found")) + ")"));
+    PEFT_THROW(
+        io_error(path + ": cannot open (" + (ec ? ec.message() : std::string("not found")) + ")"));
   }
   if (!std::filesystem::is_regular_file(st)) {
     PEFT_THROW(io_error(path + ": not a regular file (" +
-                        (std::filesystem::is_directory(st) ? "a folder" :
-                         std::filesystem::is_fifo(st) ? "a FIFO" : "a device or socket") +
+                        (std::filesystem::is_directory(st) ? "a folder"
+                         : std::filesystem::is_fifo(st)    ? "a FIFO"
+                                                           : "a device or socket") +
                         "); peft reads only regular files"));
   }
   const std::uintmax_t size = std::filesystem::file_size(path, ec);

@@ -27,81 +27,102 @@ struct JsonLimits {
 };
 
 /**
- * Parses `text`; throws format_error "<label> is not valid JSON (...)" / "<label> has ..." for invalid JSON, a duplicate key (named
- * with its object), too deep nesting or too many keys. For each name in `ordered` that is an
- * object member of the top-level object, `order[name]` receives its members' keys in file order.
+ * nlohmann's DOM builder (linear, unlike its callback parser, which rescans the parent object
+ * after every child: quadratic) with the checks layered on its SAX events.
  */
-inline nlohmann::json parse_json_strict(const std::string& text, const std::string& label, const JsonLimits& limits,
-                                        const std::vector<std::string>& ordered = {},
-                                        std::map<std::string, std::vector<std::string>>* order = nullptr) {
-  using json = nlohmann::json;
+class StrictSax : public nlohmann::detail::json_sax_dom_parser<nlohmann::json> {
+  using Base = nlohmann::detail::json_sax_dom_parser<nlohmann::json>;
+
+ public:
+  StrictSax(nlohmann::json& doc, const JsonLimits& limits, const std::vector<std::string>& ordered,
+            std::map<std::string, std::vector<std::string>>* order)
+      : Base(doc, false), limits_(limits), ordered_(ordered), order_(order) {}
+
+  std::string fault;   ///< set when a check refused the document
+  std::string syntax;  ///< the parser's message for invalid JSON
+
+  bool start_object(std::size_t n) {
+    std::vector<std::string>* rec = nullptr;
+    if (order_ && stack_.size() == 1 && stack_[0].object) {
+      for (const auto& name : ordered_)
+        if (name == last_key_) rec = &(*order_)[name];
+      if (rec) rec->clear();
+    }
+    return push(true, rec) && Base::start_object(n);
+  }
+  bool start_array(std::size_t n) { return push(false, nullptr) && Base::start_array(n); }
+  bool end_object() {
+    stack_.pop_back();
+    return Base::end_object();
+  }
+  bool end_array() {
+    stack_.pop_back();
+    return Base::end_array();
+  }
+  bool key(std::string& k) {
+    if (limits_.max_keys && ++keys_ > limits_.max_keys) {
+      fault = "has more than " + std::to_string(limits_.max_keys) + " object keys";
+      return false;
+    }
+    Frame& f = stack_.back();
+    if (!f.keys.insert(k).second) {
+      fault = "has a duplicate key \"" + printable(k.size() > 80 ? k.substr(0, 80) + "..." : k) +
+              "\"" + (stack_.size() == 1 ? " at the top level" : " in an object");
+      return false;
+    }
+    if (f.order) f.order->push_back(k);
+    last_key_ = k;
+    return Base::key(k);
+  }
+  template <class Exception>
+  bool parse_error(std::size_t, const std::string&, const Exception& e) {
+    syntax = e.what();
+    return false;
+  }
+
+ private:
   struct Frame {
     bool object;
     std::unordered_set<std::string> keys;
     std::vector<std::string>* order;  // set for a recorded top-level member
   };
-  std::vector<Frame> stack;
-  std::string last_key, duplicate, fault;
-  std::size_t keys = 0;
-  const auto shorten = [](const std::string& s) { return s.size() > 80 ? s.substr(0, 80) + "..." : s; };
-  const auto callback = [&](int, json::parse_event_t event, json& parsed) -> bool {
-    if (!fault.empty()) return false;  // discard the rest once refused
-    switch (event) {
-      case json::parse_event_t::object_start:
-      case json::parse_event_t::array_start: {
-        std::vector<std::string>* rec = nullptr;
-        if (order && event == json::parse_event_t::object_start && stack.size() == 1 && stack[0].object) {
-          for (const auto& name : ordered)
-            if (name == last_key) rec = &(*order)[name];
-          if (rec) rec->clear();
-        }
-        stack.push_back(Frame{event == json::parse_event_t::object_start, {}, rec});
-        if (limits.max_depth && stack.size() > limits.max_depth) {
-          fault = "nests deeper than " + std::to_string(limits.max_depth) + " levels";
-          return false;
-        }
-        return true;
-      }
-      case json::parse_event_t::object_end:
-      case json::parse_event_t::array_end:
-        if (!stack.empty()) stack.pop_back();
-        return true;
-      case json::parse_event_t::key: {
-        last_key = parsed.get<std::string>();
-        if (limits.max_keys && ++keys > limits.max_keys) {
-          fault = "has more than " + std::to_string(limits.max_keys) + " object keys";
-          return false;
-        }
-        if (stack.empty()) return true;
-        Frame& f = stack.back();
-        if (!f.keys.insert(last_key).second) {
-          fault = "has a duplicate key \"" + printable(shorten(last_key)) + "\"" +
-                  (stack.size() == 1 ? std::string(" at the top level") : std::string(" in an object"));
-          return false;
-        }
-        if (f.order) f.order->push_back(last_key);
-        return true;
-      }
-      case json::parse_event_t::value: return true;
+  bool push(bool object, std::vector<std::string>* rec) {
+    stack_.push_back(Frame{object, {}, rec});
+    if (limits_.max_depth && stack_.size() > limits_.max_depth) {
+      fault = "nests deeper than " + std::to_string(limits_.max_depth) + " levels";
+      return false;
     }
     return true;
-  };
-  json doc;
-#ifndef PEFT_NO_EXCEPTIONS
-  try {
-    doc = json::parse(text, callback);
-  } catch (const json::exception& e) {
-    if (fault.empty()) {
-      std::string why = e.what();  // quotes the offending token, which may be the whole text
-      if (why.size() > 300) why = why.substr(0, 300) + "...";
-      PEFT_THROW(format_error(label + " is not valid JSON (" + why + ")"));
-    }
   }
-#else
-  doc = json::parse(text, callback, false);
-  if (doc.is_discarded() && fault.empty()) PEFT_THROW(format_error(label + " is not valid JSON"));
-#endif
-  if (!fault.empty()) PEFT_THROW(format_error(label + " " + fault));
+
+  JsonLimits limits_;
+  const std::vector<std::string>& ordered_;
+  std::map<std::string, std::vector<std::string>>* order_;
+  std::vector<Frame> stack_;
+  std::string last_key_;
+  std::size_t keys_ = 0;
+};
+
+/**
+ * Parses `text` in linear time; throws format_error "<label> is not valid JSON (...)" or "<label>
+ * has ..." for invalid JSON, a duplicate key, too deep nesting or too many keys. For each name in
+ * `ordered` that is an object member of the top-level object, `order[name]` receives its members'
+ * keys in file order.
+ */
+inline nlohmann::json parse_json_strict(
+    const std::string& text, const std::string& label, const JsonLimits& limits,
+    const std::vector<std::string>& ordered = {},
+    std::map<std::string, std::vector<std::string>>* order = nullptr) {
+  nlohmann::json doc;
+  StrictSax sax(doc, limits, ordered, order);
+  const bool ok = nlohmann::json::sax_parse(text, &sax);
+  if (!sax.fault.empty()) PEFT_THROW(format_error(label + " " + sax.fault));
+  if (!ok) {
+    std::string why = sax.syntax;  // quotes the offending token, which may be the whole text
+    if (why.size() > 300) why = why.substr(0, 300) + "...";
+    PEFT_THROW(format_error(label + " is not valid JSON" +
+                            (why.empty() ? std::string() : " (" + why + ")")));
+  }
   return doc;
 }
 

@@ -88,9 +88,7 @@ class PatternKey {
     prog_.push_back(Inst{op, 0, x, 0});
     return prog_.size() - 1;
   }
-  void emit_char(unsigned char c) {
-    prog_.push_back(Inst{Op::ch, c, 0, 0});
-  }
+  void emit_char(unsigned char c) { prog_.push_back(Inst{Op::ch, c, 0, 0}); }
 
   // ---- the literal fast path: [^] (char | \punct | .)* [$] ------------------------------------
 
@@ -139,8 +137,19 @@ class PatternKey {
 
   static bool is_special(char c) {
     switch (c) {
-      case '*': case '+': case '?': case '(': case ')': case '[': case ']': case '{': case '}':
-      case '|': case '^': case '$': case '\\':
+      case '*':
+      case '+':
+      case '?':
+      case '(':
+      case ')':
+      case '[':
+      case ']':
+      case '{':
+      case '}':
+      case '|':
+      case '^':
+      case '$':
+      case '\\':
         return true;
       default:
         return false;
@@ -238,13 +247,26 @@ class PatternKey {
         ++pos_;
         return;
       }
-      case ')': fail("has an unmatched ')'");
-      case '*': case '+': case '?': fail("has nothing to repeat before '" + std::string(1, c) + "'");
-      case '{': fail("uses a {m,n} repetition, which peft does not support");
-      case '.': emit(Op::any); return;
-      case '^': emit(Op::begin); return;
-      case '$': emit(Op::end); return;
-      case '[': parse_class(); return;
+      case ')':
+        fail("has an unmatched ')'");
+      case '*':
+      case '+':
+      case '?':
+        fail("has nothing to repeat before '" + std::string(1, c) + "'");
+      case '{':
+        fail("uses a {m,n} repetition, which peft does not support");
+      case '.':
+        emit(Op::any);
+        return;
+      case '^':
+        emit(Op::begin);
+        return;
+      case '$':
+        emit(Op::end);
+        return;
+      case '[':
+        parse_class();
+        return;
       case '\\': {
         std::bitset<256> set;
         if (!more()) fail("ends in a lone '\\'");
@@ -253,7 +275,9 @@ class PatternKey {
         emit_char(static_cast<unsigned char>(escape_char(e)));
         return;
       }
-      default: emit_char(static_cast<unsigned char>(c)); return;
+      default:
+        emit_char(static_cast<unsigned char>(c));
+        return;
     }
   }
 
@@ -263,32 +287,53 @@ class PatternKey {
       for (int b = 0; b < 256; ++b) set[std::size_t(b)] = in(b) != negate;
     };
     switch (e) {
-      case 'd': fill([](int b) { return b >= '0' && b <= '9'; }, false); return true;
-      case 'D': fill([](int b) { return b >= '0' && b <= '9'; }, true); return true;
-      case 'w': fill(is_word, false); return true;
-      case 'W': fill(is_word, true); return true;
-      case 's': fill(is_space, false); return true;
-      case 'S': fill(is_space, true); return true;
-      default: return false;
+      case 'd':
+        fill([](int b) { return b >= '0' && b <= '9'; }, false);
+        return true;
+      case 'D':
+        fill([](int b) { return b >= '0' && b <= '9'; }, true);
+        return true;
+      case 'w':
+        fill(is_word, false);
+        return true;
+      case 'W':
+        fill(is_word, true);
+        return true;
+      case 's':
+        fill(is_space, false);
+        return true;
+      case 'S':
+        fill(is_space, true);
+        return true;
+      default:
+        return false;
     }
   }
   // Non-ASCII bytes count as word characters: Python's \w accepts letters of any script.
   static bool is_word(int b) {
-    return (b >= '0' && b <= '9') || (b >= 'a' && b <= 'z') || (b >= 'A' && b <= 'Z') || b == '_' || b >= 0x80;
+    return (b >= '0' && b <= '9') || (b >= 'a' && b <= 'z') || (b >= 'A' && b <= 'Z') || b == '_' ||
+           b >= 0x80;
   }
   static bool is_space(int b) { return b == ' ' || (b >= '\t' && b <= '\r'); }
 
   char escape_char(char e) const {
     switch (e) {
-      case 'n': return '\n';
-      case 't': return '\t';
-      case 'r': return '\r';
-      case 'f': return '\f';
-      case 'v': return '\v';
-      default: break;
+      case 'n':
+        return '\n';
+      case 't':
+        return '\t';
+      case 'r':
+        return '\r';
+      case 'f':
+        return '\f';
+      case 'v':
+        return '\v';
+      default:
+        break;
     }
     if (is_punct(e) || e == ' ') return e;
-    if (e >= '0' && e <= '9') fail("uses a backreference (\\" + std::string(1, e) + "), which peft does not support");
+    if (e >= '0' && e <= '9')
+      fail("uses a backreference (\\" + std::string(1, e) + "), which peft does not support");
     fail("uses the escape \\" + std::string(1, e) + ", which peft does not support");
   }
 
@@ -341,7 +386,8 @@ class PatternKey {
   // Adds state pc (and everything reachable through jumps, splits and satisfied assertions) to
   // the list `next`; `mark` holds the step at which a state was last added.
   void add(std::vector<std::size_t>& list, std::vector<std::size_t>& mark, std::size_t step,
-           std::size_t pc, std::size_t at, std::size_t size, std::vector<std::size_t>& stack) const {
+           std::size_t pc, std::size_t at, std::size_t size,
+           std::vector<std::size_t>& stack) const {
     stack.clear();
     stack.push_back(pc);
     while (!stack.empty()) {
@@ -351,7 +397,9 @@ class PatternKey {
       mark[p] = step;
       const Inst& inst = prog_[p];
       switch (inst.op) {
-        case Op::jump: stack.push_back(inst.x); break;
+        case Op::jump:
+          stack.push_back(inst.x);
+          break;
         case Op::split:
           stack.push_back(inst.y);
           stack.push_back(inst.x);
@@ -362,7 +410,9 @@ class PatternKey {
         case Op::end:
           if (at == size) stack.push_back(p + 1);
           break;
-        default: list.push_back(p); break;
+        default:
+          list.push_back(p);
+          break;
       }
     }
   }
@@ -383,7 +433,9 @@ class PatternKey {
         }
         if (i == s.size()) continue;
         const unsigned char c = static_cast<unsigned char>(s[i]);
-        const bool ok = inst.op == Op::ch ? c == inst.c : inst.op == Op::any ? c != '\n' : sets_[inst.x][c];
+        const bool ok = inst.op == Op::ch    ? c == inst.c
+                        : inst.op == Op::any ? c != '\n'
+                                             : sets_[inst.x][c];
         if (ok) add(next, mark, i + 1, p + 1, i + 1, s.size(), stack);
       }
       if (next.empty()) return false;
