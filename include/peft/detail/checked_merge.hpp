@@ -34,7 +34,8 @@ void add_low_rank_checked(Eigen::Ref<peft::Matrix<Scalar, Order>> w,
                           const std::string& where) {
   if (w.size() == 0) return;
   using Wide = long double;  // the bound itself must not overflow for double weights
-  const Wide w_max = Wide(w.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>());
+  // Vectorised max (NaN may be skipped: a NaN entry stays NaN through the update either way).
+  const Wide w_max = Wide(w.cwiseAbs().maxCoeff());
   Wide delta = 0;
   for (Index k = 0; k < left.cols(); ++k) {
     delta += Wide(left.col(k).cwiseAbs().maxCoeff()) * Wide(right.row(k).cwiseAbs().maxCoeff());
@@ -43,7 +44,7 @@ void add_low_rank_checked(Eigen::Ref<peft::Matrix<Scalar, Order>> w,
   const Wide eps = Wide(std::numeric_limits<Scalar>::epsilon());
   const Wide bound = (w_max + delta) * (1 + eps * Wide(left.cols() + 4));
   const Wide largest = Wide(std::numeric_limits<Scalar>::max());
-  if (std::isnan(w_max) || !(w_max <= largest)) {
+  if (!(w_max <= largest)) {
     PEFT_THROW(numerical_error(where + ": W already holds a non-finite value; W left unchanged"));
   }
   if (bound <= largest) {
