@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 
 #include <csignal>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -159,6 +160,27 @@ TEST_CASE("2,000 modules x 4,000 pattern keys: compiled once, answered at once",
   check_throws<format_error>(
       [&] { (void)(io::AdapterFolder<float>::from_buffers(regex, zero_byte_lora_tensors(2000))); },
       "matching steps");
+}
+
+TEST_CASE("merge_files: 2,000 modules x 4,000 pattern keys, each key compiled once",
+          "[io][hostile][pattern]") {
+  const fs::path dir = fresh_dir("merge_keys");
+  std::string config = R"({"peft_type":"LORA","r":2,"lora_alpha":4,"alpha_pattern":{)";
+  for (int k = 0; k < 4000; ++k)
+    config += (k ? "," : "") + std::string("\"layers.") + std::to_string(k) + ".k_proj\":4";
+  config += "}}";
+  fs::create_directories(dir / "adapter");
+  spit(dir / "adapter" / "adapter_config.json", config);
+  spit(dir / "adapter" / "adapter_model.safetensors", zero_byte_lora_tensors(2000));
+  io::SafetensorsWriter base;
+  for (int i = 0; i < 2000; ++i)
+    base.add("model.layers." + std::to_string(i) + ".q_proj.weight", RowMatrix<float>(0, 0));
+  base.save((dir / "base.safetensors").string());
+  const auto report =
+      io::merge_files((dir / "base.safetensors").string(), (dir / "adapter").string(),
+                      (dir / "out.safetensors").string());
+  CHECK(report.modules.size() == 2000);
+  fs::remove_all(dir);
 }
 
 TEST_CASE("config parsing is linear, bounded, and refuses duplicate keys", "[io][hostile][json]") {
@@ -459,4 +481,15 @@ TEST_CASE("names with control bytes print whole", "[io][hostile]") {
                                                       w.serialize()));
       },
       "x\\x00y");
+}
+
+// Not run by default ("[.fixture]"): ctest runs it to write the folder that the tool test
+// tool_inspect_20k_modules hands to peft-inspect (whose dtype table was O(tensors x modules)).
+TEST_CASE("write a 20,000-module adapter folder for peft-inspect", "[.fixture]") {
+  const char* out = std::getenv("PEFT_HOSTILE_FIXTURE_DIR");
+  REQUIRE(out != nullptr);
+  fs::create_directories(out);
+  spit(fs::path(out) / "adapter_config.json", R"({"peft_type":"LORA","r":2,"lora_alpha":4})");
+  spit(fs::path(out) / "adapter_model.safetensors", zero_byte_lora_tensors(20000));
+  CHECK(io::AdapterFolder<float>::load(out).modules.size() == 20000);
 }

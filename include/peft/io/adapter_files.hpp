@@ -160,11 +160,12 @@ void apply(const AdapterFolder<FileScalar>& folder, AdapterSet<LoraLinear<Scalar
   using Adapter = LoraLinear<Scalar, Order>;
   detail::check_against(folder, set, PeftType::lora);
   std::vector<std::pair<std::string, std::unique_ptr<Adapter>>> built;
+  const PatternMatcher<double> alphas(folder.config.alpha_pattern);  // compiled once, not per module
   for (const auto& m : folder.modules) {
     const auto& mod = set.module(m.name);
     LoraOptions o;
     o.r = m.rank;
-    o.lora_alpha = folder.config.alpha_for(m.name);
+    o.lora_alpha = alphas.first(m.name, folder.config.lora_alpha);
     o.use_rslora = folder.config.use_rslora;
     o.lora_dropout = folder.config.lora_dropout;
     auto adapter = std::make_unique<Adapter>(mod.weight, mod.bias, o);
