@@ -398,18 +398,6 @@ inline void AdapterConfig::validate(const std::string& label) const {
     if (rank < 0) fail("rank_pattern['" + key + "'] = " + std::to_string(rank) + " is negative");
   for (const auto& [key, alpha] : alpha_pattern)
     if (!std::isfinite(alpha)) fail("alpha_pattern['" + key + "'] is not finite");
-  // Every key compiles (a key outside the supported regex subset is refused here, naming it).
-#ifndef PEFT_NO_EXCEPTIONS
-  try {
-    for (const auto& kv : rank_pattern) detail::PatternKey key(kv.first);
-    for (const auto& kv : alpha_pattern) detail::PatternKey key(kv.first);
-  } catch (const config_error& e) {
-    fail(std::string("rank_pattern/alpha_pattern: ") + e.what());
-  }
-#else
-  for (const auto& kv : rank_pattern) detail::PatternKey key(kv.first);
-  for (const auto& kv : alpha_pattern) detail::PatternKey key(kv.first);
-#endif
   if (!std::isfinite(lora_alpha)) fail("lora_alpha is not finite");
   if (peft_type == PeftType::adalora) {
     if (init_r <= 0) fail("init_r = " + std::to_string(init_r) + ", must be positive");
