@@ -10,6 +10,7 @@
 #include <peft/io/merge.hpp>
 #include <peft/lora.hpp>
 
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -468,6 +469,39 @@ TEST_CASE("peft-merge refuses empty adapters and a dropped modules_to_save copy"
   CHECK_FALSE(fs::exists(out));
   fs::remove_all(dir);
 }
+
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+TEST_CASE("running out of memory while loading is an io_error, not std::bad_alloc",
+          "[io][hostile]") {
+  // A 40 MB F16 modules_to_save tensor read as double needs 160 MB; the child process gets 64 MB
+  // of address space beyond what it already uses.
+  io::SafetensorsWriter w;
+  const Vector<float> big = Vector<float>::Zero(20'000'000);
+  w.add_raw("base_model.model.lm_head.weight", io::Dtype::f16, {20'000'000}, big.data());
+  std::string bytes = w.serialize();
+  const pid_t child = ::fork();
+  if (child == 0) {
+    long pages = 0;
+    std::ifstream("/proc/self/statm") >> pages;
+    const rlim_t cap = rlim_t(pages) * rlim_t(::sysconf(_SC_PAGESIZE)) + (rlim_t(64) << 20);
+    const rlimit lim{cap, cap};
+    ::setrlimit(RLIMIT_AS, &lim);
+    try {
+      (void)io::AdapterFolder<double>::from_buffers(R"({"peft_type":"LORA","r":2})",
+                                                    std::move(bytes));
+    } catch (const io_error&) {
+      ::_exit(0);
+    } catch (...) {
+      ::_exit(2);
+    }
+    ::_exit(1);
+  }
+  int status = 0;
+  ::waitpid(child, &status, 0);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
+}
+#endif
 
 TEST_CASE("names with control bytes print whole", "[io][hostile]") {
   CHECK(io::detail::printable(std::string("a\0b\n", 4)) == "a\\x00b\\x0a");
