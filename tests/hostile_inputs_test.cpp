@@ -55,10 +55,11 @@ std::vector<std::string> temp_files(const fs::path& dir) {
   return out;
 }
 
-// A LORA folder in memory: `modules` modules with 0-byte tensors (in = out = 0) at rank 2.
-std::string zero_byte_lora_tensors(int modules) {
+// A LORA folder's tensors in memory: `modules` modules at rank 2 over [size, size] weights (0:
+// 0-byte tensors).
+std::string zero_byte_lora_tensors(int modules, Index size = 0) {
   io::SafetensorsWriter w;
-  const RowMatrix<float> a(2, 0), b(0, 2);
+  const RowMatrix<float> a = RowMatrix<float>::Zero(2, size), b = RowMatrix<float>::Zero(size, 2);
   for (int i = 0; i < modules; ++i) {
     const std::string m = "base_model.model.model.layers." + std::to_string(i) + ".q_proj";
     w.add(m + ".lora_A.weight", a);
@@ -171,10 +172,10 @@ TEST_CASE("merge_files: 2,000 modules x 4,000 pattern keys, each key compiled on
   config += "}}";
   fs::create_directories(dir / "adapter");
   spit(dir / "adapter" / "adapter_config.json", config);
-  spit(dir / "adapter" / "adapter_model.safetensors", zero_byte_lora_tensors(2000));
+  spit(dir / "adapter" / "adapter_model.safetensors", zero_byte_lora_tensors(2000, 2));
   io::SafetensorsWriter base;
   for (int i = 0; i < 2000; ++i)
-    base.add("model.layers." + std::to_string(i) + ".q_proj.weight", RowMatrix<float>(0, 0));
+    base.add("model.layers." + std::to_string(i) + ".q_proj.weight", RowMatrix<float>::Ones(2, 2));
   base.save((dir / "base.safetensors").string());
   const auto report =
       io::merge_files((dir / "base.safetensors").string(), (dir / "adapter").string(),
