@@ -12,11 +12,18 @@
 #include <peft/types.hpp>
 
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <string>
 
 PEFT_NAMESPACE_BEGIN
 namespace detail {
+
+inline std::string merge_number_text(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.6g", v);
+  return buf;
+}
 
 /**
  * w += alpha · left · right through add_low_rank, or numerical_error (naming `where`, the entry
@@ -63,8 +70,8 @@ void add_low_rank_checked(Eigen::Ref<peft::Matrix<Scalar, Order>> w,
   PEFT_THROW(numerical_error(where + ": W + ΔW overflows at [" + std::to_string(bad_i) + ", " +
                              std::to_string(bad_j) + "] of the [" + std::to_string(w.rows()) +
                              ", " + std::to_string(w.cols()) + "] weight (W there is " +
-                             std::to_string(at) + ", the update's bound " +
-                             std::to_string(double(delta)) + "); W left unchanged"));
+                             merge_number_text(at) + ", the update's bound " +
+                             merge_number_text(double(delta)) + "); W left unchanged"));
 }
 
 }  // namespace detail

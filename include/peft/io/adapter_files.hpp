@@ -326,7 +326,9 @@ void apply(const AdapterFolder<FileScalar>& folder, AdapterSet<VeraLinear<Scalar
                             " exceeds the largest dimension of the layers it serves (" +
                             std::to_string(std::max(max_out, max_in)) +
                             "); the regenerated projections would hold " +
-                            std::to_string(double(c.r) * double(max_in + max_out)) + " values"));
+                            std::to_string(static_cast<unsigned long long>(c.r) *
+                                           static_cast<unsigned long long>(max_in + max_out)) +
+                            " values"));
   }
   VeraProjections<Scalar> projections =
       folder.vera_a.size() ? VeraProjections<Scalar>::from_matrices(folder.vera_a, folder.vera_b, c.projection_prng_key)

@@ -8,6 +8,7 @@
 #include <peft/io/safetensors.hpp>
 
 #include <cmath>
+#include <cstdio>
 #include <map>
 #include <new>
 #include <optional>
@@ -107,6 +108,13 @@ void merge_weights(const AdapterFolder<double>& folder, std::map<std::string, Ro
 inline MergeReport merge_files_impl(const std::string& base_path, const std::string& adapter_dir,
                                     const std::string& out_path, const MergeOptions& options);
 
+// A double as "%.9g" (std::to_string prints 1e40 with forty digits).
+inline std::string shortest(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  return buf;
+}
+
 // Throws numerical_error if a finite value of tensor `name` would not be finite in `dtype`
 // (e.g. above 65504 in F16): the output would silently hold inf.
 inline void check_representable(const std::string& out_path, const std::string& name, Dtype dtype,
@@ -131,7 +139,7 @@ inline void check_representable(const std::string& out_path, const std::string& 
     const double v = values[i];
     if (std::isfinite(v) && std::fabs(v) >= limit) {
       PEFT_THROW(numerical_error(out_path + ": tensor '" + printable(name) + "' element " +
-                                 std::to_string(i) + " = " + std::to_string(v) +
+                                 std::to_string(i) + " = " + shortest(v) +
                                  " is out of the range of " + dtype_name(dtype) +
                                  " (it would be written as inf); nothing was written"));
     }
