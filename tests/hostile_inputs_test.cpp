@@ -130,6 +130,15 @@ TEST_CASE("pattern keys: PEFT's rule without backtracking blow-ups", "[io][hosti
   const auto lookbehind =
       io::AdapterConfig::parse(R"({"peft_type":"LORA","rank_pattern":{"(?<=a)b":4}})");
   check_throws<config_error>([&] { (void)lookbehind.rank_for("model.b"); }, "(?<=a)b");
+  io::SafetensorsWriter w;
+  w.add("base_model.model.model.b.lora_A.weight", RowMatrix<float>(8, 0));
+  w.add("base_model.model.model.b.lora_B.weight", RowMatrix<float>(0, 8));
+  check_throws<config_error>(
+      [&] {
+        (void)io::AdapterFolder<float>::from_buffers(
+            R"({"peft_type":"LORA","rank_pattern":{"(?<=a)b":4}})", w.serialize(), "dir");
+      },
+      "dir/adapter_model.safetensors (with its adapter_config.json): pattern key '(?<=a)b'");
 }
 
 TEST_CASE("the 109-byte config against a 60-a module loads at once", "[io][hostile][pattern]") {

@@ -353,8 +353,19 @@ class AdapterFolder {
       }
     }
     // Pattern keys are compiled once for all modules, and the matching work is bounded first.
-    const PatternMatcher<Index> ranks(config.rank_pattern);
-    const PatternMatcher<double> alphas(config.alpha_pattern);
+    PatternMatcher<Index> ranks;
+    PatternMatcher<double> alphas;
+#ifndef PEFT_NO_EXCEPTIONS
+    try {  // a key outside the supported regex subset: name the file too
+      ranks = PatternMatcher<Index>(config.rank_pattern);
+      alphas = PatternMatcher<double>(config.alpha_pattern);
+    } catch (const config_error& e) {
+      PEFT_THROW(config_error(file.path() + " (with its adapter_config.json): " + e.what()));
+    }
+#else
+    ranks = PatternMatcher<Index>(config.rank_pattern);
+    alphas = PatternMatcher<double>(config.alpha_pattern);
+#endif
     std::size_t chars = 0;
     for (const auto& kv : found) chars += kv.first.size();
     const double work = ranks.cost(found.size(), chars) + alphas.cost(found.size(), chars);
