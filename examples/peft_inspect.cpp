@@ -14,6 +14,7 @@
 #include <map>
 #include <set>
 #include <string>
+#include <vector>
 
 int main(int argc, char** argv) {
   std::string dir;
@@ -53,19 +54,29 @@ int main(int argc, char** argv) {
     for (const auto& w : folder.warnings)
       std::fprintf(stderr, "peft-inspect: warning: %s\n", w.c_str());
     const SafetensorsReader file((std::filesystem::path(dir) / weights_file_name).string());
-    // dtypes by module: every tensor whose key holds the module's prefix.
-    std::map<std::string, std::set<std::string>> dtypes;
-    for (const auto& t : file.tensors()) {
-      for (const auto& m : folder.modules)
-        if (t.name.rfind(module_key_prefix + m.name + ".", 0) == 0)
-          dtypes[m.name].insert(dtype_name(t.dtype));
-    }
     const AdapterConfig& c = folder.config;
+    // dtypes by module: each of the method's tensor names looked up once (a sorted search), so the
+    // table costs O(modules · log tensors), not O(tensors · modules).
+    static const std::vector<std::string> lora_parts = {".lora_A.weight", ".lora_B.weight"};
+    static const std::vector<std::string> adalora_parts = {".lora_A", ".lora_B", ".lora_E"};
+    static const std::vector<std::string> vera_parts = {".vera_lambda_d", ".vera_lambda_b"};
+    const auto& parts = c.peft_type == PeftType::lora      ? lora_parts
+                        : c.peft_type == PeftType::adalora ? adalora_parts
+                                                           : vera_parts;
+    std::map<std::string, std::set<std::string>> dtypes;
+    for (const auto& m : folder.modules) {
+      for (const auto& part : parts) {
+        const std::string key = module_key_prefix + m.name + part;
+        if (file.contains(key)) dtypes[m.name].insert(dtype_name(file.info(key).dtype));
+      }
+    }
+    const PatternMatcher<double> alphas(c.alpha_pattern);  // compiled once for all modules
     auto alpha_of = [&](const std::string& m) {
-      return c.peft_type == PeftType::lora      ? c.alpha_for(m)
+      return c.peft_type == PeftType::lora      ? alphas.first(m, c.lora_alpha)
              : c.peft_type == PeftType::adalora ? c.lora_alpha
                                                 : 0.0;
     };
+    using peft::io::detail::printable;
     if (json) {
       nlohmann::ordered_json out;
       out["peft_type"] = peft_type_name(c.peft_type);
@@ -113,15 +124,14 @@ int main(int argc, char** argv) {
     for (const auto& m : folder.modules) {
       std::string types;
       for (const auto& d : dtypes[m.name]) types += (types.empty() ? "" : ",") + d;
-      const std::string shape =
-          "[" + std::to_string(m.out_features()) + ", " +
-          (m.in_features() ? std::to_string(m.in_features()) : std::string("?")) + "]";
-      std::printf("%-48s %5ld %8.4g %10.6g %12s %10ld  %s\n", m.name.c_str(), long(m.rank),
-                  alpha_of(m.name), m.scaling, shape.c_str(), long(m.num_parameters()),
-                  types.c_str());
+      const std::string shape = "[" + std::to_string(m.out_features()) + ", " +
+                                (m.in_features() ? std::to_string(m.in_features()) : std::string("?")) + "]";
+      std::printf("%-48s %5ld %8.4g %10.6g %12s %10ld  %s\n", printable(m.name).c_str(),
+                  long(m.rank), alpha_of(m.name), m.scaling, shape.c_str(),
+                  long(m.num_parameters()), types.c_str());
     }
     for (const auto& kv : folder.full_tensors)
-      std::printf("trained copy of base tensor: %s\n", kv.first.c_str());
+      std::printf("trained copy of base tensor: %s\n", printable(kv.first).c_str());
     if (c.requires_modified_base()) {
       std::printf(
           "note: init_lora_weights = %s: reproduces the trained model only on the base modified at "

@@ -65,6 +65,9 @@ int main(int argc, char** argv) {
   }
   if (base.empty() || adapter.empty() || out.empty())
     return usage("--base, --adapter and --out are required");
+  // Ctrl-C or a kill during the write removes the half-written temporary file.
+  peft::io::install_temp_file_cleanup();
+  using peft::io::detail::printable;
   try {
     peft::io::MergeOptions options;
     if (!dtype.empty()) options.dtype = peft::io::parse_dtype(dtype);
@@ -74,17 +77,17 @@ int main(int argc, char** argv) {
     std::printf("base tensors named %s\n", peft::io::base_naming_name(report.naming));
     std::printf("%-48s %5s %8s %10s %12s\n", "module", "rank", "alpha", "scaling", "||dW||");
     for (const auto& m : report.modules) {
-      std::printf("%-48s %5ld %8.4g %10.6g %12.6g\n", m.module.c_str(), static_cast<long>(m.rank),
-                  m.alpha, m.scaling, m.delta_norm);
+      std::printf("%-48s %5ld %8.4g %10.6g %12.6g\n", printable(m.module).c_str(),
+                  static_cast<long>(m.rank), m.alpha, m.scaling, m.delta_norm);
     }
     for (const auto& r : report.replaced)
-      std::printf("replaced by the adapter's trained copy: %s\n", r.c_str());
+      std::printf("replaced by the adapter's trained copy: %s\n", printable(r).c_str());
     for (const auto& w : report.warnings)
       std::fprintf(stderr, "peft-merge: warning: %s\n", w.c_str());
     std::printf("wrote %zu tensors to %s\n", report.tensors_written, out.c_str());
     return 0;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "peft-merge: %s\n", e.what());
+    std::fprintf(stderr, "peft-merge: %s\n", printable(e.what()).c_str());
     return 1;
   }
 }

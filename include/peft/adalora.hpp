@@ -3,6 +3,7 @@
 // AdaLoRA: SVD-triplet adapters (P Λ Q), the orthogonal regulariser and the global rank budget.
 #pragma once
 #include <peft/config.hpp>
+#include <peft/detail/checked_merge.hpp>
 #include <peft/detail/checks.hpp>
 #include <peft/detail/frozen_linear.hpp>
 #include <peft/detail/parameter_storage.hpp>
@@ -226,7 +227,8 @@ class AdaLoraLinear {
     base_.check_finite_parameters("merge_into()", parameters());
     const Matrix scaled_q = lambda().asDiagonal() * q();  // [r, in]: Λ folded in first
     // One pass over W through the merge kernel (see LoraLinear::merge_into).
-    detail::add_low_rank<Scalar, WeightOrder>(w, p(), scaled_q, scaling_);
+    detail::add_low_rank_checked<Scalar, WeightOrder>(w, p(), scaled_q, scaling_,
+                                                      base_.where("merge_into()"));
     base_.set_merged(true);
     return true;
   }
@@ -235,7 +237,8 @@ class AdaLoraLinear {
     base_.check_bound_weight("unmerge_from()", w);
     if (!merged()) return false;
     const Matrix scaled_q = lambda().asDiagonal() * q();
-    detail::add_low_rank<Scalar, WeightOrder>(w, p(), scaled_q, -scaling_);
+    detail::add_low_rank_checked<Scalar, WeightOrder>(w, p(), scaled_q, -scaling_,
+                                                      base_.where("unmerge_from()"));
     base_.set_merged(false);
     return true;
   }

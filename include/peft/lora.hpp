@@ -3,6 +3,7 @@
 // LoRA adapter over a caller-owned frozen dense weight: y = x Wᵀ + b + s (drop(x) Aᵀ) Bᵀ.
 #pragma once
 #include <peft/config.hpp>
+#include <peft/detail/checked_merge.hpp>
 #include <peft/detail/checks.hpp>
 #include <peft/detail/frozen_linear.hpp>
 #include <peft/detail/parameter_storage.hpp>
@@ -182,14 +183,16 @@ class LoraLinear {
   /**
    * W += s · B A into the weight this adapter views (pass the same matrix). Returns false and
    * changes nothing if already merged. Throws numerical_error before touching W if A or B holds
-   * a non-finite value.
+   * a non-finite value, or if an entry of W + s · B A would not be finite (W left unchanged, not
+   * merged); unmerge_from refuses the same way.
    */
   bool merge_into(WeightRef w) {
     base_.check_bound_weight("merge_into()", w);
     if (merged()) return false;
     base_.check_finite_parameters("merge_into()", parameters());
     // One pass over W: each rank-r sum is accumulated in registers and rounded once.
-    detail::add_low_rank<Scalar, WeightOrder>(w, b(), a(), scaling_);
+    detail::add_low_rank_checked<Scalar, WeightOrder>(w, b(), a(), scaling_,
+                                                      base_.where("merge_into()"));
     base_.set_merged(true);
     return true;
   }
@@ -198,7 +201,8 @@ class LoraLinear {
   bool unmerge_from(WeightRef w) {
     base_.check_bound_weight("unmerge_from()", w);
     if (!merged()) return false;
-    detail::add_low_rank<Scalar, WeightOrder>(w, b(), a(), -scaling_);
+    detail::add_low_rank_checked<Scalar, WeightOrder>(w, b(), a(), -scaling_,
+                                                      base_.where("unmerge_from()"));
     base_.set_merged(false);
     return true;
   }

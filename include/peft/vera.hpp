@@ -3,6 +3,7 @@
 // VeRA: shared frozen random projections A, B and per-layer trainable scaling vectors λ_d, λ_b.
 #pragma once
 #include <peft/config.hpp>
+#include <peft/detail/checked_merge.hpp>
 #include <peft/detail/checks.hpp>
 #include <peft/detail/frozen_linear.hpp>
 #include <peft/detail/parameter_storage.hpp>
@@ -284,7 +285,8 @@ class VeraLinear {
     if (merged()) return false;
     base_.check_finite_parameters("merge_into()", parameters());
     // Scale B's rows and columns first (out·r work), then one pass over W.
-    detail::add_low_rank<Scalar, WeightOrder>(w, scaled_b(), a(), Scalar(1));
+    detail::add_low_rank_checked<Scalar, WeightOrder>(w, scaled_b(), a(), Scalar(1),
+                                                      base_.where("merge_into()"));
     base_.set_merged(true);
     return true;
   }
@@ -293,7 +295,8 @@ class VeraLinear {
   bool unmerge_from(WeightRef w) {
     base_.check_bound_weight("unmerge_from()", w);
     if (!merged()) return false;
-    detail::add_low_rank<Scalar, WeightOrder>(w, scaled_b(), a(), Scalar(-1));
+    detail::add_low_rank_checked<Scalar, WeightOrder>(w, scaled_b(), a(), Scalar(-1),
+                                                      base_.where("unmerge_from()"));
     base_.set_merged(false);
     return true;
   }

@@ -5,14 +5,17 @@
 #pragma once
 #include <peft/config.hpp>
 #include <peft/error.hpp>
+#include <peft/io/detail/json.hpp>
+#include <peft/io/detail/pattern.hpp>
 #include <peft/types.hpp>
 
 #include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <cstdint>
-#include <regex>
+#include <map>
 #include <string>
+#include <unordered_set>
 #include <utility>
 #include <vector>
 
@@ -42,27 +45,13 @@ using Pattern = std::vector<std::pair<std::string, Value>>;
  * Whether PEFT's pattern key `key` selects the module `module` (utils/other.py, get_pattern_key):
  * the regex `(.*\.)?(key)$` must match from the start of the full dotted name. So "q_proj"
  * selects every module named q_proj, "^model.q_proj" only the top-level one, and dots are
- * wildcards. An invalid regex is a config_error naming the key.
+ * wildcards. Matched by detail::PatternKey in time linear in the name (no backtracking); a key
+ * outside the supported regex subset is a config_error naming the key. To look up many modules,
+ * compile the keys once with PatternMatcher.
  */
-/// Longest pattern key or module name matched by regex: libstdc++'s regex executor recurses per
-/// character, so unbounded names from a file could exhaust the stack.
-inline constexpr std::size_t max_pattern_name = 1024;
-
 inline bool pattern_key_matches(const std::string& key, const std::string& module) {
   if (key == module) return true;
-  if (key.size() > max_pattern_name || module.size() > max_pattern_name) {
-    PEFT_THROW(config_error("pattern key or module name longer than " +
-                            std::to_string(max_pattern_name) + " characters"));
-  }
-#ifndef PEFT_NO_EXCEPTIONS
-  try {
-    return std::regex_match(module, std::regex("(.*\\.)?(" + key + ")"));
-  } catch (const std::regex_error& e) {
-    PEFT_THROW(config_error("pattern key '" + key + "' is not a valid regex (" + e.what() + ")"));
-  }
-#else
-  return std::regex_match(module, std::regex("(.*\\.)?(" + key + ")"));
-#endif
+  return detail::PatternKey(key).matches(module);
 }
 
 /// The value of the first entry of `pattern` whose key selects `module`, or `fallback`.
@@ -72,6 +61,12 @@ Value first_match(const Pattern<Value>& pattern, const std::string& module, Valu
     if (pattern_key_matches(key, module)) return value;
   return fallback;
 }
+
+/// Most object keys accepted in adapter_config.json, all levels together: a rank_pattern entry
+/// per module of the largest models (an all-linear MoE has ~50k modules) fits four times over.
+inline constexpr std::size_t max_config_keys = std::size_t(1) << 18;
+/// Largest adapter_config.json read, in bytes.
+inline constexpr std::size_t max_config_bytes = std::size_t(16) << 20;
 
 /**
  * The contents of adapter_config.json.
@@ -138,18 +133,18 @@ struct AdapterConfig {
    */
   double scaling_for(const std::string& module) const {
     switch (peft_type) {
-      case PeftType::lora: {
-        const Index rm = rank_for(module);
-        if (rm <= 0) return 0.0;
-        const double am = alpha_for(module);
-        return use_rslora ? am / std::sqrt(double(rm)) : am / double(rm);
-      }
-      case PeftType::adalora:
+      case PeftType::lora: return lora_scaling(rank_for(module), alpha_for(module));
+      case PeftType::adalora:  // PEFT: lora_alpha <= 0 means "use init_r"
         return (lora_alpha > 0 ? lora_alpha : double(init_r)) / (double(init_r) + 1e-5);
-      case PeftType::vera:
-        return 1.0;
+      case PeftType::vera: return 1.0;
     }
     return 0.0;
+  }
+
+  /// LORA's alpha_m / r_m (alpha_m / √r_m with use_rslora); 0 for r_m <= 0.
+  double lora_scaling(Index rm, double am) const {
+    if (rm <= 0) return 0.0;
+    return use_rslora ? am / std::sqrt(double(rm)) : am / double(rm);
   }
 
   /// The AdaLoRA kept flags of `module`, or nullptr if the pattern has no entry for it.
@@ -253,35 +248,43 @@ class ConfigReader {
 
 }  // namespace detail
 
+namespace detail {
+
+// Replaces the top-level `"name": null` of a dump(2) text with `pattern` as an object in its
+// order, formatted as dump(2) would; later duplicates of a key are dropped (first match wins).
+template <typename Value>
+void splice_pattern(std::string& text, const char* name, const Pattern<Value>& pattern) {
+  const std::string placeholder = "\n  " + nlohmann::json(name).dump() + ": null";
+  const std::size_t at = text.find(placeholder);
+  if (at == std::string::npos) return;
+  std::string obj = "{";
+  std::unordered_set<std::string> seen;
+  for (const auto& [k, v] : pattern) {
+    if (!seen.insert(k).second) continue;
+    obj += (seen.size() == 1 ? "\n    " : ",\n    ") + nlohmann::json(k).dump() + ": " +
+           nlohmann::json(v).dump();
+  }
+  obj += seen.empty() ? "}" : "\n  }";
+  text.replace(at, placeholder.size(), "\n  " + nlohmann::json(name).dump() + ": " + obj);
+}
+
+}  // namespace detail
+
 inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::string& label) {
-  // Ordered, because rank_pattern and alpha_pattern are first-match in file order.
-  // Nesting is capped while parsing: copying, converting or printing a JSON value recurses per
-  // level, and no PEFT config nests deeper than a few levels.
-  constexpr int max_depth = 32;
-  bool too_deep = false;
-  const auto depth_guard = [&](int depth, nlohmann::ordered_json::parse_event_t,
-                               nlohmann::ordered_json&) {
-    if (depth > max_depth) too_deep = true;
-    return !too_deep;  // discard everything once too deep
-  };
-  nlohmann::ordered_json ordered;
-#ifndef PEFT_NO_EXCEPTIONS
-  try {
-    ordered = nlohmann::ordered_json::parse(text, depth_guard);
-  } catch (const nlohmann::json::exception& e) {
-    PEFT_THROW(
-        format_error(label + ": not valid JSON (" + std::string(e.what()).substr(0, 200) + ")"));
+  // Parsed into a std::map-backed document (linear; ordered_json's inserts search linearly), with
+  // duplicate keys refused and the file order of rank_pattern and alpha_pattern recorded on the
+  // side (they are first-match in file order). Nesting is capped: copying, converting or printing
+  // a JSON value recurses per level, and no PEFT config nests deeper than a few levels.
+  if (text.size() > max_config_bytes) {
+    PEFT_THROW(format_error(label + ": " + std::to_string(text.size()) +
+                            " bytes, larger than the " + std::to_string(max_config_bytes) +
+                            " any config needs"));
   }
-#else
-  ordered = nlohmann::ordered_json::parse(text, depth_guard, false);
-  if (ordered.is_discarded()) PEFT_THROW(format_error(label + ": not valid JSON"));
-#endif
-  if (too_deep) {
-    PEFT_THROW(
-        format_error(label + ": JSON nests deeper than " + std::to_string(max_depth) + " levels"));
-  }
-  if (!ordered.is_object()) PEFT_THROW(format_error(label + ": not a JSON object"));
-  const nlohmann::json doc = ordered;  // sorted copy for the typed fields
+  std::map<std::string, std::vector<std::string>> order;
+  const nlohmann::json doc =
+      detail::parse_json_strict(text, label, detail::JsonLimits{32, max_config_keys},
+                                {"rank_pattern", "alpha_pattern"}, &order);
+  if (!doc.is_object()) PEFT_THROW(format_error(label + ": not a JSON object"));
   const detail::ConfigReader in(doc, label);
 
   AdapterConfig c;
@@ -333,12 +336,14 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
     c.init_lora_weights = *init;
   }
 
-  const auto& ordered_obj = ordered;
-  auto pattern_of = [&](const char* key) -> const nlohmann::ordered_json* {
-    const auto it = ordered_obj.find(key);
-    if (it == ordered_obj.end() || it->is_null()) return nullptr;
-    if (!it->is_object()) in.fail(key, "must be an object mapping module patterns to values");
-    return &*it;
+  // The entries of a pattern object as (key, value) in file order.
+  auto pattern_of = [&](const char* key) {
+    std::vector<std::pair<std::string, const nlohmann::json*>> entries;
+    const nlohmann::json* obj = in.find(key);
+    if (!obj) return entries;
+    if (!obj->is_object()) in.fail(key, "must be an object mapping module patterns to values");
+    for (const std::string& k : order[key]) entries.emplace_back(k, &obj->at(k));
+    return entries;
   };
 
   if (c.peft_type == PeftType::adalora) {
@@ -351,33 +356,25 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
     in.number("beta2", c.beta2);
     in.number("orth_reg_weight", c.orth_reg_weight);
     in.integer("total_step", c.total_step);
-    if (const auto* rp = pattern_of("rank_pattern")) {
-      for (auto it = rp->begin(); it != rp->end(); ++it) {
-        if (!it.value().is_array())
-          in.fail("rank_pattern", "entry '" + it.key() + "' must be a list of booleans");
-        std::vector<bool> mask;
-        for (const auto& b : it.value()) {
-          if (!b.is_boolean())
-            in.fail("rank_pattern", "entry '" + it.key() + "' must be a list of booleans");
-          mask.push_back(b.get<bool>());
-        }
-        c.adalora_rank_pattern.emplace_back(it.key(), std::move(mask));
+    for (const auto& [k, v] : pattern_of("rank_pattern")) {
+      if (!v->is_array()) in.fail("rank_pattern", "entry '" + k + "' must be a list of booleans");
+      std::vector<bool> mask;
+      for (const auto& b : *v) {
+        if (!b.is_boolean())
+          in.fail("rank_pattern", "entry '" + k + "' must be a list of booleans");
+        mask.push_back(b.get<bool>());
       }
+      c.adalora_rank_pattern.emplace_back(k, std::move(mask));
     }
   } else if (c.peft_type == PeftType::lora) {
-    if (const auto* rp = pattern_of("rank_pattern")) {
-      for (auto it = rp->begin(); it != rp->end(); ++it) {
-        if (!it.value().is_number_integer())
-          in.fail("rank_pattern", "entry '" + it.key() + "' must be an integer rank");
-        c.rank_pattern.emplace_back(it.key(), it.value().get<Index>());
-      }
+    for (const auto& [k, v] : pattern_of("rank_pattern")) {
+      if (!v->is_number_integer())
+        in.fail("rank_pattern", "entry '" + k + "' must be an integer rank");
+      c.rank_pattern.emplace_back(k, v->get<Index>());
     }
-    if (const auto* ap = pattern_of("alpha_pattern")) {
-      for (auto it = ap->begin(); it != ap->end(); ++it) {
-        if (!it.value().is_number())
-          in.fail("alpha_pattern", "entry '" + it.key() + "' must be a number");
-        c.alpha_pattern.emplace_back(it.key(), it.value().get<double>());
-      }
+    for (const auto& [k, v] : pattern_of("alpha_pattern")) {
+      if (!v->is_number()) in.fail("alpha_pattern", "entry '" + k + "' must be a number");
+      c.alpha_pattern.emplace_back(k, v->get<double>());
     }
   } else {
     if (const nlohmann::json* key = in.find("projection_prng_key")) {
@@ -543,17 +540,14 @@ inline std::string AdapterConfig::dump() const {
   doc["use_rslora"] = use_rslora;
   doc["init_lora_weights"] = init_lora_weights;
   if (peft_type == PeftType::lora) {
-    // ordered_json keeps the first-match order when the document is sorted around it.
-    nlohmann::ordered_json ranks = nlohmann::ordered_json::object();
-    for (const auto& [k, v] : rank_pattern) ranks[k] = v;
-    nlohmann::ordered_json alphas = nlohmann::ordered_json::object();
-    for (const auto& [k, v] : alpha_pattern) alphas[k] = v;
-    doc["rank_pattern"] = nullptr;  // placeholders keep the sorted position
+    // The patterns keep their first-match order inside the sorted document: written by hand in
+    // place of null placeholders (ordered_json would make this quadratic in the keys).
+    doc["rank_pattern"] = nullptr;
     doc["alpha_pattern"] = nullptr;
-    nlohmann::ordered_json out = nlohmann::ordered_json::parse(doc.dump());
-    out["rank_pattern"] = ranks;
-    out["alpha_pattern"] = alphas;
-    return out.dump(2);
+    std::string text = doc.dump(2);
+    detail::splice_pattern(text, "rank_pattern", rank_pattern);
+    detail::splice_pattern(text, "alpha_pattern", alpha_pattern);
+    return text;
   }
   doc["init_r"] = init_r;
   doc["target_r"] = target_r;

@@ -219,11 +219,12 @@ void apply(const AdapterFolder<FileScalar>& folder, AdapterSet<LoraLinear<Scalar
   using Adapter = LoraLinear<Scalar, Order>;
   detail::check_against(folder, set, PeftType::lora);
   std::vector<std::pair<std::string, std::unique_ptr<Adapter>>> built;
+  const PatternMatcher<double> alphas(folder.config.alpha_pattern);  // compiled once, not per module
   for (const auto& m : folder.modules) {
     const auto& mod = set.module(m.name);
     LoraOptions o;
     o.r = m.rank;
-    o.lora_alpha = folder.config.alpha_for(m.name);
+    o.lora_alpha = alphas.first(m.name, folder.config.lora_alpha);
     o.use_rslora = folder.config.use_rslora;
     o.lora_dropout = folder.config.lora_dropout;
     auto adapter = std::make_unique<Adapter>(mod.weight, mod.bias, o);
@@ -392,6 +393,18 @@ void apply(const AdapterFolder<FileScalar>& folder, AdapterSet<VeraLinear<Scalar
   for (const auto& m : folder.modules) {
     max_out = std::max(max_out, set.module(m.name).weight.rows());
     max_in = std::max(max_in, set.module(m.name).weight.cols());
+  }
+  // Regenerated projections take r · (max_in + max_out) values that no file paid for: r is bounded
+  // by the largest dimension of the layers served (ΔW's rank never exceeds min(out, in) anyway),
+  // so a small adapter cannot claim gigabytes.
+  if (!folder.vera_a.size() && !folder.modules.empty() && c.r > std::max(max_out, max_in)) {
+    PEFT_THROW(format_error("VERA adapter_config.json: r = " + std::to_string(c.r) +
+                            " exceeds the largest dimension of the layers it serves (" +
+                            std::to_string(std::max(max_out, max_in)) +
+                            "); the regenerated projections would hold " +
+                            std::to_string(static_cast<unsigned long long>(c.r) *
+                                           static_cast<unsigned long long>(max_in + max_out)) +
+                            " values"));
   }
   VeraProjections<Scalar> projections =
       folder.vera_a.size()

@@ -7,6 +7,9 @@
 #include <peft/error.hpp>
 #include <peft/io/adapter_config.hpp>
 #include <peft/io/detail/atomic_file.hpp>
+#include <peft/io/detail/fs.hpp>
+#include <peft/io/detail/pattern.hpp>
+#include <peft/io/detail/sha256.hpp>
 #include <peft/io/safetensors.hpp>
 #include <peft/types.hpp>
 
@@ -15,6 +18,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <new>
 #include <string>
 #include <utility>
 #include <vector>
@@ -27,6 +31,17 @@ inline constexpr const char* config_file_name = "adapter_config.json";
 inline constexpr const char* weights_file_name = "adapter_model.safetensors";
 /// Prefix of every module tensor key: "base_model.model." + module name.
 inline constexpr const char* module_key_prefix = "base_model.model.";
+/// safetensors `__metadata__` key binding the tensors to their config: the SHA-256 of the exact
+/// adapter_config.json bytes saved with them (what `sha256sum adapter_config.json` prints).
+inline constexpr const char* config_digest_key = "adapter_config_sha256";
+/// Most pattern-matching steps a folder may need (modules × pattern keys × name lengths), so a
+/// config with thousands of regex keys cannot turn a load into minutes of matching.
+inline constexpr double max_pattern_work = 4e8;
+
+namespace detail {
+/// Test seam: called by AdapterFolder::save between the two renames (null in normal use).
+inline void (*after_tensors_published)() = nullptr;
+}  // namespace detail
 
 /// What a load may accept beyond what reproduces the trained model everywhere.
 struct LoadOptions {
@@ -103,31 +118,36 @@ class AdapterFolder {
     const fs::path root(dir);
     const fs::path config_path = root / config_file_name;
     const fs::path weights_path = root / weights_file_name;
-    if (!fs::exists(config_path)) {
-      PEFT_THROW(
-          io_error(config_path.string() + ": not found (is " + dir + " a PEFT adapter folder?)"));
+    // error_code overloads: a symlink loop or an unreadable folder is an io_error, not a
+    // std::filesystem_error.
+    std::error_code ec;
+    if (fs::symlink_status(config_path, ec).type() == fs::file_type::not_found) {
+      PEFT_THROW(io_error(config_path.string() + ": not found (is " + dir + " a PEFT adapter folder?)"));
     }
-    if (!fs::exists(weights_path)) {
-      if (fs::exists(root / "adapter_model.bin")) {
+    if (fs::symlink_status(weights_path, ec).type() == fs::file_type::not_found) {
+      if (fs::exists(root / "adapter_model.bin", ec)) {
         PEFT_THROW(format_error(weights_path.string() +
                                 ": not found; adapter_model.bin (pickle) is not read, convert it "
                                 "with PEFT's save_pretrained(safe_serialization=True)"));
       }
       PEFT_THROW(io_error(weights_path.string() + ": not found"));
     }
-    const std::string text = read_text(config_path.string(), 16u << 20);
-    return from_parts(AdapterConfig::parse(text, config_path.string()),
-                      SafetensorsReader(weights_path.string(), limits), options);
+    const std::string text = read_text(config_path.string(), max_config_bytes);
+    AdapterConfig config = AdapterConfig::parse(text, config_path.string());
+    const SafetensorsReader file(weights_path.string(), limits);
+    check_digest(file, text, config_path.string());
+    return from_parts(std::move(config), file, options);
   }
 
   /// Parses a folder held in memory (a config's JSON text and the safetensors bytes).
   static AdapterFolder from_buffers(const std::string& config_json, std::string safetensors_bytes,
                                     const std::string& label = "<adapter>",
                                     const LoadOptions& options = {}) {
-    return from_parts(AdapterConfig::parse(config_json, label + "/" + config_file_name),
-                      SafetensorsReader::from_buffer(std::move(safetensors_bytes),
-                                                     label + "/" + weights_file_name),
-                      options);
+    AdapterConfig config = AdapterConfig::parse(config_json, label + "/" + config_file_name);
+    const SafetensorsReader file = SafetensorsReader::from_buffer(std::move(safetensors_bytes),
+                                                                  label + "/" + weights_file_name);
+    check_digest(file, config_json, label + "/" + config_file_name);
+    return from_parts(std::move(config), file, options);
   }
 
   /// Builds and validates a folder from a parsed config and an open tensor file.
@@ -136,7 +156,18 @@ class AdapterFolder {
     AdapterFolder f;
     f.config = std::move(config);
     f.metadata = file.metadata();
+    // The digest describes the pair on disk, not this folder: save() writes a fresh one.
+    f.metadata.erase(config_digest_key);
+#ifndef PEFT_NO_EXCEPTIONS
+    try {
+      f.read_tensors(file, options);
+    } catch (const std::bad_alloc&) {
+      PEFT_THROW(io_error(file.path() + ": out of memory holding the adapter's tensors (" +
+                          std::to_string(file.tensors().size()) + " tensors)"));
+    }
+#else
     f.read_tensors(file, options);
+#endif
     return f;
   }
 
@@ -154,8 +185,10 @@ class AdapterFolder {
 
   /**
    * Writes the folder (created if missing): both files go to temporary names first, are flushed,
-   * then renamed over the old ones, tensors before config. A failure before the renames leaves
-   * the previous adapter intact.
+   * then renamed over the old ones, tensors before config. The tensors' metadata records the
+   * SHA-256 of the config written with them (config_digest_key), so a crash between the two
+   * renames leaves new tensors beside the old config, a pair that load() refuses; a failure
+   * before the renames leaves the previous adapter intact.
    */
   void save(const std::string& dir, Dtype dtype = Dtype::f32) const {
     check_consistent();
@@ -163,8 +196,9 @@ class AdapterFolder {
     std::error_code ec;
     fs::create_directories(dir, ec);
     if (ec) PEFT_THROW(io_error(dir + ": cannot create the folder (" + ec.message() + ")"));
-    const SafetensorsWriter writer = tensors(dtype);
     const std::string config_text = config.dump() + "\n";
+    SafetensorsWriter writer = tensors(dtype);
+    writer.set_metadata(config_digest_key, detail::sha256_hex(config_text));
     detail::AtomicFileWriter weights((fs::path(dir) / weights_file_name).string());
     writer.write_to(weights);
     detail::AtomicFileWriter cfg((fs::path(dir) / config_file_name).string());
@@ -172,6 +206,7 @@ class AdapterFolder {
     weights.prepare();
     cfg.prepare();
     weights.publish();
+    if (detail::after_tensors_published) detail::after_tensors_published();
     cfg.publish();
   }
 
@@ -180,7 +215,7 @@ class AdapterFolder {
     SafetensorsWriter w;
     w.set_metadata("format", "pt");
     for (const auto& [k, v] : metadata)
-      if (k != "format") w.set_metadata(k, v);
+      if (k != "format" && k != config_digest_key) w.set_metadata(k, v);
     const std::string p = module_key_prefix;
     for (const auto& m : modules) {
       switch (config.peft_type) {
@@ -211,12 +246,11 @@ class AdapterFolder {
   enum class Part { a, b, e, lambda_d, lambda_b };
 
   static std::string read_text(const std::string& path, std::uintmax_t limit) {
-    std::error_code ec;
-    const std::uintmax_t size = std::filesystem::file_size(path, ec);
-    if (ec) PEFT_THROW(io_error(path + ": cannot read (" + ec.message() + ")"));
-    if (size > limit)
-      PEFT_THROW(
-          format_error(path + ": " + std::to_string(size) + " bytes, larger than any config"));
+    const std::uintmax_t size = detail::require_regular_file(path);  // never open a FIFO
+    if (size > limit) {
+      PEFT_THROW(format_error(path + ": " + std::to_string(size) + " bytes, larger than the " +
+                              std::to_string(limit) + " any config needs"));
+    }
     std::ifstream in(path, std::ios::binary);
     std::string text(static_cast<std::size_t>(size), '\0');
     in.read(&text[0], static_cast<std::streamsize>(size));
@@ -224,8 +258,25 @@ class AdapterFolder {
     return text;
   }
 
+  // Files saved by peft carry the SHA-256 of their config; one that disagrees means the pair
+  // comes from two saves (a crash between the renames, or a file copied over), or a config
+  // edited by hand after the save.
+  static void check_digest(const SafetensorsReader& file, const std::string& config_text,
+                           const std::string& config_label) {
+    const auto it = file.metadata().find(config_digest_key);
+    if (it == file.metadata().end()) return;  // not written by peft (e.g. by PEFT itself)
+    const std::string actual = detail::sha256_hex(config_text);
+    if (it->second != actual) {
+      PEFT_THROW(format_error(file.path() + ": these tensors were saved with a config of SHA-256 " +
+                              detail::printable(it->second.substr(0, 64)) + ", but " +
+                              config_label + " has SHA-256 " + actual +
+                              ": the folder mixes files from two saves (or the config was edited "
+                              "after saving); save the adapter again"));
+    }
+  }
+
   [[noreturn]] static void fail(const SafetensorsReader& file, const std::string& what) {
-    PEFT_THROW(format_error(file.path() + ": " + what));
+    PEFT_THROW(format_error(file.path() + ": " + detail::printable(what)));
   }
 
   static bool ends_with(const std::string& s, const std::string& suffix) {
@@ -336,8 +387,34 @@ class AdapterFolder {
           break;
       }
     }
+    // Pattern keys are compiled once for all modules, and the matching work is bounded first.
+    PatternMatcher<Index> ranks;
+    PatternMatcher<double> alphas;
+#ifndef PEFT_NO_EXCEPTIONS
+    try {  // a key outside the supported regex subset: name the file too
+      ranks = PatternMatcher<Index>(config.rank_pattern);
+      alphas = PatternMatcher<double>(config.alpha_pattern);
+    } catch (const config_error& e) {
+      PEFT_THROW(config_error(file.path() + " (with its adapter_config.json): " + e.what()));
+    }
+#else
+    ranks = PatternMatcher<Index>(config.rank_pattern);
+    alphas = PatternMatcher<double>(config.alpha_pattern);
+#endif
+    std::size_t chars = 0;
+    for (const auto& kv : found) chars += kv.first.size();
+    const double work = ranks.cost(found.size(), chars) + alphas.cost(found.size(), chars);
+    if (work > max_pattern_work) {
+      fail(file, std::to_string(found.size()) + " modules against " +
+                     std::to_string(ranks.size() + alphas.size()) +
+                     " rank_pattern/alpha_pattern keys would take ~" +
+                     std::to_string(std::uint64_t(work)) + " matching steps, more than the " +
+                     std::to_string(std::uint64_t(max_pattern_work)) +
+                     " allowed (use fewer regex keys)");
+    }
+    modules.reserve(found.size());
     for (auto& kv : found) {
-      check_module(file, kv.second);
+      check_module(file, kv.second, ranks, alphas);
       modules.push_back(std::move(kv.second));
     }
     if (config.peft_type == PeftType::vera) check_projections(file, options);
@@ -369,7 +446,9 @@ class AdapterFolder {
       fail(file, "tensor '" + name + "' holds NaN or infinite values");
   }
 
-  void check_module(const SafetensorsReader& file, ModuleTensors<Scalar>& m) const {
+  void check_module(const SafetensorsReader& file, ModuleTensors<Scalar>& m,
+                    const PatternMatcher<Index>& ranks,
+                    const PatternMatcher<double>& alphas) const {
     const std::string key = std::string(module_key_prefix) + m.name;
     auto require = [&](bool present, const char* part) {
       if (!present) fail(file, "module '" + m.name + "' has no " + key + part);
@@ -383,7 +462,7 @@ class AdapterFolder {
                          shape(m.b) + ", their ranks differ (" + std::to_string(m.a.rows()) +
                          " vs " + std::to_string(m.b.cols()) + ")");
         }
-        const Index expected = config.rank_for(m.name);
+        const Index expected = ranks.first(m.name, config.r);
         if (m.a.rows() != expected || expected <= 0) {
           fail(file, "module '" + m.name + "': tensors have rank " + std::to_string(m.a.rows()) +
                          ", the config (r / rank_pattern) gives " + std::to_string(expected));
@@ -417,7 +496,9 @@ class AdapterFolder {
         break;
       }
     }
-    m.scaling = config.scaling_for(m.name);
+    m.scaling = config.peft_type == PeftType::lora
+                    ? config.lora_scaling(m.rank, alphas.first(m.name, config.lora_alpha))
+                    : config.scaling_for(m.name);
   }
 
   void check_projections(const SafetensorsReader& file, const LoadOptions& options) {

@@ -7,8 +7,11 @@
 #include <peft/io/adapter_folder.hpp>
 #include <peft/io/safetensors.hpp>
 
+#include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <map>
+#include <new>
 #include <optional>
 #include <string>
 #include <vector>
@@ -103,19 +106,63 @@ void merge_weights(const AdapterFolder<double>& folder,
     }
   }
   apply(folder, set);
+  const PatternMatcher<double> alphas(
+      folder.config.alpha_pattern);  // compiled once, not per module
   for (const auto& m : folder.modules) {
     MergedModule r;
     r.module = m.name;
     r.tensor = tensor_of.at(m.name);
     r.rank = m.rank;
     r.scaling = m.scaling;
-    r.alpha = folder.config.peft_type == PeftType::lora      ? folder.config.alpha_for(m.name)
+    r.alpha = folder.config.peft_type == PeftType::lora
+                  ? alphas.first(m.name, folder.config.lora_alpha)
               : folder.config.peft_type == PeftType::adalora ? folder.config.lora_alpha
                                                              : 0.0;
     r.delta_norm = set.adapter(m.name).delta_weight().norm();
     report.modules.push_back(r);
   }
   set.merge_all();
+}
+
+inline MergeReport merge_files_impl(const std::string& base_path, const std::string& adapter_dir,
+                                    const std::string& out_path, const MergeOptions& options);
+
+// A double as "%.9g" (std::to_string prints 1e40 with forty digits).
+inline std::string shortest(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.9g", v);
+  return buf;
+}
+
+// Throws numerical_error if a finite value of tensor `name` would not be finite in `dtype`
+// (e.g. above 65504 in F16): the output would silently hold inf.
+inline void check_representable(const std::string& out_path, const std::string& name, Dtype dtype,
+                                const double* values, std::size_t count) {
+  // The smallest magnitude that rounds (to nearest even) to inf: half an ulp above the largest
+  // finite value of the dtype.
+  double limit = 0;
+  switch (dtype) {
+    case Dtype::f64:
+      return;
+    case Dtype::f32:
+      limit = 0x1.ffffffp+127;
+      break;
+    case Dtype::bf16:
+      limit = 0x1.ffp+127;
+      break;
+    case Dtype::f16:
+      limit = 65520.0;
+      break;
+  }
+  for (std::size_t i = 0; i < count; ++i) {
+    const double v = values[i];
+    if (std::isfinite(v) && std::fabs(v) >= limit) {
+      PEFT_THROW(numerical_error(out_path + ": tensor '" + printable(name) + "' element " +
+                                 std::to_string(i) + " = " + shortest(v) +
+                                 " is out of the range of " + dtype_name(dtype) +
+                                 " (it would be written as inf); nothing was written"));
+    }
+  }
 }
 
 }  // namespace detail
@@ -130,9 +177,32 @@ void merge_weights(const AdapterFolder<double>& folder,
  */
 inline MergeReport merge_files(const std::string& base_path, const std::string& adapter_dir,
                                const std::string& out_path, const MergeOptions& options = {}) {
+#ifndef PEFT_NO_EXCEPTIONS
+  try {
+    return detail::merge_files_impl(base_path, adapter_dir, out_path, options);
+  } catch (const std::bad_alloc&) {
+    // The inputs are bounded by their file sizes, but a large base can still exceed the memory.
+    PEFT_THROW(
+        io_error("merging " + adapter_dir + " into " + base_path +
+                 ": out of memory (the merge holds the adapted weights and the output in memory)"));
+  }
+#else
+  return detail::merge_files_impl(base_path, adapter_dir, out_path, options);
+#endif
+}
+
+// merge_files without the conversion of std::bad_alloc into io_error.
+inline MergeReport detail::merge_files_impl(const std::string& base_path,
+                                            const std::string& adapter_dir,
+                                            const std::string& out_path,
+                                            const MergeOptions& options) {
   LoadOptions load_options;
   load_options.allow_regenerated_projections = options.allow_regenerated_projections;
   const AdapterFolder<double> folder = AdapterFolder<double>::load(adapter_dir, {}, load_options);
+  if (folder.modules.empty() && folder.full_tensors.empty()) {
+    PEFT_THROW(format_error(adapter_dir +
+                            ": the adapter has no tensors; merging it would only copy the base"));
+  }
   MergeReport report;
   report.requires_modified_base = folder.config.requires_modified_base();
   report.projections_regenerated = folder.projections_regenerated;
@@ -203,6 +273,11 @@ inline MergeReport merge_files(const std::string& base_path, const std::string& 
                                  TensorInfo{name, Dtype::f32, tensor.shape, 0, 0}.shape_string() +
                                  ", the base's '" + t + "' " + base.info(t).shape_string()));
     }
+    if (weights.count(t)) {
+      PEFT_THROW(format_error(adapter_dir + ": trained tensor '" + printable(name) +
+                              "' (modules_to_save) replaces '" + t +
+                              "', the weight an adapter is merged into; PEFT never saves both"));
+    }
     replacements[t] = &tensor;
   }
 
@@ -229,16 +304,22 @@ inline MergeReport merge_files(const std::string& base_path, const std::string& 
   for (const auto& [k, v] : base.metadata()) out.set_metadata(k, v);
   for (const TensorInfo& t : base.tensors()) {
     const Dtype dtype = options.dtype ? *options.dtype : t.dtype;
+    const double* data = nullptr;
+    Vector<double> values;
     if (const auto w = weights.find(t.name); w != weights.end()) {
-      out.add_raw(t.name, dtype, t.shape, w->second.data());
+      data = w->second.data();
     } else if (const auto r = replacements.find(t.name); r != replacements.end()) {
-      out.add_raw(t.name, dtype, t.shape, r->second->values.data());
+      data = r->second->values.data();
       report.replaced.push_back(t.name);
     } else {
-      Vector<double> values(Index(t.numel()));
+      values.resize(Index(t.numel()));
       base.read(t.name, values.data(), t.numel());
-      out.add_raw(t.name, dtype, t.shape, values.data());
+      data = values.data();
     }
+    // Checked before anything is written: a merged value (or a base value under --dtype) that
+    // the output dtype cannot hold is refused, not written as inf.
+    detail::check_representable(out_path, t.name, dtype, data, std::size_t(t.numel()));
+    out.add_raw(t.name, dtype, t.shape, data);
   }
   out.save(out_path);
   report.tensors_written = out.size();

@@ -6,7 +6,9 @@
 #include <peft/config.hpp>
 #include <peft/error.hpp>
 #include <peft/io/detail/atomic_file.hpp>
+#include <peft/io/detail/fs.hpp>
 #include <peft/io/detail/half.hpp>
+#include <peft/io/detail/json.hpp>
 #include <peft/types.hpp>
 
 #include <nlohmann/json.hpp>
@@ -193,6 +195,7 @@ class SafetensorsReader {
  public:
   explicit SafetensorsReader(std::string path, const ReaderLimits& limits = {})
       : label_(std::move(path)), path_(label_) {
+    detail::require_regular_file(path_);  // a FIFO would block the open below forever
     std::ifstream in(path_, std::ios::binary | std::ios::ate);
     if (!in) PEFT_THROW(io_error(label_ + ": cannot open for reading"));
     const std::streamoff size = in.tellg();
@@ -315,8 +318,9 @@ class SafetensorsReader {
     parse_header(memory_->substr(8, static_cast<std::size_t>(header_len)));
   }
 
+  // Names from the file may hold NUL or newlines: the message escapes them.
   [[noreturn]] void fail(const std::string& what) const {
-    PEFT_THROW(format_error(label_ + ": " + what));
+    PEFT_THROW(format_error(label_ + ": " + detail::printable(what)));
   }
 
   std::uint64_t check_header_length(std::uint64_t n, const ReaderLimits& limits) const {
@@ -361,19 +365,10 @@ class SafetensorsReader {
   void parse_header(const std::string& text) {
     data_start_ = 8 + text.size();
     const std::uint64_t data_size = file_size_ - data_start_;
-    nlohmann::json header;
-#ifndef PEFT_NO_EXCEPTIONS
-    try {
-      header = nlohmann::json::parse(text);
-    } catch (const nlohmann::json::exception& e) {
-      std::string why = e.what();  // quotes the offending token, which may be the whole header
-      if (why.size() > 300) why = why.substr(0, 300) + "...";
-      fail("header is not valid JSON (" + why + ")");
-    }
-#else
-    header = nlohmann::json::parse(text, nullptr, false);
-    if (header.is_discarded()) fail("header is not valid JSON");
-#endif
+    // Duplicate names are refused: the reference reader keeps one of them, another reader might
+    // keep the other, and the two would load different adapters from the same bytes.
+    const nlohmann::json header = detail::parse_json_strict(
+        text, detail::printable(label_) + ": header", detail::JsonLimits{});
     if (!header.is_object()) fail("header is not a JSON object");
     for (auto it = header.begin(); it != header.end(); ++it) {
       const std::string& key = it.key();
