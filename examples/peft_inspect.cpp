@@ -18,38 +18,43 @@
 
 int main(int argc, char** argv) {
   std::string dir;
-  bool json = false, allow_regenerated = false;
+  bool json = false, allow_regenerated = false, edited_config = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--json")
       json = true;
     else if (arg == "--allow-regenerated-projections")
       allow_regenerated = true;
+    else if (arg == "--allow-edited-config")
+      edited_config = true;
     else if (arg == "-h" || arg == "--help") {
       std::printf(
           "peft-inspect DIR [--json] [--allow-regenerated-projections]: method, per-module ranks,\n"
           "alpha, scaling, parameters, dtypes. A VERA folder without saved projections is\n"
           "refused unless --allow-regenerated-projections (peft regenerates them with its own\n"
-          "generator, not PyTorch's).\n");
+          "generator, not PyTorch's). A folder peft saved whose adapter_config.json was changed\n"
+          "afterwards is refused unless --allow-edited-config (it may mix two saves).\n");
       return 0;
     } else if (dir.empty() && arg.rfind("--", 0) != 0)
       dir = arg;
     else {
       std::fprintf(stderr,
                    "peft-inspect: unexpected argument '%s'\nusage: peft-inspect DIR [--json] "
-                   "[--allow-regenerated-projections]\n",
+                   "[--allow-regenerated-projections] [--allow-edited-config]\n",
                    arg.c_str());
       return 2;
     }
   }
   if (dir.empty()) {
-    std::fprintf(stderr, "usage: peft-inspect DIR [--json] [--allow-regenerated-projections]\n");
+    std::fprintf(stderr, "usage: peft-inspect DIR [--json] [--allow-regenerated-projections] "
+                         "[--allow-edited-config]\n");
     return 2;
   }
   try {
     using namespace peft::io;
     LoadOptions options;
     options.allow_regenerated_projections = allow_regenerated;
+    options.allow_edited_config = edited_config;
     const auto folder = AdapterFolder<double>::load(dir, {}, options);
     for (const auto& w : folder.warnings)
       std::fprintf(stderr, "peft-inspect: warning: %s\n", w.c_str());

@@ -20,7 +20,7 @@ int usage(const char* msg) {
   std::fprintf(stderr,
                "peft-merge: %s\nusage: peft-merge --base BASE.safetensors --adapter DIR "
                "--out OUT.safetensors [--dtype f32|f16|bf16]\n"
-               "       [--allow-regenerated-projections] [--offset-base]\n",
+               "       [--allow-regenerated-projections] [--offset-base] [--allow-edited-config]\n",
                msg);
   return 2;
 }
@@ -29,7 +29,7 @@ int usage(const char* msg) {
 
 int main(int argc, char** argv) {
   std::string base, adapter, out, dtype;
-  bool allow_regenerated = false, offset_base = false;
+  bool allow_regenerated = false, offset_base = false, edited_config = false;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "-h" || arg == "--help") {
@@ -43,7 +43,9 @@ int main(int argc, char** argv) {
           "  --allow-regenerated-projections  a VERA folder saved without vera_A/vera_B: they are\n"
           "      regenerated with peft's generator, which reproduces peft's own folders only\n"
           "  --offset-base  an adapter marked init_lora_weights lora_ga/pissa/olora/corda: BASE\n"
-          "      is the base offset at initialisation, not the original model\n");
+          "      is the base offset at initialisation, not the original model\n"
+          "  --allow-edited-config  a folder peft saved whose adapter_config.json was changed\n"
+          "      afterwards (refused by default: it may mix files from two saves)\n");
       return 0;
     }
     if (arg == "--allow-regenerated-projections") {
@@ -52,6 +54,10 @@ int main(int argc, char** argv) {
     }
     if (arg == "--offset-base") {
       offset_base = true;
+      continue;
+    }
+    if (arg == "--allow-edited-config") {
+      edited_config = true;
       continue;
     }
     std::string* target = arg == "--base"      ? &base
@@ -73,6 +79,7 @@ int main(int argc, char** argv) {
     if (!dtype.empty()) options.dtype = peft::io::parse_dtype(dtype);
     options.allow_regenerated_projections = allow_regenerated;
     options.allow_offset_base = offset_base;
+    options.allow_edited_config = edited_config;
     const auto report = peft::io::merge_files(base, adapter, out, options);
     std::printf("base tensors named %s\n", peft::io::base_naming_name(report.naming));
     std::printf("%-48s %5s %8s %10s %12s\n", "module", "rank", "alpha", "scaling", "||dW||");

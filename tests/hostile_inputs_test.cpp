@@ -365,8 +365,16 @@ TEST_CASE("a save interrupted between the two renames leaves a pair that load re
   check_throws<format_error>([&] { (void)(io::AdapterFolder<float>::load(dir.string())); },
                              "two saves");
 
+  // An edit made on purpose can be accepted, and is then reported.
+  io::LoadOptions edited;
+  edited.allow_edited_config = true;
+  const auto mixed = io::AdapterFolder<float>::load(dir.string(), {}, edited);
+  REQUIRE(mixed.warnings.size() == 1);
+  CHECK(mixed.warnings[0].find("edited config") != std::string::npos);
+
   small_lora(8).save(dir.string());
   const auto back = io::AdapterFolder<float>::load(dir.string());
+  CHECK(back.warnings.empty());
   CHECK(back.config.lora_alpha == 8);
   CHECK(back.metadata.count(io::config_digest_key) == 0);  // describes the files, not the folder
   CHECK(temp_files(dir).empty());

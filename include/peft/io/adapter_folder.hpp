@@ -19,6 +19,7 @@
 #include <fstream>
 #include <map>
 #include <new>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -52,6 +53,13 @@ struct LoadOptions {
    * folder's `warnings` says so.
    */
   bool allow_regenerated_projections = false;
+  /**
+   * Accept a folder whose adapter_config.json differs from the one peft saved with the tensors
+   * (the SHA-256 recorded in the tensors' metadata no longer matches), e.g. a config edited by
+   * hand on purpose. The check exists to refuse a folder mixed from two saves, which loads as a
+   * wrong model; with this option the folder's `warnings` says it was skipped.
+   */
+  bool allow_edited_config = false;
 };
 
 /// A tensor kept whole (modules_to_save copies, trained biases): shape and row-major values.
@@ -135,8 +143,10 @@ class AdapterFolder {
     const std::string text = read_text(config_path.string(), max_config_bytes);
     AdapterConfig config = AdapterConfig::parse(text, config_path.string());
     const SafetensorsReader file(weights_path.string(), limits);
-    check_digest(file, text, config_path.string());
-    return from_parts(std::move(config), file, options);
+    const auto edited = check_digest(file, text, config_path.string(), options);
+    AdapterFolder folder = from_parts(std::move(config), file, options);
+    if (edited) folder.warnings.push_back(*edited);
+    return folder;
   }
 
   /// Parses a folder held in memory (a config's JSON text and the safetensors bytes).
@@ -146,8 +156,10 @@ class AdapterFolder {
     AdapterConfig config = AdapterConfig::parse(config_json, label + "/" + config_file_name);
     const SafetensorsReader file = SafetensorsReader::from_buffer(std::move(safetensors_bytes),
                                                                   label + "/" + weights_file_name);
-    check_digest(file, config_json, label + "/" + config_file_name);
-    return from_parts(std::move(config), file, options);
+    const auto edited = check_digest(file, config_json, label + "/" + config_file_name, options);
+    AdapterFolder folder = from_parts(std::move(config), file, options);
+    if (edited) folder.warnings.push_back(*edited);
+    return folder;
   }
 
   /// Builds and validates a folder from a parsed config and an open tensor file.
@@ -261,18 +273,26 @@ class AdapterFolder {
   // Files saved by peft carry the SHA-256 of their config; one that disagrees means the pair
   // comes from two saves (a crash between the renames, or a file copied over), or a config
   // edited by hand after the save.
-  static void check_digest(const SafetensorsReader& file, const std::string& config_text,
-                           const std::string& config_label) {
+  // Returns the warning to record when a mismatch is accepted (LoadOptions::allow_edited_config).
+  static std::optional<std::string> check_digest(const SafetensorsReader& file,
+                                                 const std::string& config_text,
+                                                 const std::string& config_label,
+                                                 const LoadOptions& options) {
     const auto it = file.metadata().find(config_digest_key);
-    if (it == file.metadata().end()) return;  // not written by peft (e.g. by PEFT itself)
+    if (it == file.metadata().end()) return std::nullopt;  // not written by peft (e.g. by PEFT)
     const std::string actual = detail::sha256_hex(config_text);
-    if (it->second != actual) {
-      PEFT_THROW(format_error(file.path() + ": these tensors were saved with a config of SHA-256 " +
-                              detail::printable(it->second.substr(0, 64)) + ", but " +
-                              config_label + " has SHA-256 " + actual +
-                              ": the folder mixes files from two saves (or the config was edited "
-                              "after saving); save the adapter again"));
+    if (it->second == actual) return std::nullopt;
+    const std::string what = file.path() + ": these tensors were saved with a config of SHA-256 " +
+                             detail::printable(it->second.substr(0, 64)) + ", but " +
+                             config_label + " has SHA-256 " + actual;
+    if (!options.allow_edited_config) {
+      PEFT_THROW(format_error(what +
+                              ": the folder mixes files from two saves, or the config was edited "
+                              "after saving; save the adapter again, or accept an edit made on "
+                              "purpose with LoadOptions::allow_edited_config / "
+                              "--allow-edited-config"));
     }
+    return what + "; accepted as an edited config, as asked";
   }
 
   [[noreturn]] static void fail(const SafetensorsReader& file, const std::string& what) {

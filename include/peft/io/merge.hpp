@@ -64,6 +64,8 @@ struct MergeOptions {
   std::optional<Dtype> dtype;
   /// Merge a VERA folder without saved projections (LoadOptions::allow_regenerated_projections).
   bool allow_regenerated_projections = false;
+  /// Merge a folder whose config was edited after peft saved it (LoadOptions::allow_edited_config).
+  bool allow_edited_config = false;
   /**
    * Merge an adapter marked as trained on a base modified at initialisation (init_lora_weights
    * "lora_ga", "pissa...", "olora", "corda"): the caller states that `base_path` IS that
@@ -198,6 +200,7 @@ inline MergeReport detail::merge_files_impl(const std::string& base_path,
                                             const MergeOptions& options) {
   LoadOptions load_options;
   load_options.allow_regenerated_projections = options.allow_regenerated_projections;
+  load_options.allow_edited_config = options.allow_edited_config;
   const AdapterFolder<double> folder = AdapterFolder<double>::load(adapter_dir, {}, load_options);
   if (folder.modules.empty() && folder.full_tensors.empty()) {
     PEFT_THROW(format_error(adapter_dir +
