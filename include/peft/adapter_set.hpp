@@ -155,6 +155,13 @@ class AdapterSet {
     for (auto& m : modules_) m->grad.setZero();
   }
 
+  /// Resizes every gradient buffer to its adapter's current size, zeroed: after an adapter
+  /// changed size in place (AdaLoRA's shrink). Pointers an optimizer holds become invalid.
+  void resize_gradients() {
+    for (auto& m : modules_)
+      if (m->adapter) m->grad = Vector<Scalar>::Zero(m->adapter->num_parameters());
+  }
+
   /// Registers every adapter's parameters and gradient with `optimizer` (e.g. optim::AdamW),
   /// in registration order.
   template <typename Optimizer>

@@ -1,0 +1,486 @@
+// SPDX-FileCopyrightText: The peft authors
+// SPDX-License-Identifier: Apache-2.0
+// Training recipes: one generic trainer runs all five methods on a planted low-rank task; the
+// AdaLoRA step order and budget, LoRA-GA's unchanged init and export, EVA against Eva by hand.
+#include <peft/optim/adamw.hpp>
+#include <peft/train/recipe.hpp>
+
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+using Mat = peft::RowMatrix<double>;
+using Vec = peft::Vector<double>;
+using peft::Index;
+
+const char* const kLayers[2] = {"fc1", "fc2"};
+
+Mat gaussian(Index rows, Index cols, double stddev, std::mt19937_64& gen) {
+  std::normal_distribution<double> n(0.0, stddev);
+  Mat m(rows, cols);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = n(gen);
+  return m;
+}
+
+/// The frozen base of y = W2 tanh(W1 x + b1) + b2 (10 → 12 → 8) and a teacher that differs from
+/// it by a rank-2 shift in each layer: the task is exactly what a rank-2 adapter can learn.
+struct Task {
+  Mat w1, w2, b1, b2;  // base (b as [1, out] rows)
+  Mat x, y;            // 256 samples of the teacher
+
+  Task() {
+    std::mt19937_64 gen(7);
+    w1 = gaussian(12, 10, 1.0 / std::sqrt(10.0), gen);
+    w2 = gaussian(8, 12, 1.0 / std::sqrt(12.0), gen);
+    b1 = gaussian(1, 12, 0.1, gen);
+    b2 = gaussian(1, 8, 0.1, gen);
+    const Mat t1 =
+        w1 + 0.4 * gaussian(12, 2, 1.0, gen) * gaussian(2, 10, 1.0 / std::sqrt(10.0), gen);
+    const Mat t2 =
+        w2 + 0.4 * gaussian(8, 2, 1.0, gen) * gaussian(2, 12, 1.0 / std::sqrt(12.0), gen);
+    x = gaussian(256, 10, 1.0, gen);
+    const Mat h = ((x * t1.transpose()).rowwise() + b1.row(0)).array().tanh().matrix();
+    y = (h * t2.transpose()).rowwise() + b2.row(0);
+  }
+  /// Batch k of 32 rows, cycling through the data in order.
+  std::pair<Mat, Mat> batch(long k) const {
+    const Index n = 32, start = (k * n) % x.rows();
+    return {x.middleRows(start, n), y.middleRows(start, n)};
+  }
+};
+
+/// Mean over rows of ½‖out − y‖²; `dout` gets its gradient.
+double mse(const Mat& out, const Mat& y, Mat& dout) {
+  dout = (out - y) / static_cast<double>(out.rows());
+  return 0.5 * (out - y).squaredNorm() / static_cast<double>(out.rows());
+}
+
+/// Stands in for a recipe where nothing observes the passes (evaluation).
+struct NoObserver {
+  bool calibrating() const { return false; }
+  bool calibration_needs_gradients() const { return false; }
+  bool wants_input(const std::string&) const { return false; }
+  void observe_input(const std::string&, const Mat&) {}
+  void observe_gradient(const std::string&, const Mat&, const Mat&) {}
+};
+
+/**
+ * The trainer's own model: two dense layers over caller-owned frozen weights, adapted through
+ * an AdapterSet. A layer without an adapter (EVA's rank 0, or EVA's calibration) is the base
+ * layer. During calibration it reports each layer's input (forward) and (x, dy) (backward).
+ */
+template <typename Adapter>
+class TwoLayerModel {
+ public:
+  explicit TwoLayerModel(const Task& task)
+      : w_{task.w1, task.w2}, b_{task.b1.row(0).transpose(), task.b2.row(0).transpose()} {
+    for (int l = 0; l < 2; ++l) set.add_module(kLayers[l], w_[l], peft::frozen_bias(b_[l]));
+  }
+  TwoLayerModel(const TwoLayerModel&) = delete;  // the set views w_ and b_
+
+  template <typename Observer>
+  const Mat& forward(const Mat& x, Observer* observer) {
+    x_ = x;
+    dense(0, x_, z1_, observer);
+    h1_ = z1_.array().tanh().matrix();
+    dense(1, h1_, out_, observer);
+    return out_;
+  }
+  /// Accumulates the adapters' gradients for the last forward.
+  template <typename Observer>
+  void backward(const Mat& dout, Observer* observer) {
+    Mat dh1;
+    dense_backward(1, h1_, dout, &dh1, observer);
+    const Mat dz1 = (dh1.array() * (1.0 - h1_.array().square())).matrix();
+    dense_backward(0, x_, dz1, nullptr, observer);
+  }
+  Mat predict(const Mat& x) { return forward<NoObserver>(x, nullptr); }
+  double loss(const Task& task) {
+    Mat unused;
+    return mse(predict(task.x), task.y, unused);
+  }
+  Mat& weight(int l) { return w_[l]; }
+
+  peft::AdapterSet<Adapter> set;
+
+ private:
+  template <typename Observer>
+  void dense(int l, const Mat& x, Mat& y, Observer* observer) {
+    const std::string name = kLayers[l];
+    if (observer && observer->calibrating() && observer->wants_input(name)) {
+      observer->observe_input(name, x);
+    }
+    y.resize(x.rows(), w_[l].rows());
+    if (set.has_adapter(name)) {
+      set.adapter(name).forward(x, y, ws_[l]);
+    } else {
+      y.noalias() = x * w_[l].transpose();
+      y.rowwise() += b_[l].transpose();
+    }
+  }
+  template <typename Observer>
+  void dense_backward(int l, const Mat& x, const Mat& dy, Mat* dx, Observer* observer) {
+    const std::string name = kLayers[l];
+    if (observer && observer->calibrating() && observer->calibration_needs_gradients()) {
+      observer->observe_gradient(name, x, dy);
+    }
+    if (set.has_adapter(name)) {
+      auto& a = set.adapter(name);
+      if (dx) {
+        dx->resize(x.rows(), w_[l].cols());
+        a.backward(x, dy, *dx, set.gradient(name), ws_[l]);
+      } else {
+        a.backward(x, dy, set.gradient(name), ws_[l]);
+      }
+    } else if (dx) {
+      *dx = dy * w_[l];
+    }
+  }
+
+  Mat w_[2];
+  Vec b_[2];
+  peft::Workspace<double> ws_[2];
+  Mat x_, z1_, h1_, out_;
+};
+
+struct Run {
+  double loss_at_start = 0;  // after calibration, before the first step
+  double loss_at_end = 0;    // after finish()
+  long calibration_batches = 0;
+  long micro_batches = 0;
+  long optimizer_steps = 0;
+};
+
+/**
+ * THE trainer: the same code for every method. `accumulation` micro-batches per optimizer step;
+ * the recipe's hooks are called once per optimizer step with the optimizer's step count.
+ */
+template <typename Recipe>
+Run train(TwoLayerModel<typename Recipe::Adapter>& model, Recipe& recipe, const Task& task,
+          long steps, int accumulation, double lr) {
+  Run run;
+  Mat dout;
+  long batch = 0;
+  recipe.attach(model.set);
+  while (recipe.calibrating()) {  // LoRA-GA: (x, dy) pairs; EVA: layer inputs
+    const auto [x, y] = task.batch(batch++);
+    mse(model.forward(x, &recipe), y, dout);
+    if (recipe.calibration_needs_gradients()) model.backward(dout, &recipe);
+    recipe.end_calibration_batch();
+    ++run.calibration_batches;
+  }
+  run.loss_at_start = model.loss(task);
+  {
+    peft::optim::AdamWOptions o;
+    o.weight_decay = 0.0;
+    peft::optim::AdamW<double> optimizer(o);
+    model.set.register_with(optimizer);  // after calibration: EVA attaches its adapters then
+    model.set.zero_grad();
+    for (long step = 1; step <= steps; ++step) {
+      for (int micro = 0; micro < accumulation; ++micro) {
+        const auto [x, y] = task.batch(batch++);
+        mse(model.forward(x, &recipe), y, dout);
+        dout /= static_cast<double>(accumulation);  // the mean over the micro-batches
+        model.backward(dout, &recipe);
+        ++run.micro_batches;
+      }
+      recipe.before_optimizer_step();
+      optimizer.step(lr);
+      recipe.after_optimizer_step(optimizer.step_count());
+      optimizer.zero_grad();
+    }
+    run.optimizer_steps = optimizer.step_count();
+  }  // the optimizer ends before finish(): AdaLoRA's shrink reallocates the parameters
+  recipe.finish();
+  run.loss_at_end = model.loss(task);
+  return run;
+}
+
+peft::LoraOptions lora_options(bool rslora) {
+  peft::LoraOptions o;
+  o.r = 2;
+  o.lora_alpha = 4;
+  o.use_rslora = rslora;
+  o.seed = 11;
+  return o;
+}
+
+peft::train::AdaLoraRecipeOptions adalora_options(long total_step) {
+  peft::train::AdaLoraRecipeOptions o;
+  o.adalora.init_r = 4;
+  o.adalora.lora_alpha = 4;
+  o.adalora.seed = 3;
+  o.budget.init_r = 4;
+  o.budget.target_r = 2;
+  o.budget.total_step = total_step;
+  o.budget.tinit = 10;
+  o.budget.tfinal = 30;
+  o.budget.deltaT = 5;
+  o.budget.orth_reg_weight = 0.1;
+  return o;
+}
+
+template <typename A, typename B>
+double max_diff(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& b) {
+  return (a - b).cwiseAbs().maxCoeff();
+}
+
+}  // namespace
+
+TEST_CASE("one trainer runs every recipe and the loss decreases", "[recipe]") {
+  const Task task;
+  const long steps = 150;
+  auto check = [&](const char* method, const Run& run) {
+    INFO(method << ": loss " << run.loss_at_start << " -> " << run.loss_at_end);
+    CHECK(std::isfinite(run.loss_at_end));
+    CHECK(run.loss_at_end < 0.5 * run.loss_at_start);
+    CHECK(run.optimizer_steps == steps);
+  };
+  SECTION("LoRA") {
+    TwoLayerModel<peft::LoraLinear<double>> model(task);
+    peft::train::LoraRecipeOptions o;
+    o.lora = lora_options(false);
+    peft::train::LoraRecipe<double> recipe(o);
+    check("LoRA", train(model, recipe, task, steps, 1, 1e-2));
+  }
+  SECTION("rsLoRA") {
+    TwoLayerModel<peft::LoraLinear<double>> model(task);
+    peft::train::LoraRecipeOptions o;
+    o.lora = lora_options(true);
+    o.rank_pattern["fc2"] = 3;
+    peft::train::LoraRecipe<double> recipe(o);
+    check("rsLoRA", train(model, recipe, task, steps, 1, 1e-2));
+    CHECK(model.set.adapter("fc1").rank() == 2);
+    CHECK(model.set.adapter("fc2").rank() == 3);
+    CHECK(model.set.adapter("fc1").scaling() == Approx(4.0 / std::sqrt(2.0)));
+  }
+  SECTION("VeRA") {
+    TwoLayerModel<peft::VeraLinear<double>> model(task);
+    peft::train::VeraRecipeOptions o;
+    o.vera.r = 8;
+    o.vera.d_initial = 0.1;
+    o.projection_prng_key = 5;
+    peft::train::VeraRecipe<double> recipe(o);
+    check("VeRA", train(model, recipe, task, steps, 1, 3e-2));
+    CHECK(model.set.projections().rank() == 8);
+  }
+  SECTION("AdaLoRA") {
+    TwoLayerModel<peft::AdaLoraLinear<double>> model(task);
+    peft::train::AdaLoraRecipe<double> recipe(adalora_options(steps));
+    check("AdaLoRA", train(model, recipe, task, steps, 1, 2e-2));
+  }
+  SECTION("LoRA-GA") {
+    TwoLayerModel<peft::LoraLinear<double>> model(task);
+    peft::train::LoraGaRecipeOptions o;
+    o.lora = lora_options(true);
+    o.calibration_batches = 4;
+    peft::train::LoraGaRecipe<double> recipe(o);
+    const Run run = train(model, recipe, task, steps, 1, 3e-3);
+    check("LoRA-GA", run);
+    CHECK(run.calibration_batches == 4);
+  }
+  SECTION("EVA") {
+    TwoLayerModel<peft::LoraLinear<double>> model(task);
+    peft::train::EvaRecipeOptions o;
+    o.eva.r = 2;
+    o.eva.lora_alpha = 4;
+    o.eva.max_iterations = 40;
+    peft::train::EvaRecipe<double> recipe(o);
+    const Run run = train(model, recipe, task, steps, 1, 1e-2);
+    check("EVA", run);
+    CHECK(run.calibration_batches == recipe.eva().iterations());
+    CHECK(run.calibration_batches >= 2);  // convergence compares two consecutive fits
+  }
+}
+
+TEST_CASE("AdaLoRA recipe: hooks per optimizer step under gradient accumulation", "[recipe]") {
+  const Task task;
+  const long steps = 80;
+  TwoLayerModel<peft::AdaLoraLinear<double>> model(task);
+  peft::train::AdaLoraRecipe<double> recipe(adalora_options(steps));
+  // total_step counts optimizer steps: a trainer that called the hooks per micro-batch would
+  // pass step 81 and the allocator would refuse it.
+  const Run run = train(model, recipe, task, steps, 2, 2e-2);
+  CHECK(run.micro_batches == 2 * steps);
+  CHECK(run.optimizer_steps == steps);
+  CHECK(recipe.optimizer_steps() == steps);
+  CHECK(recipe.last_report().step == steps);
+  CHECK(recipe.last_report().final_phase);
+  CHECK(recipe.allocator().pattern_frozen());
+  CHECK(run.loss_at_end < run.loss_at_start);
+  // After finish(): the layers are shrunk to the final pattern, which meets the target budget.
+  Index total_rank = 0;
+  model.set.for_each([&](const std::string& name, const peft::AdaLoraLinear<double>& a) {
+    CHECK(a.rank() == a.kept_rank());
+    total_rank += a.rank();
+    CHECK(model.set.module(name).grad.size() == a.num_parameters());
+  });
+  CHECK(total_rank == recipe.allocator().target_budget());
+  CHECK(total_rank == 2 * 2);
+  CHECK(recipe.phase() == peft::train::Phase::finished);
+  CHECK_THROWS_AS(recipe.before_optimizer_step(), peft::state_error);
+}
+
+TEST_CASE("AdaLoRA recipe: the regulariser goes in before the step, and the order is checked",
+          "[recipe]") {
+  const Task task;
+  TwoLayerModel<peft::AdaLoraLinear<double>> model(task);
+  peft::train::AdaLoraRecipe<double> recipe(adalora_options(50));
+  CHECK_THROWS_AS(recipe.before_optimizer_step(), peft::state_error);  // not attached
+  recipe.attach(model.set);
+  CHECK_THROWS_AS(recipe.after_optimizer_step(1), peft::state_error);  // no before
+  Mat dout;
+  const auto [x, y] = task.batch(0);
+  mse(model.forward(x, &recipe), y, dout);
+  model.backward(dout, &recipe);
+  const Vec task_grad = model.set.gradient("fc1");
+  const double penalty = recipe.before_optimizer_step();
+  CHECK(penalty > 0.0);  // P, Q are random: not orthonormal
+  CHECK(max_diff(model.set.gradient("fc1"), task_grad) > 0.0);
+  CHECK_THROWS_AS(recipe.before_optimizer_step(), peft::state_error);  // twice in one step
+  recipe.after_optimizer_step(1);
+  CHECK(recipe.last_report().step == 1);
+  recipe.before_optimizer_step();
+  CHECK_THROWS_AS(recipe.after_optimizer_step(1), peft::state_error);  // not a new step
+  CHECK_THROWS_AS(peft::train::AdaLoraRecipe<double>([] {
+                    auto o = adalora_options(50);
+                    o.budget.init_r = 3;
+                    return o;
+                  }()),
+                  peft::config_error);
+}
+
+TEST_CASE("LoRA-GA recipe: unchanged output at init, export over the original weights",
+          "[recipe]") {
+  const Task task;
+  TwoLayerModel<peft::LoraLinear<double>> model(task);
+  const Mat w0[2] = {model.weight(0), model.weight(1)};
+  const Mat base_out = model.predict(task.x);
+
+  peft::train::LoraGaRecipeOptions o;
+  o.lora = lora_options(true);
+  o.calibration_batches = 3;
+  peft::train::LoraGaRecipe<double> recipe(o);
+  recipe.attach(model.set);
+  CHECK(recipe.calibrating());
+  CHECK_THROWS_AS(recipe.before_optimizer_step(), peft::state_error);  // calibration first
+  CHECK_THROWS_AS(recipe.initial_state("fc1"), peft::state_error);
+  Mat dout;
+  for (long b = 0; b < 3; ++b) {
+    const auto [x, y] = task.batch(b);
+    mse(model.forward(x, &recipe), y, dout);
+    model.backward(dout, &recipe);
+    recipe.end_calibration_batch();
+  }
+  REQUIRE_FALSE(recipe.calibrating());
+  // The weights were offset (W ← W − s B₀ A₀) and the model still computes the base outputs.
+  CHECK(max_diff(model.weight(0), w0[0]) > 1e-3);
+  CHECK(max_diff(model.predict(task.x), base_out) < 1e-10);
+  CHECK(model.set.gradient("fc1").norm() == 0.0);  // calibration's adapter gradients dropped
+  CHECK(recipe.initial_state("fc2").initial_a.rows() == 2);
+
+  // Train a few steps, then finish: W back to W₀, rank-2r exports compute the trained model.
+  peft::optim::AdamW<double> optimizer;
+  model.set.register_with(optimizer);
+  for (long step = 1; step <= 30; ++step) {
+    const auto [x, y] = task.batch(step);
+    mse(model.forward(x, &recipe), y, dout);
+    model.backward(dout, &recipe);
+    recipe.before_optimizer_step();
+    optimizer.step(3e-3);
+    recipe.after_optimizer_step(optimizer.step_count());
+    optimizer.zero_grad();
+  }
+  const Mat trained_out = model.predict(task.x);
+  CHECK(max_diff(trained_out, base_out) > 1e-4);  // it did train
+  recipe.finish();
+  CHECK(max_diff(model.weight(0), w0[0]) < 1e-12);
+  CHECK(max_diff(model.weight(1), w0[1]) < 1e-12);
+  CHECK(model.set.adapter("fc1").rank() == 4);
+  CHECK(model.set.adapter("fc2").rank() == 4);
+  CHECK(max_diff(model.predict(task.x), trained_out) < 1e-10);
+}
+
+TEST_CASE("LoRA-GA recipe: the init is init::lora_ga of the mean calibration gradient",
+          "[recipe]") {
+  const Task task;
+  TwoLayerModel<peft::LoraLinear<double>> model(task);
+  TwoLayerModel<peft::LoraLinear<double>> by_hand(task);
+  peft::train::LoraGaRecipeOptions o;
+  o.lora = lora_options(true);
+  o.calibration_batches = 2;
+  o.ga.seed = 9;
+  peft::train::LoraGaRecipe<double> recipe(o);
+  recipe.attach(model.set);
+  // By hand: the same adapters, the base layer inputs and output gradients, one accumulator each.
+  peft::Rng rng(o.lora.seed);
+  for (const char* name : kLayers) by_hand.set.attach(name, o.lora, rng);
+  peft::init::GradientAccumulator<double> g1(12, 10), g2(8, 12);
+  Mat dout;
+  for (long b = 0; b < 2; ++b) {
+    const auto [x, y] = task.batch(b);
+    mse(model.forward(x, &recipe), y, dout);
+    model.backward(dout, &recipe);
+    recipe.end_calibration_batch();
+    const Mat h1 = ((x * task.w1.transpose()).rowwise() + task.b1.row(0)).array().tanh().matrix();
+    const Mat dz1 = ((dout * task.w2).array() * (1.0 - h1.array().square())).matrix();
+    g1.accumulate(x, dz1);
+    g2.accumulate(h1, dout);
+  }
+  peft::init::LoraGaOptions ga = o.ga;
+  peft::init::lora_ga(by_hand.set.adapter("fc1"), g1, by_hand.weight(0), ga);
+  ga.seed = o.ga.seed + 1;
+  peft::init::lora_ga(by_hand.set.adapter("fc2"), g2, by_hand.weight(1), ga);
+  for (int l = 0; l < 2; ++l) {
+    CHECK(max_diff(model.set.adapter(kLayers[l]).a(), by_hand.set.adapter(kLayers[l]).a()) < 1e-10);
+    CHECK(max_diff(model.set.adapter(kLayers[l]).b(), by_hand.set.adapter(kLayers[l]).b()) < 1e-10);
+    CHECK(max_diff(model.weight(l), by_hand.weight(l)) < 1e-10);
+  }
+}
+
+TEST_CASE("EVA recipe: the same A as init::Eva fed by hand", "[recipe]") {
+  const Task task;
+  TwoLayerModel<peft::LoraLinear<double>> model(task);
+  peft::train::EvaRecipeOptions o;
+  o.eva.r = 2;
+  o.eva.lora_alpha = 4;
+  o.eva.max_iterations = 40;
+  peft::train::EvaRecipe<double> recipe(o);
+  CHECK_THROWS_AS(recipe.end_calibration_batch(), peft::state_error);  // not attached
+  recipe.attach(model.set);
+  CHECK_FALSE(model.set.has_adapter("fc1"));  // calibration runs on the base model
+  long batch = 0;
+  while (recipe.calibrating()) {
+    model.forward(task.batch(batch++).first, &recipe);
+    recipe.end_calibration_batch();
+  }
+  CHECK(recipe.eva().done());
+
+  peft::init::Eva eva(o.eva);
+  const Index id1 = eva.add_layer("fc1", 10, 12), id2 = eva.add_layer("fc2", 12, 8);
+  for (long b = 0; b < batch; ++b) {
+    const Mat x = task.batch(b).first;
+    const Mat h1 = ((x * task.w1.transpose()).rowwise() + task.b1.row(0)).array().tanh().matrix();
+    if (eva.wants(id1)) eva.feed(id1, x);
+    if (eva.wants(id2)) eva.feed(id2, h1);
+    eva.step();
+  }
+  REQUIRE(eva.done());
+  CHECK(eva.iterations() == recipe.eva().iterations());
+  for (const Index id : {id1, id2}) {
+    const std::string name = eva.name(id);
+    REQUIRE(model.set.has_adapter(name) == (eva.rank(id) > 0));
+    if (eva.rank(id) == 0) continue;
+    const auto& a = model.set.adapter(name);
+    CHECK(a.rank() == eva.rank(id));
+    CHECK(a.options().lora_alpha == eva.alpha(id));
+    CHECK(max_diff(a.a(), eva.initial_a(id)) < 1e-12);
+    CHECK(a.b().norm() == 0.0);
+  }
+  CHECK_THROWS_AS(recipe.end_calibration_batch(), peft::state_error);  // calibration is over
+}
