@@ -14,6 +14,7 @@
 #include <peft/lora.hpp>
 #include <peft/optim/adamw.hpp>
 #include <peft/optim/schedule.hpp>
+#include <peft/train/recipe.hpp>
 #include <peft/random.hpp>
 #include <peft/types.hpp>
 #include <peft/vera.hpp>
