@@ -117,7 +117,7 @@ class TwoLayerModel {
     }
     y.resize(x.rows(), w_[l].rows());
     if (set.has_adapter(name)) {
-      set.adapter(name).forward(x, y, ws_[l]);
+      set.adapter(name).forward(x, y, set.workspace(name));
     } else {
       y.noalias() = x * w_[l].transpose();
       y.rowwise() += b_[l].transpose();
@@ -133,9 +133,9 @@ class TwoLayerModel {
       auto& a = set.adapter(name);
       if (dx) {
         dx->resize(x.rows(), w_[l].cols());
-        a.backward(x, dy, *dx, set.gradient(name), ws_[l]);
+        a.backward(x, dy, *dx, set.gradient(name), set.workspace(name));
       } else {
-        a.backward(x, dy, set.gradient(name), ws_[l]);
+        a.backward(x, dy, set.gradient(name), set.workspace(name));
       }
     } else if (dx) {
       *dx = dy * w_[l];
@@ -144,7 +144,6 @@ class TwoLayerModel {
 
   Mat w_[2];
   Vec b_[2];
-  peft::Workspace<double> ws_[2];
   Mat x_, z1_, h1_, out_;
 };
 
@@ -553,4 +552,35 @@ TEST_CASE("Recipes reduce through the communicator: two identical workers give t
         r.set_communicator(w);
       }(),
       peft::state_error);
+}
+
+TEST_CASE("Recipes draw same-shaped modules from one stream: they start different", "[recipe]") {
+  std::mt19937_64 gen(3);
+  const Mat w[2] = {gaussian(6, 6, 1.0, gen), gaussian(6, 6, 1.0, gen)};
+  SECTION("LoRA") {
+    peft::AdapterSet<peft::LoraLinear<double>> set;
+    set.add_frozen_module("q", peft::frozen(w[0]));
+    set.add_frozen_module("k", peft::frozen(w[1]));
+    peft::train::LoraRecipeOptions o;
+    o.lora = lora_options(false);
+    peft::train::LoraRecipe<double> recipe(o);
+    recipe.attach(set);
+    CHECK(max_diff(set.adapter("q").a(), set.adapter("k").a()) > 0.0);
+    CHECK_THROWS_AS(recipe.attach(set), peft::state_error);
+  }
+  SECTION("AdaLoRA") {
+    peft::AdapterSet<peft::AdaLoraLinear<double>> set;
+    set.add_frozen_module("q", peft::frozen(w[0]));
+    set.add_frozen_module("k", peft::frozen(w[1]));
+    peft::train::AdaLoraRecipe<double> recipe(adalora_options(50));
+    recipe.attach(set, {"k"});  // a subset: q stays unadapted
+    CHECK_FALSE(set.has_adapter("q"));
+    CHECK(recipe.allocator().num_layers() == 1);
+  }
+  SECTION("LoRA-GA refuses read-only modules before calibrating") {
+    peft::AdapterSet<peft::LoraLinear<double>> set;
+    set.add_frozen_module("q", peft::frozen(w[0]));
+    peft::train::LoraGaRecipe<double> recipe;
+    CHECK_THROWS_AS(recipe.attach(set), peft::state_error);
+  }
 }

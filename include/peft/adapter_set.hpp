@@ -7,7 +7,9 @@
 #include <peft/error.hpp>
 #include <peft/types.hpp>
 #include <peft/vera.hpp>
+#include <peft/workspace.hpp>
 
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <string>
@@ -53,6 +55,7 @@ class AdapterSet {
     Bias bias;
     std::unique_ptr<Adapter> adapter;  ///< null until attached
     Vector<Scalar> grad;               ///< sized with the adapter
+    Workspace<Scalar> workspace;       ///< scratch and dropout state for this module's adapter
   };
 
   AdapterSet() = default;
@@ -155,6 +158,19 @@ class AdapterSet {
     for (auto& m : modules_) m->grad.setZero();
   }
 
+  /// The workspace of `name`: pass it to its adapter's forward and backward (one per module, so
+  /// a dropout mask recorded by a forward is the one its backward reuses).
+  Workspace<Scalar>& workspace(const std::string& name) { return modules_[locate(name)]->workspace; }
+
+  /// Training mode for every module's dropout: module i (registration order) draws from seed + i.
+  void enable_dropout(std::uint64_t seed) {
+    for (std::size_t i = 0; i < modules_.size(); ++i) modules_[i]->workspace.enable_dropout(seed + i);
+  }
+  /// Inference mode for every module (dropout is the identity): the default.
+  void disable_dropout() noexcept {
+    for (auto& m : modules_) m->workspace.disable_dropout();
+  }
+
   /// Resizes every gradient buffer to its adapter's current size, zeroed: after an adapter
   /// changed size in place (AdaLoRA's shrink). Pointers an optimizer holds become invalid.
   void resize_gradients() {
@@ -227,7 +243,8 @@ class AdapterSet {
                                  std::to_string(bias.size()) + " entries, the weight " +
                                  std::to_string(w.rows()) + " rows"));
     }
-    auto m = std::make_unique<Module>(Module{name, w, nullptr, bias, nullptr, Vector<Scalar>()});
+    auto m = std::make_unique<Module>(
+        Module{name, w, nullptr, bias, nullptr, Vector<Scalar>(), Workspace<Scalar>()});
     index_[name] = modules_.size();
     modules_.push_back(std::move(m));
     return *modules_.back();
