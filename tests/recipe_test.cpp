@@ -268,6 +268,11 @@ TEST_CASE("one trainer runs every recipe and the loss decreases", "[recipe]") {
     check("VeRA", train(model, recipe, task, steps, 1, 1e-1));
     CHECK(model.set.projections().rank() == 8);
   }
+  SECTION("BasicRecipe (any adapter type, here LoRA)") {
+    TwoLayerModel<peft::LoraLinear<double>> model(task);
+    peft::train::BasicRecipe<peft::LoraLinear<double>> recipe(lora_options(false), 11);
+    check("BasicRecipe", train(model, recipe, task, steps, 1, 1e-2));
+  }
   SECTION("AdaLoRA") {
     TwoLayerModel<peft::AdaLoraLinear<double>> model(task);
     peft::train::AdaLoraRecipe<double> recipe(adalora_options(steps));

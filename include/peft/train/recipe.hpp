@@ -19,6 +19,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -84,7 +85,6 @@ class RecipeBase {
   using Set = AdapterSet<Adapter>;
   using Activations = Eigen::Ref<const RowMatrix<Scalar>>;  ///< `[tokens, features]`
 
-  RecipeBase() = default;
   // The recipe keeps a pointer to its set; the adapters and allocator point into the set.
   RecipeBase(const RecipeBase&) = delete;
   RecipeBase& operator=(const RecipeBase&) = delete;
@@ -123,6 +123,10 @@ class RecipeBase {
   const Set& adapters() const { return checked_set("adapters"); }
 
  protected:
+  // Only as a base: the recipes hide these hooks (no virtuals), so call them on the recipe's type.
+  RecipeBase() = default;
+  ~RecipeBase() = default;
+
   /// Starts the run on `set`; returns the modules to adapt (`modules`, or every registered one).
   std::vector<std::string> begin_attach(Set& set, std::vector<std::string> modules,
                                         const char* where) {
@@ -227,6 +231,51 @@ inline LoraOptions options_for(const std::string& name, LoraOptions o,
   return o;
 }
 }  // namespace detail
+
+// ---- Any adapter without a protocol of its own ------------------------------------------------
+
+/**
+ * The recipe of an adapter type that needs nothing but construction (a new method, or a test's
+ * toy adapter): every module gets `Adapter(weight, bias, options[, rng])`, drawn from one
+ * Rng(seed) when the adapter takes one; no calibration, no step hooks beyond the reductions.
+ */
+template <typename Adapter_>
+class BasicRecipe : public RecipeBase<Adapter_> {
+  using Base = RecipeBase<Adapter_>;
+
+ public:
+  using Options = typename Adapter_::Options;
+
+  explicit BasicRecipe(Options options = {}, std::uint64_t seed = 0)
+      : options_(std::move(options)), seed_(seed) {}
+
+  void attach(typename Base::Set& set, std::vector<std::string> modules = {}) {
+    modules = this->begin_attach(set, std::move(modules), "BasicRecipe");
+    Rng rng(seed_);
+    for (const auto& name : modules) {
+      if constexpr (std::is_constructible_v<Adapter_, typename Adapter_::Weight,
+                                            typename Adapter_::Bias, const Options&, Rng&>) {
+        set.attach(name, options_, rng);
+      } else {
+        set.attach(name, options_);
+      }
+    }
+    this->phase_ = Phase::training;
+  }
+  double before_optimizer_step() {
+    this->begin_step();
+    return 0.0;
+  }
+  void after_optimizer_step(long step) { this->end_step(step); }
+  void finish() {
+    this->begin_finish();
+    this->phase_ = Phase::finished;
+  }
+
+ private:
+  Options options_;
+  std::uint64_t seed_;
+};
 
 // ---- LoRA, rsLoRA ----------------------------------------------------------------------------
 
