@@ -372,7 +372,9 @@ TEST_CASE("LoRA-GA recipe: unchanged output at init, export over the original we
   peft::train::LoraGaRecipe<double> recipe(o);
   recipe.attach(model.set);
   CHECK(recipe.calibrating());
-  CHECK_THROWS_AS(recipe.before_optimizer_step(), peft::state_error);  // calibration first
+  CHECK_THROWS_WITH(recipe.before_optimizer_step(),  // calibration first
+                    Catch::Matchers::Contains("LoraGaRecipe::before_optimizer_step()") &&
+                        Catch::Matchers::Contains("calibrating"));
   CHECK_THROWS_AS(recipe.initial_state("fc1"), peft::state_error);
   Mat dout;
   for (long b = 0; b < 3; ++b) {
@@ -572,6 +574,9 @@ TEST_CASE("Recipes draw same-shaped modules from one stream: they start differen
     recipe.attach(set);
     CHECK(max_diff(set.adapter("q").a(), set.adapter("k").a()) > 0.0);
     CHECK_THROWS_AS(recipe.attach(set), peft::state_error);
+    o.rank_pattern["v"] = 3;  // no module "v": a typo must not pass silently
+    peft::train::LoraRecipe<double> typo(o);
+    CHECK_THROWS_AS(typo.attach(set), peft::config_error);
   }
   SECTION("AdaLoRA") {
     peft::AdapterSet<peft::AdaLoraLinear<double>> set;

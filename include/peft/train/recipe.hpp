@@ -14,6 +14,7 @@
 #include <peft/types.hpp>
 #include <peft/vera.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -92,7 +93,7 @@ class RecipeBase {
   /// Routes this recipe's reductions through `communicator` (kept by pointer; set before attach).
   void set_communicator(Communicator<Scalar>& communicator) {
     if (phase_ != Phase::detached) {
-      PEFT_THROW(state_error("train::Recipe::set_communicator(): set it before attach()"));
+      PEFT_THROW(state_error(where("set_communicator") + ": set it before attach()"));
     }
     communicator_ = &communicator;
   }
@@ -124,24 +125,27 @@ class RecipeBase {
 
  protected:
   // Only as a base: the recipes hide these hooks (no virtuals), so call them on the recipe's type.
-  RecipeBase() = default;
+  /// `name`: the recipe's class name, for error messages ("LoraGaRecipe").
+  explicit RecipeBase(const char* name) : name_(name) {}
   ~RecipeBase() = default;
 
+  /// "train::<recipe>::<hook>()", the prefix of every error message.
+  std::string where(const char* hook) const {
+    return std::string("train::") + name_ + "::" + hook + "()";
+  }
+
   /// Starts the run on `set`; returns the modules to adapt (`modules`, or every registered one).
-  std::vector<std::string> begin_attach(Set& set, std::vector<std::string> modules,
-                                        const char* where) {
+  std::vector<std::string> begin_attach(Set& set, std::vector<std::string> modules) {
     if (phase_ != Phase::detached) {
-      PEFT_THROW(state_error(std::string("train::") + where + "::attach(): already attached"));
+      PEFT_THROW(state_error(where("attach") + ": already attached"));
     }
     if (modules.empty()) modules = set.module_names();
     if (modules.empty()) {
-      PEFT_THROW(
-          config_error(std::string("train::") + where + "::attach(): the set has no module"));
+      PEFT_THROW(config_error(where("attach") + ": the set has no module"));
     }
     for (const auto& name : modules) {
       if (!set.has_module(name)) {
-        PEFT_THROW(config_error(std::string("train::") + where + "::attach(): no module named '" +
-                                name + "'"));
+        PEFT_THROW(config_error(where("attach") + ": no module named '" + name + "'"));
       }
     }
     set_ = &set;
@@ -150,8 +154,8 @@ class RecipeBase {
 
   void require(Phase wanted, const char* hook) const {
     if (phase_ != wanted) {
-      PEFT_THROW(state_error(std::string("train::Recipe::") + hook + "(): called while " +
-                             phase_name(phase_) + "; it belongs to phase " + phase_name(wanted)));
+      PEFT_THROW(state_error(where(hook) + ": called while " + phase_name(phase_) +
+                             "; it belongs to phase " + phase_name(wanted)));
     }
   }
 
@@ -159,9 +163,9 @@ class RecipeBase {
   void begin_step() {
     require(Phase::training, "before_optimizer_step");
     if (in_step_) {
-      PEFT_THROW(state_error(
-          "train::Recipe::before_optimizer_step(): called twice without after_optimizer_step(); "
-          "call it once per optimizer step, not per micro-batch"));
+      PEFT_THROW(state_error(where("before_optimizer_step") +
+                             ": called twice without after_optimizer_step(); "
+                             "call it once per optimizer step, not per micro-batch"));
     }
     in_step_ = true;
     // Average before any recipe adds its own term, so a regulariser is added once, not per worker.
@@ -179,12 +183,12 @@ class RecipeBase {
   void end_step(long step) {
     require(Phase::training, "after_optimizer_step");
     if (!in_step_) {
-      PEFT_THROW(state_error(
-          "train::Recipe::after_optimizer_step(): no before_optimizer_step() since the last "
-          "step; call before_optimizer_step() before optimizer.step()"));
+      PEFT_THROW(state_error(where("after_optimizer_step") +
+                             ": no before_optimizer_step() since the last "
+                             "step; call before_optimizer_step() before optimizer.step()"));
     }
     if (step <= last_step_) {
-      PEFT_THROW(state_error("train::Recipe::after_optimizer_step(): step " + std::to_string(step) +
+      PEFT_THROW(state_error(where("after_optimizer_step") + ": step " + std::to_string(step) +
                              " after step " + std::to_string(last_step_) +
                              "; pass the optimizer's step count (1, 2, ...)"));
     }
@@ -196,14 +200,14 @@ class RecipeBase {
   void begin_finish() {
     require(Phase::training, "finish");
     if (in_step_) {
-      PEFT_THROW(state_error(
-          "train::Recipe::finish(): before_optimizer_step() has no after_optimizer_step()"));
+      PEFT_THROW(
+          state_error(where("finish") + ": before_optimizer_step() has no after_optimizer_step()"));
     }
   }
 
   Set& set() { return checked_set("set"); }
   const Set& checked_set(const char* what) const {
-    if (!set_) PEFT_THROW(state_error(std::string("train::Recipe::") + what + "(): not attached"));
+    if (!set_) PEFT_THROW(state_error(where(what) + ": not attached"));
     return *set_;
   }
   Set& checked_set(const char* what) {
@@ -213,6 +217,7 @@ class RecipeBase {
   Phase phase_ = Phase::detached;
 
  private:
+  const char* name_;
   Communicator<Scalar> serial_;
   Communicator<Scalar>* communicator_ = &serial_;
   Set* set_ = nullptr;
@@ -229,6 +234,28 @@ inline LoraOptions options_for(const std::string& name, LoraOptions o,
   if (auto it = rank_pattern.find(name); it != rank_pattern.end()) o.r = it->second;
   if (auto it = alpha_pattern.find(name); it != alpha_pattern.end()) o.lora_alpha = it->second;
   return o;
+}
+/// A rank_pattern entry must be a rank (> 0); names are checked against the set in attach().
+inline void check_patterns(const char* recipe, const LoraOptions&,
+                           const std::map<std::string, Index>& rank_pattern) {
+  for (const auto& [name, r] : rank_pattern) {
+    if (r <= 0) {
+      PEFT_THROW(config_error(std::string("train::") + recipe + ": rank_pattern['" + name +
+                              "'] = " + std::to_string(r) + " must be > 0"));
+    }
+  }
+}
+
+/// Every pattern key must name a module being adapted, or a typo would silently do nothing.
+template <typename Patterns>
+void check_pattern_names(const std::string& where, const char* pattern, const Patterns& p,
+                         const std::vector<std::string>& modules) {
+  for (const auto& entry : p) {
+    if (std::find(modules.begin(), modules.end(), entry.first) == modules.end()) {
+      PEFT_THROW(config_error(where + ": " + pattern + " names '" + entry.first +
+                              "', which is not an adapted module"));
+    }
+  }
 }
 }  // namespace detail
 
@@ -247,10 +274,10 @@ class BasicRecipe : public RecipeBase<Adapter_> {
   using Options = typename Adapter_::Options;
 
   explicit BasicRecipe(Options options = {}, std::uint64_t seed = 0)
-      : options_(std::move(options)), seed_(seed) {}
+      : Base("BasicRecipe"), options_(std::move(options)), seed_(seed) {}
 
   void attach(typename Base::Set& set, std::vector<std::string> modules = {}) {
-    modules = this->begin_attach(set, std::move(modules), "BasicRecipe");
+    modules = this->begin_attach(set, std::move(modules));
     Rng rng(seed_);
     for (const auto& name : modules) {
       if constexpr (std::is_constructible_v<Adapter_, typename Adapter_::Weight,
@@ -291,10 +318,17 @@ class LoraRecipe : public RecipeBase<LoraLinear<Scalar, Order>> {
   using Base = RecipeBase<LoraLinear<Scalar, Order>>;
 
  public:
-  explicit LoraRecipe(LoraRecipeOptions options = {}) : options_(std::move(options)) {}
+  explicit LoraRecipe(LoraRecipeOptions options = {})
+      : Base("LoraRecipe"), options_(std::move(options)) {
+    detail::check_patterns("LoraRecipe", options_.lora, options_.rank_pattern);
+  }
 
   void attach(typename Base::Set& set, std::vector<std::string> modules = {}) {
-    modules = this->begin_attach(set, std::move(modules), "LoraRecipe");
+    modules = this->begin_attach(set, std::move(modules));
+    detail::check_pattern_names(this->where("attach"), "rank_pattern", options_.rank_pattern,
+                                modules);
+    detail::check_pattern_names(this->where("attach"), "alpha_pattern", options_.alpha_pattern,
+                                modules);
     Rng rng(options_.lora.seed);  // one stream in module order
     for (const auto& name : modules) {
       set.attach(
@@ -331,10 +365,10 @@ class VeraRecipe : public RecipeBase<VeraLinear<Scalar, Order>> {
   using Base = RecipeBase<VeraLinear<Scalar, Order>>;
 
  public:
-  explicit VeraRecipe(VeraRecipeOptions options = {}) : options_(options) {}
+  explicit VeraRecipe(VeraRecipeOptions options = {}) : Base("VeraRecipe"), options_(options) {}
 
   void attach(typename Base::Set& set, std::vector<std::string> modules = {}) {
-    modules = this->begin_attach(set, std::move(modules), "VeraRecipe");
+    modules = this->begin_attach(set, std::move(modules));
     std::vector<std::pair<Index, Index>> shapes;  // (out, in)
     for (const auto& name : modules) {
       const auto& w = set.module(name).weight;
@@ -379,7 +413,7 @@ class AdaLoraRecipe : public RecipeBase<AdaLoraLinear<Scalar, Order>> {
  public:
   using Allocator = RankAllocator<Scalar, Order>;
 
-  explicit AdaLoraRecipe(AdaLoraRecipeOptions options) : options_(options) {
+  explicit AdaLoraRecipe(AdaLoraRecipeOptions options) : Base("AdaLoraRecipe"), options_(options) {
     if (options_.adalora.init_r != options_.budget.init_r) {
       PEFT_THROW(config_error(
           "train::AdaLoraRecipe: adalora.init_r = " + std::to_string(options_.adalora.init_r) +
@@ -389,7 +423,7 @@ class AdaLoraRecipe : public RecipeBase<AdaLoraLinear<Scalar, Order>> {
   }
 
   void attach(typename Base::Set& set, std::vector<std::string> modules = {}) {
-    modules = this->begin_attach(set, std::move(modules), "AdaLoraRecipe");
+    modules = this->begin_attach(set, std::move(modules));
     Rng rng(options_.adalora.seed);
     for (const auto& name : modules) set.attach(name, options_.adalora, rng);
     // After every attach: the set's modules (adapter, gradient) do not move once created.
@@ -453,7 +487,9 @@ class LoraGaRecipe : public RecipeBase<LoraLinear<Scalar, Order>> {
  public:
   using Adapter = LoraLinear<Scalar, Order>;
 
-  explicit LoraGaRecipe(LoraGaRecipeOptions options = {}) : options_(std::move(options)) {
+  explicit LoraGaRecipe(LoraGaRecipeOptions options = {})
+      : Base("LoraGaRecipe"), options_(std::move(options)) {
+    detail::check_patterns("LoraGaRecipe", options_.lora, options_.rank_pattern);
     if (options_.calibration_batches <= 0) {
       PEFT_THROW(config_error("train::LoraGaRecipe: calibration_batches = " +
                               std::to_string(options_.calibration_batches) + " must be > 0"));
@@ -461,7 +497,11 @@ class LoraGaRecipe : public RecipeBase<LoraLinear<Scalar, Order>> {
   }
 
   void attach(typename Base::Set& set, std::vector<std::string> modules = {}) {
-    modules = this->begin_attach(set, std::move(modules), "LoraGaRecipe");
+    modules = this->begin_attach(set, std::move(modules));
+    detail::check_pattern_names(this->where("attach"), "rank_pattern", options_.rank_pattern,
+                                modules);
+    detail::check_pattern_names(this->where("attach"), "alpha_pattern", options_.alpha_pattern,
+                                modules);
     Rng rng(options_.lora.seed);
     for (const auto& name : modules) {
       set.writable_weight(name);  // state_error now, not after calibration, if read-only
@@ -586,10 +626,11 @@ class EvaRecipe : public RecipeBase<LoraLinear<Scalar, Order>> {
  public:
   using Adapter = LoraLinear<Scalar, Order>;
 
-  explicit EvaRecipe(EvaRecipeOptions options = {}) : options_(options), eva_(options.eva) {}
+  explicit EvaRecipe(EvaRecipeOptions options = {})
+      : Base("EvaRecipe"), options_(options), eva_(options.eva) {}
 
   void attach(typename Base::Set& set, std::vector<std::string> modules = {}) {
-    modules = this->begin_attach(set, std::move(modules), "EvaRecipe");
+    modules = this->begin_attach(set, std::move(modules));
     for (const auto& name : modules) {
       const auto& w = set.module(name).weight;
       ids_[name] = eva_.add_layer(name, w.cols(), w.rows());
