@@ -261,12 +261,12 @@ TEST_CASE("one trainer runs every recipe and the loss decreases", "[recipe]") {
   SECTION("VeRA") {
     TwoLayerModel<peft::VeraLinear<double>> model(task);
     peft::train::VeraRecipeOptions o;
-    o.vera.r = 8;
+    o.vera.r = 32;
     o.vera.d_initial = 0.1;
     o.projection_prng_key = 5;
     peft::train::VeraRecipe<double> recipe(o);
     check("VeRA", train(model, recipe, task, steps, 1, 1e-1));
-    CHECK(model.set.projections().rank() == 8);
+    CHECK(model.set.projections().rank() == 32);
   }
   SECTION("BasicRecipe (any adapter type, here LoRA)") {
     TwoLayerModel<peft::LoraLinear<double>> model(task);

@@ -236,8 +236,7 @@ inline LoraOptions options_for(const std::string& name, LoraOptions o,
   return o;
 }
 /// A rank_pattern entry must be a rank (> 0); names are checked against the set in attach().
-inline void check_patterns(const char* recipe, const LoraOptions&,
-                           const std::map<std::string, Index>& rank_pattern) {
+inline void check_patterns(const char* recipe, const std::map<std::string, Index>& rank_pattern) {
   for (const auto& [name, r] : rank_pattern) {
     if (r <= 0) {
       PEFT_THROW(config_error(std::string("train::") + recipe + ": rank_pattern['" + name +
@@ -320,7 +319,7 @@ class LoraRecipe : public RecipeBase<LoraLinear<Scalar, Order>> {
  public:
   explicit LoraRecipe(LoraRecipeOptions options = {})
       : Base("LoraRecipe"), options_(std::move(options)) {
-    detail::check_patterns("LoraRecipe", options_.lora, options_.rank_pattern);
+    detail::check_patterns("LoraRecipe", options_.rank_pattern);
   }
 
   void attach(typename Base::Set& set, std::vector<std::string> modules = {}) {
@@ -489,7 +488,7 @@ class LoraGaRecipe : public RecipeBase<LoraLinear<Scalar, Order>> {
 
   explicit LoraGaRecipe(LoraGaRecipeOptions options = {})
       : Base("LoraGaRecipe"), options_(std::move(options)) {
-    detail::check_patterns("LoraGaRecipe", options_.lora, options_.rank_pattern);
+    detail::check_patterns("LoraGaRecipe", options_.rank_pattern);
     if (options_.calibration_batches <= 0) {
       PEFT_THROW(config_error("train::LoraGaRecipe: calibration_batches = " +
                               std::to_string(options_.calibration_batches) + " must be > 0"));
