@@ -53,19 +53,20 @@ struct NothingSaved {};
  * (docs/adapters.md). `Derived` supplies the method's maths through these members, which the
  * base calls after its checks (private in Derived, with `friend Base`):
  *
- *   Options options_;                                // what options() returns
- *   void add_delta_impl(const ConstRef& x, Ref y, Workspace&) const;          // y += ΔW x
- *   auto parameter_gradients_impl(x, dy, GradientRef grad, Workspace&) const; // grad += ∂L/∂θ
- *   LowRankTerm input_gradient_term(x, dy, saved, Workspace&) const;  // dx's term: s (u F) ⊙ mask
- *   LowRankTerm merge_term() const;                                   // ΔW = s · left · right
- *   void delta_weight_impl(WeightMatrix& delta) const;                // delta = ΔW
+ *   Options options_;                                         // what options() returns
+ *   void add_delta_impl(x, Ref y, Workspace&) const;          // y += the adapter's term
+ *   auto parameter_gradients_impl(x, dy, grad, Workspace&) const;  // grad += ∂L/∂θ
+ *   auto input_gradient_term(x, dy, saved, Workspace&) const;  // dx += s (u F) ⊙ mask: {u, F, s}
+ *   auto merge_term() const;                                   // ΔW = s · left · right
+ *   void delta_weight_impl(WeightMatrix& delta) const;        // delta = ΔW
  *
- * `saved` is what parameter_gradients_impl returned (e.g. LoRA's dy B). Construction: the derived
- * constructor passes W and the bias to AdapterBase, validates its options (the dropout
- * probability through set_dropout()) and sizes `storage_`; PEFT_ADAPTER_INTERFACE declares the
- * types and `class_name`, PEFT_ADAPTER_SEEDED_CONSTRUCTORS the constructors of an adapter whose
- * init draws from an Rng. Copies and moves are the
- * defaulted ones: W and the bias are held as raw pointers, so nothing can dangle.
+ * `saved` is what parameter_gradients_impl returned (e.g. LoRA's dy B); the two terms are
+ * low_rank_term(left, right, scale). Construction: the derived constructor passes W and the bias
+ * to AdapterBase, validates its options (the dropout probability through set_dropout()) and
+ * sizes `storage_`. PEFT_ADAPTER_INTERFACE declares the types, `Options` and `class_name`;
+ * PEFT_ADAPTER_SEEDED_CONSTRUCTORS writes the constructors of an adapter whose init draws from
+ * an Rng. Copies and moves are the defaulted ones: W and the bias are held as raw pointers, so
+ * nothing can dangle. docs/architecture.md#the-adapter-shell lists the steps to add a method.
  */
 template <typename Derived>
 class AdapterBase {
