@@ -177,6 +177,7 @@ class AdaLoraLinear : public AdapterBase<AdaLoraLinear<Scalar_, WeightOrder_>> {
   void initialize(Rng& rng) {
     rank_ = options_.init_r;
     validate();
+    this->set_dropout("lora_dropout", options_.lora_dropout);
     const double alpha =
         options_.lora_alpha > 0 ? options_.lora_alpha : static_cast<double>(options_.init_r);
     scaling_ = static_cast<Scalar>(alpha / (static_cast<double>(options_.init_r) + 1e-5));
@@ -185,17 +186,10 @@ class AdaLoraLinear : public AdapterBase<AdaLoraLinear<Scalar_, WeightOrder_>> {
     reset_parameters(rng);
   }
 
-  void validate() {
-    const Index in = in_features(), out = out_features();
-    const std::string where = Base::constructor_where();
-    if (options_.init_r <= 0 || options_.init_r > std::min(in, out)) {
-      PEFT_THROW(config_error(
-          where + ": init_r = " + std::to_string(options_.init_r) +
-          " must satisfy 0 < init_r <= min(out, in) = " + std::to_string(std::min(in, out)) +
-          " (W is " + detail::shape_string(out, in) + ")"));
-    }
-    detail::check_finite_option(where.c_str(), "lora_alpha", options_.lora_alpha);
-    this->set_dropout("lora_dropout", options_.lora_dropout);
+  void validate() const {
+    Base::check_rank("init_r", options_.init_r);
+    detail::check_finite_option(Base::constructor_where().c_str(), "lora_alpha",
+                                options_.lora_alpha);
   }
 
   void check_mask(const char* where, const std::vector<bool>& kept) const {

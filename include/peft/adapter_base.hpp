@@ -16,6 +16,7 @@
 
 #include <Eigen/Core>
 
+#include <algorithm>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -203,6 +204,16 @@ class AdapterBase {
   /// "<Class>::<Class>()", where the constructors' messages come from.
   static std::string constructor_where() {
     return std::string(Derived::class_name) + "::" + Derived::class_name + "()";
+  }
+
+  /// Checks a rank option (`name` = r): 0 < r <= min(out, in).
+  void check_rank(const char* name, Index r) const {
+    if (r <= 0 || r > std::min(in_, out_)) {
+      PEFT_THROW(config_error(constructor_where() + ": " + name + " = " + std::to_string(r) +
+                              " must satisfy 0 < " + name +
+                              " <= min(out, in) = " + std::to_string(std::min(in_, out_)) +
+                              " (W is " + detail::shape_string(out_, in_) + ")"));
+    }
   }
 
   /// Checks the dropout probability (option `name`, in [0, 1)) and keeps it for the hot paths.

@@ -104,6 +104,7 @@ class LoraLinear : public AdapterBase<LoraLinear<Scalar_, WeightOrder_>> {
 
   void initialize(Rng& rng) {
     validate();
+    this->set_dropout("lora_dropout", options_.lora_dropout);
     scaling_ = static_cast<Scalar>(
         options_.use_rslora ? options_.lora_alpha / std::sqrt(static_cast<double>(options_.r))
                             : options_.lora_alpha / static_cast<double>(options_.r));
@@ -112,16 +113,10 @@ class LoraLinear : public AdapterBase<LoraLinear<Scalar_, WeightOrder_>> {
     reset_parameters(rng);
   }
 
-  void validate() {
-    const Index in = in_features(), out = out_features();
-    const std::string where = Base::constructor_where();
-    if (options_.r <= 0 || options_.r > std::min(in, out)) {
-      PEFT_THROW(config_error(
-          where + ": r = " + std::to_string(options_.r) + " must satisfy 0 < r <= min(out, in) = " +
-          std::to_string(std::min(in, out)) + " (W is " + detail::shape_string(out, in) + ")"));
-    }
-    detail::check_finite_option(where.c_str(), "lora_alpha", options_.lora_alpha);
-    this->set_dropout("lora_dropout", options_.lora_dropout);
+  void validate() const {
+    Base::check_rank("r", options_.r);
+    detail::check_finite_option(Base::constructor_where().c_str(), "lora_alpha",
+                                options_.lora_alpha);
   }
 
   Index b_offset() const noexcept { return rank() * in_features(); }
