@@ -2,10 +2,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // VeRA: shared frozen random projections A, B and per-layer trainable scaling vectors λ_d, λ_b.
 #pragma once
+#include <peft/adapter_base.hpp>
 #include <peft/config.hpp>
-#include <peft/detail/checked_merge.hpp>
 #include <peft/detail/checks.hpp>
-#include <peft/detail/frozen_linear.hpp>
 #include <peft/detail/parameter_storage.hpp>
 #include <peft/detail/workspace_gemm.hpp>
 #include <peft/error.hpp>
@@ -150,26 +149,10 @@ class VeraProjections {
  * \tparam WeightOrder_ storage order of W: Eigen::RowMajor (nn.Linear) or Eigen::ColMajor.
  */
 template <typename Scalar_, int WeightOrder_ = Eigen::RowMajor>
-class VeraLinear {
-  static_assert(std::is_floating_point_v<Scalar_>,
-                "peft::VeraLinear: Scalar must be float or double.");
-  static_assert(WeightOrder_ == Eigen::RowMajor || WeightOrder_ == Eigen::ColMajor,
-                "peft::VeraLinear: WeightOrder must be Eigen::RowMajor or Eigen::ColMajor.");
-  using Base = detail::FrozenLinear<Scalar_, WeightOrder_>;
-
+class VeraLinear : public AdapterBase<VeraLinear<Scalar_, WeightOrder_>> {
  public:
-  using Scalar = Scalar_;
-  static constexpr int WeightOrder = WeightOrder_;
-  using Matrix = RowMatrix<Scalar>;
-  using ConstRef = Eigen::Ref<const Matrix>;
-  using Ref = Eigen::Ref<Matrix>;
-  using Weight = FrozenWeight<Scalar, WeightOrder>;
-  using Bias = FrozenBias<Scalar>;
-  using WeightMatrix = peft::Matrix<Scalar, WeightOrder>;
-  using WeightRef = Eigen::Ref<WeightMatrix>;
-  using GradientRef = Eigen::Ref<Vector<Scalar>>;
+  PEFT_ADAPTER_INTERFACE(VeraLinear, VeraOptions);
   using Projections = VeraProjections<Scalar>;
-  using Options = VeraOptions;
 
   /// Binds W (no copy) and the shared projections (no copy of the slices).
   template <int Order>
@@ -179,13 +162,13 @@ class VeraLinear {
   template <int Order>
   VeraLinear(FrozenWeight<Scalar, Order> weight, Bias bias, const Projections& projections,
              const VeraOptions& opts)
-      : base_("VeraLinear", check_order(weight), bias),
+      : Base(weight, bias),
         options_(opts),
         a_data_(projections.a().data()),
         a_ld_(projections.max_in()),
         b_data_(projections.b().data()) {
     validate(projections);
-    storage_ = detail::ParameterStorage<Scalar>(rank() + out_features());
+    this->storage_ = detail::ParameterStorage<Scalar>(rank() + out_features());
     reset_parameters();
   }
 
@@ -195,17 +178,10 @@ class VeraLinear {
   template <int Order>
   VeraLinear(FrozenWeight<Scalar, Order>, Bias, const Projections&&, const VeraOptions&) = delete;
 
-  Index in_features() const noexcept { return base_.in(); }
-  Index out_features() const noexcept { return base_.out(); }
   Index rank() const noexcept { return options_.r; }
-  const VeraOptions& options() const noexcept { return options_; }
-  /// r + out: VeRA's point — independent of in, and tiny next to LoRA's r (in + out).
-  Index num_parameters() const noexcept { return storage_.size(); }
-  bool merged() const noexcept { return base_.merged(); }
 
-  Weight weight() const noexcept { return base_.weight(); }
-  bool has_bias() const noexcept { return base_.has_bias(); }
-  Bias bias() const noexcept { return base_.bias(); }
+  // num_parameters() = r + out: VeRA's point — independent of in, and tiny next to LoRA's
+  // r (in + out). parameters() = [λ_d (r) | λ_b (out)].
 
   /// This layer's frozen slices of the shared projections (views, no copy).
   typename Projections::ASlice a() const noexcept {
@@ -213,17 +189,16 @@ class VeraLinear {
   }
   typename Projections::BSlice b() const noexcept { return {b_data_, out_features(), rank()}; }
 
-  /// All trainable values, flat: [λ_d (r) | λ_b (out)].
-  Eigen::Map<Vector<Scalar>> parameters() noexcept { return storage_.view(); }
-  Eigen::Map<const Vector<Scalar>> parameters() const noexcept { return storage_.view(); }
   /// λ_d `[r]` (PEFT's vera_lambda_d) and λ_b `[out]` (vera_lambda_b), views into parameters().
-  Eigen::Map<Vector<Scalar>> lambda_d() noexcept { return {storage_.data(), rank()}; }
-  Eigen::Map<const Vector<Scalar>> lambda_d() const noexcept { return {storage_.data(), rank()}; }
+  Eigen::Map<Vector<Scalar>> lambda_d() noexcept { return {this->storage_.data(), rank()}; }
+  Eigen::Map<const Vector<Scalar>> lambda_d() const noexcept {
+    return {this->storage_.data(), rank()};
+  }
   Eigen::Map<Vector<Scalar>> lambda_b() noexcept {
-    return {storage_.data() + rank(), out_features()};
+    return {this->storage_.data() + rank(), out_features()};
   }
   Eigen::Map<const Vector<Scalar>> lambda_b() const noexcept {
-    return {storage_.data() + rank(), out_features()};
+    return {this->storage_.data() + rank(), out_features()};
   }
   /// Shaped views of a gradient buffer laid out like parameters().
   Eigen::Map<Vector<Scalar>> grad_lambda_d(GradientRef grad) const noexcept {
@@ -233,74 +208,6 @@ class VeraLinear {
     return {grad.data() + rank(), out_features()};
   }
 
-  void bind_parameters(Scalar* external) { storage_.bind(external); }
-  void unbind_parameters() { storage_.unbind(); }
-
-  /// y = x Wᵀ + b + λ_b ⊙ ((λ_d ⊙ (drop(x) A_lᵀ)) B_lᵀ). While merged, W holds the delta.
-  void forward(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
-    base_.check_forward("forward()", x, y);
-    base_.base_forward(x, y);
-    if (!merged()) add_delta_unchecked(x, y, ws);
-  }
-
-  /// Only the adapter term; adds nothing while merged.
-  void add_delta(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
-    base_.check_forward("add_delta()", x, y);
-    if (!merged()) add_delta_unchecked(x, y, ws);
-  }
-
-  /**
-   * Exact gradients: accumulates (+=) dλ_d, dλ_b into `grad` and writes
-   * dx = dy W + (dy B̃) A_l ⊙ mask with B̃ = diag(λ_b) B_l diag(λ_d).
-   */
-  void backward(const ConstRef& x, const ConstRef& dy, Ref dx, GradientRef grad,
-                Workspace<Scalar>& ws) const {
-    base_.check_backward("backward()", x, dy, grad.size(), num_parameters());
-    base_.check_dx("backward()", x, dy, dx);
-    parameter_gradients(x, dy, grad, ws);
-    const auto scaled_b = scaled_b_into(ws);
-    auto v = ws.buffer(slot_u, x.rows(), rank());
-    detail::assign_product(v, dy, scaled_b, ws);  // [n, r]
-    base_.input_gradient(this, "VeraLinear::backward()", x, dy, v, a(), Scalar(1),
-                         options_.vera_dropout, ws, slot_x, dx);
-  }
-
-  /// As backward() without the input gradient.
-  void backward(const ConstRef& x, const ConstRef& dy, GradientRef grad,
-                Workspace<Scalar>& ws) const {
-    base_.check_backward("backward()", x, dy, grad.size(), num_parameters());
-    parameter_gradients(x, dy, grad, ws);
-  }
-
-  /// ΔW = diag(λ_b) B_l diag(λ_d) A_l, `[out, in]`.
-  WeightMatrix delta_weight() const {
-    WeightMatrix delta(out_features(), in_features());
-    delta.noalias() = scaled_b() * a();
-    return delta;
-  }
-
-  /// W += ΔW into the viewed weight; false (no change) if already merged.
-  bool merge_into(WeightRef w) {
-    base_.check_bound_weight("merge_into()", w);
-    if (merged()) return false;
-    base_.check_finite_parameters("merge_into()", parameters());
-    // Scale B's rows and columns first (out·r work), then one pass over W.
-    detail::add_low_rank_checked<Scalar, WeightOrder>(w, scaled_b(), a(), Scalar(1),
-                                                      base_.where("merge_into()"));
-    base_.set_merged(true);
-    return true;
-  }
-
-  /// W -= ΔW; false (no change) if not merged.
-  bool unmerge_from(WeightRef w) {
-    base_.check_bound_weight("unmerge_from()", w);
-    if (!merged()) return false;
-    detail::add_low_rank_checked<Scalar, WeightOrder>(w, scaled_b(), a(), Scalar(-1),
-                                                      base_.where("unmerge_from()"));
-    base_.set_merged(false);
-    return true;
-  }
-
   /// λ_d = d_initial, λ_b = 0: the adapter becomes a no-op.
   void reset_parameters() {
     lambda_d().setConstant(static_cast<Scalar>(options_.d_initial));
@@ -308,21 +215,12 @@ class VeraLinear {
   }
 
  private:
-  static constexpr int slot_t = 0;  // dropout(x) A_lᵀ, then dy B̃    [n, r]
-  static constexpr int slot_u = 1;  // dy B̃                           [n, r]
-  static constexpr int slot_m = 2;  // dyᵀ (xd A_lᵀ) ⊙ B_l, then B̃     [out, r]
-  static constexpr int slot_x = 3;  // dropout(x)                      [n, in]
+  static constexpr WorkspaceSlot slot_t = WorkspaceSlot::rank_input;     // xd A_lᵀ     [n, r]
+  static constexpr WorkspaceSlot slot_u = WorkspaceSlot::rank_gradient;  // dy B̃        [n, r]
+  static constexpr WorkspaceSlot slot_m = WorkspaceSlot::factor;  // dyᵀ (xd A_lᵀ) ⊙ B_l, then B̃
 
-  template <int Order>
-  static const Weight& check_order(const FrozenWeight<Scalar, Order>& weight) {
-    static_assert(Order == WeightOrder_,
-                  "peft::VeraLinear: the weight's storage order differs from the adapter's "
-                  "WeightOrder; use VeraLinear<Scalar, Eigen::ColMajor> for column-major weights.");
-    return weight;
-  }
-
-  void validate(const Projections& p) const {
-    const std::string where = "VeraLinear::VeraLinear()";
+  void validate(const Projections& p) {
+    const std::string where = Base::constructor_where();
     if (options_.r != p.rank()) {
       PEFT_THROW(config_error(where + ": options.r = " + std::to_string(options_.r) +
                               " differs from the projections' rank " + std::to_string(p.rank()) +
@@ -337,10 +235,7 @@ class VeraLinear {
           "); size them over every adapted layer, e.g. VeraProjections::for_shapes()"));
     }
     detail::check_finite_option(where.c_str(), "d_initial", options_.d_initial);
-    if (!(options_.vera_dropout >= 0.0 && options_.vera_dropout < 1.0)) {
-      PEFT_THROW(config_error(where + ": vera_dropout = " + std::to_string(options_.vera_dropout) +
-                              " must be in [0, 1)"));
-    }
+    this->set_dropout("vera_dropout", options_.vera_dropout);
   }
 
   // B̃ = diag(λ_b) B_l diag(λ_d), [out, r]: owned for merges, in the workspace on hot paths.
@@ -351,24 +246,9 @@ class VeraLinear {
     return sb;
   }
 
-  // dλ_b_j = Σ_k B_jk λ_d,k M_jk and dλ_d,k = Σ_j λ_b,j B_jk M_jk with M = dyᵀ (xd A_lᵀ):
-  // one [out, r] product instead of any [n, out] temporary.
-  void parameter_gradients(const ConstRef& x, const ConstRef& dy, GradientRef grad,
-                           Workspace<Scalar>& ws) const {
-    const auto xd =
-        Base::backward_input(this, "VeraLinear::backward()", x, options_.vera_dropout, ws, slot_x);
-    auto t = ws.buffer(slot_t, x.rows(), rank());
-    detail::assign_product(t, xd, a().transpose(), ws);
-    auto m = ws.buffer(slot_m, out_features(), rank());
-    detail::assign_product(m, dy.transpose(), t, ws);
-    m.array() *= b().array();
-    grad_lambda_d(grad).noalias() += m.transpose() * lambda_b();
-    grad_lambda_b(grad).noalias() += m * lambda_d();
-  }
-
-  void add_delta_unchecked(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
-    const auto xd =
-        Base::forward_input(this, "VeraLinear::forward()", x, options_.vera_dropout, ws, slot_x);
+  // y += λ_b ⊙ ((λ_d ⊙ (drop(x) A_lᵀ)) B_lᵀ).
+  void add_delta_impl(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
+    const auto xd = this->forward_input(x, ws);
     auto t = ws.buffer(slot_t, x.rows(), rank());
     detail::assign_product(t, xd, a().transpose(), ws);
     // Both scalings folded into an [out, r] copy of B_l: the [n, out] product is the only
@@ -377,12 +257,39 @@ class VeraLinear {
     detail::add_product(y, Scalar(1), t, sb.transpose(), ws);
   }
 
-  Base base_;
+  // dλ_b_j = Σ_k B_jk λ_d,k M_jk and dλ_d,k = Σ_j λ_b,j B_jk M_jk with M = dyᵀ (xd A_lᵀ):
+  // one [out, r] product instead of any [n, out] temporary. The input gradient reuses nothing.
+  detail::NothingSaved parameter_gradients_impl(const ConstRef& x, const ConstRef& dy,
+                                                GradientRef grad, Workspace<Scalar>& ws) const {
+    const auto xd = this->backward_input(x, ws);
+    auto t = ws.buffer(slot_t, x.rows(), rank());
+    detail::assign_product(t, xd, a().transpose(), ws);
+    auto m = ws.buffer(slot_m, out_features(), rank());
+    detail::assign_product(m, dy.transpose(), t, ws);
+    m.array() *= b().array();
+    grad_lambda_d(grad).noalias() += m.transpose() * lambda_b();
+    grad_lambda_b(grad).noalias() += m * lambda_d();
+    return {};
+  }
+
+  // dx's adapter term: ((dy B̃) A_l) ⊙ mask with B̃ = diag(λ_b) B_l diag(λ_d).
+  auto input_gradient_term(const ConstRef& x, const ConstRef& dy, detail::NothingSaved,
+                           Workspace<Scalar>& ws) const {
+    const auto sb = scaled_b_into(ws);
+    auto v = ws.buffer(slot_u, x.rows(), rank());
+    detail::assign_product(v, dy, sb, ws);  // [n, r]
+    return Base::low_rank_term(v, a(), Scalar(1));
+  }
+
+  // ΔW = diag(λ_b) B_l diag(λ_d) A_l: B's rows and columns scaled first (out·r work), then one
+  // pass over W.
+  auto merge_term() const { return Base::low_rank_term(scaled_b(), a(), Scalar(1)); }
+  void delta_weight_impl(WeightMatrix& delta) const { delta.noalias() = scaled_b() * a(); }
+
   VeraOptions options_;
   const Scalar* a_data_;
   Index a_ld_;
   const Scalar* b_data_;
-  detail::ParameterStorage<Scalar> storage_;
 };
 
 template <typename Scalar, int Order>

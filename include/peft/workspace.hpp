@@ -16,6 +16,17 @@
 PEFT_NAMESPACE_BEGIN
 
 /**
+ * What each Workspace slot holds on the adapters' hot paths (LoRA, VeRA, AdaLoRA), so that two
+ * products of one call never share a buffer by accident. n is the number of tokens.
+ */
+enum class WorkspaceSlot : int {
+  rank_input = 0,     ///< [n, r]: the input through the down-projection (xd Aᵀ, xd Qᵀ)
+  rank_gradient = 1,  ///< [n, r]: dy through the up-projection (dy B, dy P, VeRA's dy B̃)
+  factor = 2,         ///< [out, r]: a factor formed per call (VeRA's M, then B̃)
+  dropped_input = 3,  ///< [n, in]: drop(x), later the adapter's term of dx
+};
+
+/**
  * Scratch buffers and dropout state for `forward` / `backward`.
  *
  * Buffers only grow, so after the first call at the largest batch (or after `reserve`) the
@@ -44,6 +55,10 @@ class Workspace {
     auto& storage = slots_[static_cast<std::size_t>(slot)];
     if (storage.size() < rows * cols) storage.resize(rows * cols);
     return Eigen::Map<Matrix>(storage.data(), rows, cols);
+  }
+  /// The slot of a named role (see WorkspaceSlot).
+  Eigen::Map<Matrix> buffer(WorkspaceSlot slot, Index rows, Index cols) {
+    return buffer(static_cast<int>(slot), rows, cols);
   }
 
   /// Pre-sizes every slot for `rows x cols` so the first call does not allocate either (the

@@ -7,7 +7,7 @@
 #ifndef PEFT_CONFIG_HPP
 #  error "include <peft/peft.hpp> or a public peft header instead of a detail header"
 #endif
-#include <peft/detail/frozen_linear.hpp>
+#include <peft/detail/low_rank_update.hpp>
 #include <peft/error.hpp>
 #include <peft/types.hpp>
 

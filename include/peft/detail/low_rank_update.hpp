@@ -1,21 +1,17 @@
 // SPDX-FileCopyrightText: The peft authors
 // SPDX-License-Identifier: Apache-2.0
-// What every adapter over a frozen dense layer shares: the views, the checks, the merge state
-// and the dropout plumbing. Adapters hold one FrozenLinear and add their low-rank term.
+// The merge kernel: W += alpha · left · right in one register-tiled pass over W (every adapter's
+// merge_into/unmerge_from ends here; docs/architecture.md#kernels).
 #pragma once
 #ifndef PEFT_CONFIG_HPP
 #  error "include <peft/peft.hpp> or a public peft header instead of a detail header"
 #endif
-#include <peft/detail/checks.hpp>
-#include <peft/detail/workspace_gemm.hpp>
-#include <peft/error.hpp>
 #include <peft/types.hpp>
-#include <peft/workspace.hpp>
+
+#include <Eigen/Core>
 
 #include <algorithm>
 #include <cstdint>
-#include <string>
-#include <type_traits>
 
 #ifdef _OPENMP
 #  include <omp.h>
@@ -184,179 +180,6 @@ void add_low_rank(Eigen::Ref<peft::Matrix<Scalar, Order>> w, const Eigen::Matrix
                     rt.data(), rt.outerStride(), lt.cols(), alpha);
   }
 }
-
-/**
- * A frozen `[out, in]` weight and optional bias viewed through raw pointers (the Maps are rebuilt
- * on demand so the owning adapter stays copy- and move-assignable), plus the merged flag.
- */
-template <typename Scalar, int Order>
-class FrozenLinear {
- public:
-  using Matrix = RowMatrix<Scalar>;
-  using ConstRef = Eigen::Ref<const Matrix>;
-  using Ref = Eigen::Ref<Matrix>;
-  using Weight = FrozenWeight<Scalar, Order>;
-  using Bias = FrozenBias<Scalar>;
-  using WeightMatrix = peft::Matrix<Scalar, Order>;
-  using WeightRef = Eigen::Ref<WeightMatrix>;
-  /// x itself or its dropped-out copy in the workspace.
-  using InputView = Eigen::Map<const Matrix, Eigen::Unaligned, Eigen::OuterStride<>>;
-
-  FrozenLinear(const char* class_name, const Weight& weight, const Bias& bias)
-      : class_name_(class_name),
-        w_data_(weight.data()),
-        w_ld_(weight.outerStride()),
-        out_(weight.rows()),
-        in_(weight.cols()),
-        bias_data_(bias.data()) {
-    if (bias.data() != nullptr && bias.size() != out_) {
-      PEFT_THROW(dimension_error(std::string(class_name_) + "::" + class_name_ + "(): bias has " +
-                                 std::to_string(bias.size()) +
-                                 " entries, expected out_features = " + std::to_string(out_) +
-                                 " (W is " + shape_string(out_, in_) + ")"));
-    }
-  }
-
-  Index in() const noexcept { return in_; }
-  Index out() const noexcept { return out_; }
-  Weight weight() const noexcept { return Weight(w_data_, out_, in_, Eigen::OuterStride<>(w_ld_)); }
-  bool has_bias() const noexcept { return bias_data_ != nullptr; }
-  Bias bias() const noexcept { return Bias(bias_data_, has_bias() ? out_ : 0); }
-  bool merged() const noexcept { return merged_; }
-  Operand weight_operand() const noexcept { return {"W", out_, in_}; }
-
-  /// "<Class>::<method>" for messages, e.g. where("forward()").
-  std::string where(const char* method) const { return std::string(class_name_) + "::" + method; }
-
-  /// y = x Wᵀ + b.
-  void base_forward(const ConstRef& x, Ref y) const {
-    y.noalias() = x * weight().transpose();
-    if (has_bias()) y.rowwise() += bias().transpose();
-  }
-
-  void check_forward(const char* method, const ConstRef& x, const Ref& y) const {
-    if (x.cols() != in_ || y.rows() != x.rows() || y.cols() != out_) {
-      const std::string w = where(method);
-      check_cols(w.c_str(), operand("x", x), in_, "in_features", weight_operand());
-      check_shape(w.c_str(), operand("y", y), x.rows(), out_, operand("x", x), weight_operand());
-    }
-    check_disjoint(method, "x", x, "y", y);
-  }
-
-  void check_backward(const char* method, const ConstRef& x, const ConstRef& dy, Index grad_size,
-                      Index num_parameters) const {
-    if (merged_) {
-      PEFT_THROW(state_error(where(method) +
-                             ": the adapter is merged into W; unmerge_from(W) before training "
-                             "(a step taken while merged would make the unmerge subtract the "
-                             "wrong delta)"));
-    }
-    if (x.cols() != in_ || dy.rows() != x.rows() || dy.cols() != out_ ||
-        grad_size != num_parameters) {
-      const std::string w = where(method);
-      check_cols(w.c_str(), operand("x", x), in_, "in_features", weight_operand());
-      check_shape(w.c_str(), operand("dy", dy), x.rows(), out_, operand("x", x), weight_operand());
-      check_size(w.c_str(), "grad", grad_size, num_parameters, "num_parameters()");
-    }
-  }
-
-  void check_dx(const char* method, const ConstRef& x, const ConstRef& dy, const Ref& dx) const {
-    if (dx.rows() != x.rows() || dx.cols() != in_) {
-      check_shape(where(method).c_str(), operand("dx", dx), x.rows(), in_, operand("x", x),
-                  weight_operand());
-    }
-    check_disjoint(method, "dy", dy, "dx", dx);
-    check_disjoint(method, "x", x, "dx", dx);
-  }
-
-  /// The kernels write outputs with noalias(): an output overlapping an input is refused.
-  template <typename In, typename Out>
-  void check_disjoint(const char* method, const char* in_name, const In& input,
-                      const char* out_name, const Out& output) const {
-    if (overlaps(input, output)) {
-      PEFT_THROW(dimension_error(where(method) + ": " + out_name + " overlaps " + in_name +
-                                 " in memory; pass a separate output buffer"));
-    }
-  }
-
-  /// Merge/unmerge take the very matrix the adapter views, so the merged flag stays truthful.
-  void check_bound_weight(const char* method, const WeightRef& w) const {
-    check_shape(where(method).c_str(), operand("w", w), out_, in_, weight_operand());
-    if (w.data() != w_data_ || w.outerStride() != w_ld_) {
-      PEFT_THROW(config_error(where(method) +
-                              ": w is not the weight this adapter views; pass the same matrix "
-                              "(use delta_weight() to build a merged copy elsewhere)"));
-    }
-  }
-
-  template <typename Derived>
-  void check_finite_parameters(const char* method, const Eigen::DenseBase<Derived>& p) const {
-    if (!all_finite(p)) {
-      PEFT_THROW(numerical_error(where(method) +
-                                 ": a trainable parameter is not finite; W left unchanged"));
-    }
-  }
-
-  void set_merged(bool merged) noexcept { merged_ = merged; }
-
-  /// Forward: x, or x ⊙ mask with a fresh mask recorded in `ws` for `owner`'s backward.
-  static InputView forward_input(const void* owner, const char* method, const ConstRef& x, double p,
-                                 Workspace<Scalar>& ws, int slot) {
-    if (!dropout_active(p, ws)) return view(x);
-    const auto mask = ws.draw_dropout_mask(owner, method, x.rows(), x.cols(), p, x.data());
-    return masked(x, mask, ws, slot);
-  }
-  /// Backward: x, or x ⊙ the mask that `owner`'s forward recorded.
-  static InputView backward_input(const void* owner, const char* method, const ConstRef& x,
-                                  double p, Workspace<Scalar>& ws, int slot) {
-    if (!dropout_active(p, ws)) return view(x);
-    const auto mask = ws.recorded_dropout_mask(owner, method, x.rows(), x.cols(), x.data());
-    return masked(x, mask, ws, slot);
-  }
-  /**
-   * dx = dy W + scale · (u · factor) ⊙ mask: the base part plus the adapter's, with u `[n, r]`
-   * and factor `[r, in]` (LoRA: dy B and A). The mask is the one `owner`'s forward recorded.
-   */
-  template <typename U, typename Factor>
-  void input_gradient(const void* owner, const char* method, const ConstRef& x, const ConstRef& dy,
-                      const U& u, const Factor& factor, Scalar scale, double p,
-                      Workspace<Scalar>& ws, int slot, Ref dx) const {
-    dx.noalias() = dy * weight();
-    if (u.cols() == 0) return;  // a rank-0 adapter adds nothing
-    if (dropout_active(p, ws)) {
-      const auto mask = ws.recorded_dropout_mask(owner, method, x.rows(), in_, x.data());
-      auto v = ws.buffer(slot, x.rows(), in_);
-      assign_product(v, u, factor, ws);
-      dx.array() += scale * v.array() * mask.array();
-    } else {
-      add_product(dx, scale, u, factor, ws);
-    }
-  }
-
-  /// True when a forward draws (and backward reuses) a dropout mask.
-  static bool dropout_active(double p, const Workspace<Scalar>& ws) noexcept {
-    return p > 0.0 && ws.dropout_enabled();
-  }
-
- private:
-  static InputView view(const ConstRef& x) {
-    return InputView(x.data(), x.rows(), x.cols(), Eigen::OuterStride<>(x.outerStride()));
-  }
-  static InputView masked(const ConstRef& x, const Eigen::Map<const Matrix>& mask,
-                          Workspace<Scalar>& ws, int slot) {
-    auto xd = ws.buffer(slot, x.rows(), x.cols());
-    xd.array() = x.array() * mask.array();
-    return InputView(xd.data(), xd.rows(), xd.cols(), Eigen::OuterStride<>(xd.cols()));
-  }
-
-  const char* class_name_;
-  const Scalar* w_data_;
-  Index w_ld_;
-  Index out_;
-  Index in_;
-  const Scalar* bias_data_;
-  bool merged_ = false;
-};
 
 }  // namespace detail
 PEFT_NAMESPACE_END
