@@ -3,7 +3,8 @@
 // Pretrains a digit classifier, then adapts it to rotated digits with LoRA, VeRA, AdaLoRA or
 // LoRA-GA or EVA on every layer.
 //
-//   peft-finetune [--method lora|vera|adalora|lora-ga|eva|both|all] [--rank 8] [--alpha 16] [--lr ...]
+//   peft-finetune [--method lora|vera|adalora|lora-ga|eva|both|all] [--rank 8] [--alpha 16] [--lr
+//   ...]
 //                 [--vera-rank 256] [--d-initial 0.1] [--vera-lr ...]
 //                 [--init-r 8] [--target-r 4] [--tinit ...] [--tfinal ...] [--adalora-lr ...]
 //                 [--calibration-batches 8] [--stable-gamma 16] [--lora-ga-lr ...]
@@ -52,9 +53,9 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
-#include <optional>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -114,7 +115,7 @@ struct Config {
   double eva_rho = 2.0;
   double eva_tau = 0.99;
   long eva_max_iterations = 100;
-  double eva_lr = 1e-2;  // LoRA's
+  double eva_lr = 1e-2;       // LoRA's
   double pretrain_lr = 3e-3;  // fixed: pretraining is not the subject here
   long steps_pretrain = 1500;
   long steps_finetune = 1500;
@@ -732,8 +733,8 @@ peft::init::Eva calibrate_eva(const Setup& setup) {
   if (!unconverged.empty()) {
     std::string names;
     for (const std::string& name : unconverged) names += (names.empty() ? "" : ", ") + name;
-    std::printf("EVA: not converged after %ld steps (--eva-max-iterations): %s\n",
-                eva.iterations(), names.c_str());
+    std::printf("EVA: not converged after %ld steps (--eva-max-iterations): %s\n", eva.iterations(),
+                names.c_str());
   }
   return eva;
 }
@@ -800,8 +801,7 @@ Outcome finetune_eva(const Setup& setup) {
                       "EVA r=%ld rho=%g tau=%g: ranks %s, alpha=%g (adjusted: scale alpha/r on "
                       "every layer) dropout=%g%s on %zu layers",
                       static_cast<long>(cfg.rank), cfg.eva_rho, cfg.eva_tau, ranks.c_str(),
-                      cfg.alpha, cfg.dropout, cfg.rslora ? " rsLoRA" : "",
-                      lora.adapters().size());
+                      cfg.alpha, cfg.dropout, cfg.rslora ? " rsLoRA" : "", lora.adapters().size());
         return std::string(line);
       },
       cfg.eva_lr, 0.1, hooks);
@@ -943,7 +943,8 @@ int main(int argc, char** argv) {
                  "adapter: lora, vera, adalora, lora-ga, eva, both (lora and vera) or all (each "
                  "from the same pretrained model, compared)")
       ->check(CLI::IsMember({"lora", "vera", "adalora", "lora-ga", "eva", "both", "all"}));
-  app.add_option("--rank", cfg.rank, "LoRA, LoRA-GA and EVA (nominal) rank r")->check(CLI::PositiveNumber);
+  app.add_option("--rank", cfg.rank, "LoRA, LoRA-GA and EVA (nominal) rank r")
+      ->check(CLI::PositiveNumber);
   app.add_option("--alpha", cfg.alpha,
                  "lora_alpha of LoRA (scaling alpha/r), LoRA-GA (alpha/sqrt(r)) and AdaLoRA "
                  "(alpha/init_r)");

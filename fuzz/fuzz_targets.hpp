@@ -83,10 +83,12 @@ inline void check_reader(const peft::io::SafetensorsReader& r) {
       const peft::RowMatrix<double> m = r.matrix<double>(t.name);
       require(m.size() == n, "matrix view of '" + t.name + "' has the wrong size");
       for (std::int64_t i = 0; i < n; ++i) {
-        require(same_value(m.data()[i], d[std::size_t(i)]), "matrix view of '" + t.name + "' differs");
+        require(same_value(m.data()[i], d[std::size_t(i)]),
+                "matrix view of '" + t.name + "' differs");
       }
     } catch (const peft::format_error&) {
-      require(t.shape.size() != 1 && t.shape.size() != 2, "matrix view of '" + t.name + "' refused");
+      require(t.shape.size() != 1 && t.shape.size() != 2,
+              "matrix view of '" + t.name + "' refused");
     }
     try {
       const peft::Vector<float> v = r.vector<float>(t.name);
@@ -102,7 +104,8 @@ inline void check_reader(const peft::io::SafetensorsReader& r) {
 
   // Round trip: the writer's bytes parse back to the same names, dtypes, shapes, metadata and
   // values (a value read through double and written in its own dtype is exact).
-  const io::SafetensorsReader back = io::SafetensorsReader::from_buffer(w.serialize(), "round trip");
+  const io::SafetensorsReader back =
+      io::SafetensorsReader::from_buffer(w.serialize(), "round trip");
   require(back.metadata() == r.metadata(), "metadata changed in the round trip");
   require(back.tensors().size() == r.tensors().size(), "tensor count changed in the round trip");
   for (std::size_t k = 0; k < r.tensors().size(); ++k) {
@@ -113,7 +116,8 @@ inline void check_reader(const peft::io::SafetensorsReader& r) {
     std::vector<double> again(values[k].size());
     back.read(b.name, again.data(), b.numel());
     for (std::size_t i = 0; i < again.size(); ++i) {
-      require(same_value(again[i], values[k][i]), "values of '" + a.name + "' changed in the round trip");
+      require(same_value(again[i], values[k][i]),
+              "values of '" + a.name + "' changed in the round trip");
     }
   }
 }
@@ -126,9 +130,11 @@ void check_folder(const peft::io::AdapterFolder<Scalar>& f) {
   for (const auto& m : f.modules) {
     require(std::isfinite(m.scaling), "module '" + m.name + "' has a non-finite scaling");
     if (f.config.peft_type == io::PeftType::vera) {
-      require(m.lambda_d.size() == m.rank, "module '" + m.name + "': lambda_d size differs from its rank");
+      require(m.lambda_d.size() == m.rank,
+              "module '" + m.name + "': lambda_d size differs from its rank");
     } else {
-      require(m.a.rows() == m.rank && m.b.cols() == m.rank, "module '" + m.name + "': A/B rank differs from its rank");
+      require(m.a.rows() == m.rank && m.b.cols() == m.rank,
+              "module '" + m.name + "': A/B rank differs from its rank");
     }
     if (f.config.peft_type == io::PeftType::adalora) {
       require(m.e.size() == m.rank, "module '" + m.name + "': lora_E size differs from its rank");
@@ -156,7 +162,8 @@ void check_folder(const peft::io::AdapterFolder<Scalar>& f) {
   require(g.full_tensors.size() == f.full_tensors.size(), "full tensors changed in the round trip");
   for (const auto& [name, t] : f.full_tensors) {
     const auto it = g.full_tensors.find(name);
-    require(it != g.full_tensors.end() && it->second.shape == t.shape && same_values(it->second.values, t.values),
+    require(it != g.full_tensors.end() && it->second.shape == t.shape &&
+                same_values(it->second.values, t.values),
             "full tensor '" + name + "' changed in the round trip");
   }
 }
@@ -189,15 +196,16 @@ inline Outcome safetensors_one_input(const std::uint8_t* data, std::size_t size)
  */
 inline Outcome adapter_folder_one_input(const std::uint8_t* data, std::size_t size) {
   if (size < 4) return Outcome::refused;
-  const std::size_t n = std::size_t(data[0]) | std::size_t(data[1]) << 8 | std::size_t(data[2]) << 16 |
-                        std::size_t(data[3]) << 24;
+  const std::size_t n = std::size_t(data[0]) | std::size_t(data[1]) << 8 |
+                        std::size_t(data[2]) << 16 | std::size_t(data[3]) << 24;
   if (n > size - 4) return Outcome::refused;
   const std::string config(reinterpret_cast<const char*>(data) + 4, n);
   std::string tensors(reinterpret_cast<const char*>(data) + 4 + n, size - 4 - n);
   using Folder = peft::io::AdapterFolder<float>;
   std::unique_ptr<Folder> folder;
   try {
-    folder = std::make_unique<Folder>(Folder::from_buffers(config, std::move(tensors), "fuzz input"));
+    folder =
+        std::make_unique<Folder>(Folder::from_buffers(config, std::move(tensors), "fuzz input"));
   } catch (const peft::error&) {
     return Outcome::refused;
   }

@@ -16,9 +16,9 @@
 #include <string>
 #include <vector>
 
+using peft::RowMatrix;
 using peft::io::Dtype;
 using peft::io::SafetensorsWriter;
-using peft::RowMatrix;
 
 namespace {
 
@@ -32,7 +32,8 @@ RowMatrix<float> ramp(peft::Index rows, peft::Index cols, float start) {
 void write_folder(const std::string& path, const std::string& config, const SafetensorsWriter& w) {
   const std::string tensors = w.serialize();
   std::string out(4, '\0');
-  for (int i = 0; i < 4; ++i) out[std::size_t(i)] = static_cast<char>((config.size() >> (8 * i)) & 0xff);
+  for (int i = 0; i < 4; ++i)
+    out[std::size_t(i)] = static_cast<char>((config.size() >> (8 * i)) & 0xff);
   std::ofstream(path, std::ios::binary) << out << config << tensors;
 }
 
@@ -55,7 +56,8 @@ void adapter_folders(const std::string& dir) {
     write_folder(dir + "/lora_patterns.bin", config, w);
   }
   {  // LORA with rsLoRA and a trained bias
-    const std::string config = R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": true, "bias": "all"})";
+    const std::string config =
+        R"({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "use_rslora": true, "bias": "all"})";
     SafetensorsWriter w;
     w.add(p + "0.v_proj.lora_A.weight", ramp(4, 3, 0.0f));
     w.add(p + "0.v_proj.lora_B.weight", ramp(2, 4, 0.0f));
@@ -97,14 +99,27 @@ void adapter_folders(const std::string& dir) {
 
 int main(int argc, char** argv) {
   if (argc != 2) {
-    std::fprintf(stderr, "usage: %s CORPUS_ROOT (writes CORPUS_ROOT/safetensors, CORPUS_ROOT/adapter_folder)\n", argv[0]);
+    std::fprintf(
+        stderr,
+        "usage: %s CORPUS_ROOT (writes CORPUS_ROOT/safetensors, CORPUS_ROOT/adapter_folder)\n",
+        argv[0]);
     return 2;
   }
   adapter_folders(std::string(argv[1]) + "/adapter_folder");
   const std::string dir = std::string(argv[1]) + "/safetensors";
   const double inf = std::numeric_limits<double>::infinity();
-  const std::vector<double> special = {0.0, -0.0, 1.0, -2.5, 65504.0, 1e-7, 6e-8, 3.0e38, inf, -inf,
-                                       std::numeric_limits<double>::quiet_NaN(), 1e-300};
+  const std::vector<double> special = {0.0,
+                                       -0.0,
+                                       1.0,
+                                       -2.5,
+                                       65504.0,
+                                       1e-7,
+                                       6e-8,
+                                       3.0e38,
+                                       inf,
+                                       -inf,
+                                       std::numeric_limits<double>::quiet_NaN(),
+                                       1e-300};
   peft::RowMatrix<double> m(3, 4);
   for (int i = 0; i < 12; ++i) m.data()[i] = special[std::size_t(i)];
 

@@ -25,14 +25,15 @@ peft_nproc() {
   nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2
 }
 
-# Installs whatever of PEFT_APT_PACKAGES is missing; never prompts.
+# Installs whatever of PEFT_APT_PACKAGES (and the packages given as arguments) is missing; never
+# prompts.
 peft_ensure_deps() {
   if ! command -v dpkg-query >/dev/null 2>&1; then
     echo "peft: not a Debian-like system; assuming these are installed: ${PEFT_APT_PACKAGES[*]}" >&2
     return 0
   fi
   local missing=() pkg
-  for pkg in "${PEFT_APT_PACKAGES[@]}"; do
+  for pkg in "${PEFT_APT_PACKAGES[@]}" "$@"; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
       missing+=("$pkg")
     fi

@@ -15,7 +15,7 @@ jobs=$(peft_nproc)
 trap 'peft_banner "FAILED after $(peft_elapsed $((SECONDS - start)))"' ERR
 
 peft_banner "Dependencies"
-peft_ensure_deps
+peft_ensure_deps clang-format-14  # the format_check test
 
 peft_banner "Release: configure (build/release)"
 phase=$SECONDS
@@ -43,12 +43,12 @@ else
     -DPEFT_BUILD_EXAMPLES=ON
   peft_banner "ASan+UBSan: build (-j$jobs)"
   cmake --build build/asan -j "$jobs"
-  peft_banner "ASan+UBSan: test (packaging and compile-fail tests skipped: nothing new there)"
+  peft_banner "ASan+UBSan: test (packaging, compile-fail and format tests skipped: nothing new there)"
   (
     cd build/asan
     export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:strict_init_order=1}"
     export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
-    ctest --output-on-failure -j2 -LE 'packaging|compile_fail'
+    ctest --output-on-failure -j2 -LE 'packaging|compile_fail|format'
   )
   echo "Sanitizer phase: $(peft_elapsed $((SECONDS - phase)))"
 fi

@@ -2,9 +2,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // Training checkpoints: an AdaLoRA run (adapters + AdamW + RankAllocator) stopped, saved, restored
 // into freshly built objects and resumed ends bit-identical to the uninterrupted run.
-#include <peft/io/checkpoint.hpp>
-
 #include "support/test_support.hpp"
+
+#include <peft/io/checkpoint.hpp>
 
 #include <filesystem>
 
@@ -40,7 +40,8 @@ struct Run {
   }
 
   explicit Run(std::uint64_t init_seed) : opt(optimizer_options()), allocator(allocator_options()) {
-    for (std::size_t i = 0; i < names.size(); ++i) weights.push_back(peft_test::random_matrix<double>(7, 6, 100 + i));
+    for (std::size_t i = 0; i < names.size(); ++i)
+      weights.push_back(peft_test::random_matrix<double>(7, 6, 100 + i));
     for (std::size_t i = 0; i < names.size(); ++i) set.add_module(names[i], weights[i]);
     AdaLoraOptions o;
     o.init_r = 4;
@@ -57,7 +58,8 @@ struct Run {
     Workspace<double> ws;
     const RowMatrix<double> x = peft_test::random_matrix<double>(5, 6, 1000 + std::uint64_t(t));
     for (std::size_t i = 0; i < names.size(); ++i) {
-      const RowMatrix<double> target = x * (weights[i] + RowMatrix<double>::Constant(7, 6, 0.1 * double(i + 1))).transpose();
+      const RowMatrix<double> target =
+          x * (weights[i] + RowMatrix<double>::Constant(7, 6, 0.1 * double(i + 1))).transpose();
       RowMatrix<double> y(5, 7);
       set.adapter(names[i]).forward(x, y, ws);
       const RowMatrix<double> dy = (y - target) / 5.0;
@@ -71,7 +73,8 @@ struct Run {
 
 }  // namespace
 
-TEST_CASE("checkpoint: a resumed AdaLoRA run is bit-identical to the uninterrupted one", "[io][checkpoint]") {
+TEST_CASE("checkpoint: a resumed AdaLoRA run is bit-identical to the uninterrupted one",
+          "[io][checkpoint]") {
   Run straight(1);
   for (long t = 0; t < total_steps; ++t) straight.step(t);
 
@@ -101,7 +104,8 @@ TEST_CASE("checkpoint: a resumed AdaLoRA run is bit-identical to the uninterrupt
   for (long t = resume_at; t < total_steps; ++t) partial.step(t);
   bool all_equal = true;
   for (const auto& n : straight.names)
-    all_equal = all_equal && partial.set.adapter(n).parameters() == straight.set.adapter(n).parameters();
+    all_equal =
+        all_equal && partial.set.adapter(n).parameters() == straight.set.adapter(n).parameters();
   CHECK_FALSE(all_equal);
 }
 

@@ -54,7 +54,8 @@ TEST_CASE("fuzz regressions: safetensors seeds are accepted", "[io][fuzz]") {
   }
 }
 
-TEST_CASE("fuzz regressions: safetensors crash inputs return or throw peft::error only", "[io][fuzz]") {
+TEST_CASE("fuzz regressions: safetensors crash inputs return or throw peft::error only",
+          "[io][fuzz]") {
   const auto inputs = files_in(fs::path(PEFT_FUZZ_DIR) / "regressions" / "safetensors");
   REQUIRE(!inputs.empty());
   for (const fs::path& p : inputs) {
@@ -74,7 +75,8 @@ TEST_CASE("fuzz regressions: adapter folder seeds are accepted", "[io][fuzz]") {
   }
 }
 
-TEST_CASE("fuzz regressions: adapter folder crash inputs return or throw peft::error only", "[io][fuzz]") {
+TEST_CASE("fuzz regressions: adapter folder crash inputs return or throw peft::error only",
+          "[io][fuzz]") {
   for (const fs::path& p : files_in(fs::path(PEFT_FUZZ_DIR) / "regressions" / "adapter_folder")) {
     INFO(p.string());
     CHECK_NOTHROW(run(peft_fuzz::adapter_folder_one_input, read_bytes(p)));
@@ -83,18 +85,22 @@ TEST_CASE("fuzz regressions: adapter folder crash inputs return or throw peft::e
 
 TEST_CASE("fuzz regressions: the target's checks can fail", "[io][fuzz]") {
   // Sanity of the harness itself: garbage is refused, a valid file accepted.
-  CHECK(run(peft_fuzz::safetensors_one_input, std::string("not a file")) == peft_fuzz::Outcome::refused);
+  CHECK(run(peft_fuzz::safetensors_one_input, std::string("not a file")) ==
+        peft_fuzz::Outcome::refused);
   peft::io::SafetensorsWriter w;
   w.add("x", peft::RowMatrix<float>::Ones(2, 2));
   CHECK(run(peft_fuzz::safetensors_one_input, w.serialize()) == peft_fuzz::Outcome::accepted);
   // A config length past the end and a folder with a broken tensor file are refused; a LoRA
   // folder with one module is accepted.
-  CHECK(run(peft_fuzz::adapter_folder_one_input, std::string("\xff\xff\x00\x00{}")) == peft_fuzz::Outcome::refused);
+  CHECK(run(peft_fuzz::adapter_folder_one_input, std::string("\xff\xff\x00\x00{}")) ==
+        peft_fuzz::Outcome::refused);
   const std::string config = R"({"peft_type": "LORA", "r": 2})";
   const std::string folder = std::string(1, char(config.size())) + std::string(3, '\0') + config;
-  CHECK(run(peft_fuzz::adapter_folder_one_input, folder + "garbage") == peft_fuzz::Outcome::refused);
+  CHECK(run(peft_fuzz::adapter_folder_one_input, folder + "garbage") ==
+        peft_fuzz::Outcome::refused);
   peft::io::SafetensorsWriter lora;
   lora.add("base_model.model.q.lora_A.weight", peft::RowMatrix<float>::Ones(2, 3));
   lora.add("base_model.model.q.lora_B.weight", peft::RowMatrix<float>::Ones(4, 2));
-  CHECK(run(peft_fuzz::adapter_folder_one_input, folder + lora.serialize()) == peft_fuzz::Outcome::accepted);
+  CHECK(run(peft_fuzz::adapter_folder_one_input, folder + lora.serialize()) ==
+        peft_fuzz::Outcome::accepted);
 }

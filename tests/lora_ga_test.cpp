@@ -305,7 +305,8 @@ TEST_CASE("LoRA-GA's offset limits an exact rank-r fit unless G's top-r rows spa
       peft::init::lora_ga(lora, g, w);
       const Eigen::MatrixXd needed = (target - w) * sd.asDiagonal();
       result.floor =
-          0.5 * Eigen::JacobiSVD<Eigen::MatrixXd>(needed).singularValues().tail(d - r).squaredNorm();
+          0.5 *
+          Eigen::JacobiSVD<Eigen::MatrixXd>(needed).singularValues().tail(d - r).squaredNorm();
     }
     peft::Vector<double> grad = peft::Vector<double>::Zero(lora.num_parameters());
     peft::optim::AdamWOptions o;

@@ -2,9 +2,9 @@
 // SPDX-License-Identifier: Apache-2.0
 // merge_files (peft-merge): a hand-built PEFT folder merged into a base file gives W + s·B·A as
 // computed here independently, for every naming convention, fan_in_fan_out and modules_to_save.
-#include <peft/io/merge.hpp>
-
 #include "support/test_support.hpp"
+
+#include <peft/io/merge.hpp>
 
 #include <filesystem>
 #include <fstream>
@@ -29,8 +29,10 @@ struct Fixture {
   RowMatrix<float> head = peft_test::random_matrix<float>(3, 6, 3);
   RowMatrix<float> trained_head = peft_test::random_matrix<float>(3, 6, 4);
   Vector<float> norm = Vector<float>::Constant(6, 1.5f);
-  RowMatrix<float> aq = peft_test::random_matrix<float>(2, 5, 5), bq = peft_test::random_matrix<float>(6, 2, 6);
-  RowMatrix<float> av = peft_test::random_matrix<float>(4, 5, 7), bv = peft_test::random_matrix<float>(6, 4, 8);
+  RowMatrix<float> aq = peft_test::random_matrix<float>(2, 5, 5),
+                   bq = peft_test::random_matrix<float>(6, 2, 6);
+  RowMatrix<float> av = peft_test::random_matrix<float>(4, 5, 7),
+                   bv = peft_test::random_matrix<float>(6, 4, 8);
   fs::path dir;
 
   explicit Fixture(const std::string& name, bool fan_in_fan_out = false) : dir(fresh_dir(name)) {
@@ -72,7 +74,8 @@ struct Fixture {
 
 }  // namespace
 
-TEST_CASE("merge_files: W + s·B·A with rsLoRA and first-match patterns, heads replaced", "[io][merge]") {
+TEST_CASE("merge_files: W + s·B·A with rsLoRA and first-match patterns, heads replaced",
+          "[io][merge]") {
   for (const char* prefix : {"model.", "base_model.model.model.", ""}) {
     CAPTURE(prefix);
     Fixture f("plain");
@@ -80,8 +83,8 @@ TEST_CASE("merge_files: W + s·B·A with rsLoRA and first-match patterns, heads 
     const std::string out = (f.dir / "merged.safetensors").string();
     const auto report = io::merge_files(base, (f.dir / "adapter").string(), out);
     CHECK(report.naming == (std::string(prefix) == "model." ? io::BaseNaming::plain
-                            : std::string(prefix).empty() ? io::BaseNaming::without_model
-                                                          : io::BaseNaming::peft_prefixed));
+                            : std::string(prefix).empty()   ? io::BaseNaming::without_model
+                                                            : io::BaseNaming::peft_prefixed));
     REQUIRE(report.modules.size() == 2);
     CHECK(report.modules[0].scaling == Approx(8.0 / std::sqrt(2.0)));
     CHECK(report.modules[1].scaling == Approx(1.5));
@@ -91,12 +94,14 @@ TEST_CASE("merge_files: W + s·B·A with rsLoRA and first-match patterns, heads 
     CHECK(merged.tensors().size() == 4);
     CHECK(merged.metadata().at("format") == "pt");
     const std::string p = prefix;
-    CHECK(peft_test::relative_error(merged.matrix<double>(p + "layers.0.q.weight"), f.expected_q()) <= 1e-6);
-    CHECK(peft_test::relative_error(merged.matrix<double>(p + "layers.0.v.weight"), f.expected_v()) <= 1e-6);
+    CHECK(peft_test::relative_error(merged.matrix<double>(p + "layers.0.q.weight"),
+                                    f.expected_q()) <= 1e-6);
+    CHECK(peft_test::relative_error(merged.matrix<double>(p + "layers.0.v.weight"),
+                                    f.expected_v()) <= 1e-6);
     // Rounded once from double: exactly the float nearest to the double result.
     CHECK(merged.matrix<float>(p + "layers.0.q.weight") == f.expected_q().cast<float>());
-    CHECK(merged.matrix<float>("score.weight") == f.trained_head);        // modules_to_save copy
-    CHECK(merged.info(p + "norm.weight").dtype == Dtype::bf16);           // untouched, dtype kept
+    CHECK(merged.matrix<float>("score.weight") == f.trained_head);  // modules_to_save copy
+    CHECK(merged.info(p + "norm.weight").dtype == Dtype::bf16);     // untouched, dtype kept
     CHECK(merged.vector<float>(p + "norm.weight") == f.norm);
   }
 }
@@ -123,16 +128,18 @@ TEST_CASE("merge_files: bad input writes nothing", "[io][merge][errors]") {
   io::SafetensorsWriter other;
   other.add("encoder.weight", f.wq);
   other.save((f.dir / "other.safetensors").string());
-  CHECK_THROWS_WITH(io::merge_files((f.dir / "other.safetensors").string(), (f.dir / "adapter").string(), out),
-                    Catch::Matchers::Contains("model.layers.0.q.weight"));
+  CHECK_THROWS_WITH(
+      io::merge_files((f.dir / "other.safetensors").string(), (f.dir / "adapter").string(), out),
+      Catch::Matchers::Contains("model.layers.0.q.weight"));
   // A base weight of the wrong shape.
   io::SafetensorsWriter wrong;
   wrong.add("model.layers.0.q.weight", RowMatrix<float>::Ones(6, 7));
   wrong.add("model.layers.0.v.weight", f.wv);
   wrong.add("score.weight", f.head);
   wrong.save((f.dir / "wrong.safetensors").string());
-  CHECK_THROWS_AS(io::merge_files((f.dir / "wrong.safetensors").string(), (f.dir / "adapter").string(), out),
-                  dimension_error);
+  CHECK_THROWS_AS(
+      io::merge_files((f.dir / "wrong.safetensors").string(), (f.dir / "adapter").string(), out),
+      dimension_error);
   CHECK_THROWS_AS(io::merge_files(f.base("model."), (f.dir / "missing").string(), out), io_error);
   CHECK_FALSE(fs::exists(out));
 }

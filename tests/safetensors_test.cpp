@@ -1,9 +1,9 @@
 // SPDX-FileCopyrightText: The peft authors
 // SPDX-License-Identifier: Apache-2.0
 // safetensors: round trips in every dtype, half/bfloat16 rounding, atomic replacement.
-#include <peft/io/safetensors.hpp>
-
 #include "support/test_support.hpp"
+
+#include <peft/io/safetensors.hpp>
 
 #include <cstdio>
 #include <filesystem>
@@ -30,10 +30,12 @@ std::string read_bytes(const fs::path& p) {
 
 }  // namespace
 
-TEST_CASE("safetensors: F32 and F64 round trips are exact, metadata and names kept", "[io][safetensors]") {
+TEST_CASE("safetensors: F32 and F64 round trips are exact, metadata and names kept",
+          "[io][safetensors]") {
   const fs::path dir = temp_dir("roundtrip");
   const RowMatrix<float> a = peft_test::random_matrix<float>(5, 3, 1);
-  const Matrix<double, Eigen::ColMajor> b = peft_test::random_matrix<double, Eigen::ColMajor>(4, 6, 2);
+  const Matrix<double, Eigen::ColMajor> b =
+      peft_test::random_matrix<double, Eigen::ColMajor>(4, 6, 2);
   const Vector<float> v = peft_test::random_vector<float>(7, 3);
   io::SafetensorsWriter w;
   w.add("layer.a", a);
@@ -87,7 +89,8 @@ TEST_CASE("safetensors: the same tensors always give the same bytes", "[io][safe
   CHECK(build(false) == build(true));
 }
 
-TEST_CASE("half and bfloat16: widening is exact and narrowing rounds to nearest even", "[io][safetensors]") {
+TEST_CASE("half and bfloat16: widening is exact and narrowing rounds to nearest even",
+          "[io][safetensors]") {
   using namespace peft::io::detail;
   // Every binary16 pattern survives half → float → half (NaNs stay NaN).
   for (std::uint32_t h = 0; h < 0x10000u; ++h) {
@@ -103,23 +106,24 @@ TEST_CASE("half and bfloat16: widening is exact and narrowing rounds to nearest 
   CHECK(half_to_float(0x7BFF) == 65504.0f);
   CHECK(half_to_float(0x0001) == std::ldexp(1.0f, -24));
   // Ties go to even; just above a tie goes up; overflow and underflow.
-  CHECK(double_to_half(1.0 + std::ldexp(1.0, -11)) == 0x3C00);               // tie → even (1.0)
-  CHECK(double_to_half(1.0 + 3 * std::ldexp(1.0, -11)) == 0x3C02);           // tie → even (up)
+  CHECK(double_to_half(1.0 + std::ldexp(1.0, -11)) == 0x3C00);      // tie → even (1.0)
+  CHECK(double_to_half(1.0 + 3 * std::ldexp(1.0, -11)) == 0x3C02);  // tie → even (up)
   CHECK(double_to_half(1.0 + std::ldexp(1.0, -11) + 1e-12) == 0x3C01);
   CHECK(double_to_half(65519.0) == 0x7BFF);
-  CHECK(double_to_half(65520.0) == 0x7C00);                                  // rounds to inf
-  CHECK(double_to_half(std::ldexp(1.0, -25)) == 0x0000);                      // tie → even (0)
+  CHECK(double_to_half(65520.0) == 0x7C00);               // rounds to inf
+  CHECK(double_to_half(std::ldexp(1.0, -25)) == 0x0000);  // tie → even (0)
   CHECK(double_to_half(std::ldexp(1.5, -25)) == 0x0001);
-  CHECK(double_to_half(-std::ldexp(1023.5, -24)) == (0x8000 | 0x0400));        // carry into normal
-  CHECK(double_to_bfloat16(1.0 + std::ldexp(1.0, -8)) == 0x3F80);             // tie → even
+  CHECK(double_to_half(-std::ldexp(1023.5, -24)) == (0x8000 | 0x0400));  // carry into normal
+  CHECK(double_to_bfloat16(1.0 + std::ldexp(1.0, -8)) == 0x3F80);        // tie → even
   CHECK(double_to_bfloat16(1.0 + 3 * std::ldexp(1.0, -8)) == 0x3F82);
-  CHECK(double_to_bfloat16(std::numeric_limits<float>::max()) == 0x7F80);    // above bf16 max
+  CHECK(double_to_bfloat16(std::numeric_limits<float>::max()) == 0x7F80);  // above bf16 max
   CHECK(double_to_bfloat16(-0.0) == 0x8000);
   // A double is rounded once, not through float: 1 + 2^-8 + 2^-30 is above the bf16 tie.
   CHECK(double_to_bfloat16(1.0 + std::ldexp(1.0, -8) + std::ldexp(1.0, -30)) == 0x3F81);
 }
 
-TEST_CASE("safetensors: F16/BF16 tensors are written rounded and read converted", "[io][safetensors]") {
+TEST_CASE("safetensors: F16/BF16 tensors are written rounded and read converted",
+          "[io][safetensors]") {
   const RowMatrix<double> m = peft_test::random_matrix<double>(6, 5, 4);
   io::SafetensorsWriter w;
   w.add("h", m, Dtype::f16);
@@ -131,12 +135,14 @@ TEST_CASE("safetensors: F16/BF16 tensors are written rounded and read converted"
   const RowMatrix<float> b = r.matrix<float>("b");
   for (Index i = 0; i < m.size(); ++i) {
     CHECK(h.data()[i] == io::detail::half_to_float(io::detail::double_to_half(m.data()[i])));
-    CHECK(b.data()[i] == io::detail::bfloat16_to_float(io::detail::double_to_bfloat16(m.data()[i])));
+    CHECK(b.data()[i] ==
+          io::detail::bfloat16_to_float(io::detail::double_to_bfloat16(m.data()[i])));
     CHECK(std::abs(h.data()[i] - m.data()[i]) <= std::ldexp(std::abs(m.data()[i]), -11) + 1e-7);
   }
 }
 
-TEST_CASE("safetensors: a failed save leaves the previous file and no temporary behind", "[io][safetensors]") {
+TEST_CASE("safetensors: a failed save leaves the previous file and no temporary behind",
+          "[io][safetensors]") {
   const fs::path dir = temp_dir("atomic");
   const std::string path = (dir / "model.safetensors").string();
   io::SafetensorsWriter good;

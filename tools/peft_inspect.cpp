@@ -46,8 +46,9 @@ int main(int argc, char** argv) {
     }
   }
   if (dir.empty()) {
-    std::fprintf(stderr, "usage: peft-inspect DIR [--json] [--allow-regenerated-projections] "
-                         "[--allow-edited-config]\n");
+    std::fprintf(stderr,
+                 "usage: peft-inspect DIR [--json] [--allow-regenerated-projections] "
+                 "[--allow-edited-config]\n");
     return 2;
   }
   try {
@@ -129,8 +130,9 @@ int main(int argc, char** argv) {
     for (const auto& m : folder.modules) {
       std::string types;
       for (const auto& d : dtypes[m.name]) types += (types.empty() ? "" : ",") + d;
-      const std::string shape = "[" + std::to_string(m.out_features()) + ", " +
-                                (m.in_features() ? std::to_string(m.in_features()) : std::string("?")) + "]";
+      const std::string shape =
+          "[" + std::to_string(m.out_features()) + ", " +
+          (m.in_features() ? std::to_string(m.in_features()) : std::string("?")) + "]";
       std::printf("%-48s %5ld %8.4g %10.6g %12s %10ld  %s\n", printable(m.name).c_str(),
                   long(m.rank), alpha_of(m.name), m.scaling, shape.c_str(),
                   long(m.num_parameters()), types.c_str());

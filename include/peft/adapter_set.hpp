@@ -65,8 +65,10 @@ class AdapterSet {
   AdapterSet& operator=(AdapterSet&&) noexcept = default;
 
   /// Registers a caller-owned weight `[out, in]` that merge_all() may write.
-  void add_module(const std::string& name, Eigen::Ref<WeightMatrix> w, Bias bias = no_bias<Scalar>()) {
-    auto& m = insert(name, Weight(w.data(), w.rows(), w.cols(), Eigen::OuterStride<>(w.outerStride())), bias);
+  void add_module(const std::string& name, Eigen::Ref<WeightMatrix> w,
+                  Bias bias = no_bias<Scalar>()) {
+    auto& m = insert(
+        name, Weight(w.data(), w.rows(), w.cols(), Eigen::OuterStride<>(w.outerStride())), bias);
     m.writable = w.data();
   }
 
@@ -113,10 +115,12 @@ class AdapterSet {
     Module& m = *modules_[locate(name)];
     if (!adapter || adapter->weight().data() != m.weight.data() ||
         adapter->in_features() != m.weight.cols() || adapter->out_features() != m.weight.rows()) {
-      PEFT_THROW(config_error("AdapterSet::attach_adapter(): the adapter does not view the weight of '" + name + "'"));
+      PEFT_THROW(config_error(
+          "AdapterSet::attach_adapter(): the adapter does not view the weight of '" + name + "'"));
     }
     if (m.adapter && m.adapter->merged()) {
-      PEFT_THROW(state_error("AdapterSet::attach_adapter(): '" + name + "' is merged; unmerge it first"));
+      PEFT_THROW(
+          state_error("AdapterSet::attach_adapter(): '" + name + "' is merged; unmerge it first"));
     }
     m.adapter = std::move(adapter);
     m.grad = Vector<Scalar>::Zero(m.adapter->num_parameters());
@@ -138,7 +142,9 @@ class AdapterSet {
     return it != index_.end() && modules_[it->second]->adapter != nullptr;
   }
   Adapter& adapter(const std::string& name) { return checked_adapter(*modules_[locate(name)]); }
-  const Adapter& adapter(const std::string& name) const { return checked_adapter(*modules_[locate(name)]); }
+  const Adapter& adapter(const std::string& name) const {
+    return checked_adapter(*modules_[locate(name)]);
+  }
   /// The gradient buffer of `name`'s adapter (accumulate into it in backward).
   Eigen::Ref<Vector<Scalar>> gradient(const std::string& name) {
     Module& m = *modules_[locate(name)];
@@ -160,11 +166,14 @@ class AdapterSet {
 
   /// The workspace of `name`: pass it to its adapter's forward and backward (one per module, so
   /// a dropout mask recorded by a forward is the one its backward reuses).
-  Workspace<Scalar>& workspace(const std::string& name) { return modules_[locate(name)]->workspace; }
+  Workspace<Scalar>& workspace(const std::string& name) {
+    return modules_[locate(name)]->workspace;
+  }
 
   /// Training mode for every module's dropout: module i (registration order) draws from seed + i.
   void enable_dropout(std::uint64_t seed) {
-    for (std::size_t i = 0; i < modules_.size(); ++i) modules_[i]->workspace.enable_dropout(seed + i);
+    for (std::size_t i = 0; i < modules_.size(); ++i)
+      modules_[i]->workspace.enable_dropout(seed + i);
   }
   /// Inference mode for every module (dropout is the identity): the default.
   void disable_dropout() noexcept {
@@ -205,10 +214,12 @@ class AdapterSet {
   std::size_t unmerge_all() { return for_all_writable("unmerge_all", false); }
 
   /// The mutable view of a module's weight (state_error if registered read-only).
-  Eigen::Map<WeightMatrix, Eigen::Unaligned, Eigen::OuterStride<>> writable_weight(const std::string& name) {
+  Eigen::Map<WeightMatrix, Eigen::Unaligned, Eigen::OuterStride<>> writable_weight(
+      const std::string& name) {
     Module& m = *modules_[locate(name)];
     if (!m.writable) PEFT_THROW(state_error("AdapterSet: '" + name + "' was registered read-only"));
-    return {m.writable, m.weight.rows(), m.weight.cols(), Eigen::OuterStride<>(m.weight.outerStride())};
+    return {m.writable, m.weight.rows(), m.weight.cols(),
+            Eigen::OuterStride<>(m.weight.outerStride())};
   }
 
   // ---- VeRA: the shared projections ---------------------------------------------------------
@@ -217,7 +228,8 @@ class AdapterSet {
   template <typename A = Adapter, typename = std::enable_if_t<detail::has_projections<A>::value>>
   void set_projections(typename A::Projections projections) {
     for (const auto& m : modules_)
-      if (m->adapter) PEFT_THROW(state_error("AdapterSet::set_projections(): detach the adapters first"));
+      if (m->adapter)
+        PEFT_THROW(state_error("AdapterSet::set_projections(): detach the adapters first"));
     projections_ = std::make_unique<typename A::Projections>(std::move(projections));
   }
   template <typename A = Adapter, typename = std::enable_if_t<detail::has_projections<A>::value>>
@@ -237,7 +249,8 @@ class AdapterSet {
 
   Module& insert(const std::string& name, Weight w, Bias bias) {
     if (name.empty()) PEFT_THROW(config_error("AdapterSet::add_module(): empty module name"));
-    if (index_.count(name)) PEFT_THROW(config_error("AdapterSet::add_module(): '" + name + "' is already registered"));
+    if (index_.count(name))
+      PEFT_THROW(config_error("AdapterSet::add_module(): '" + name + "' is already registered"));
     if (bias.data() != nullptr && bias.size() != w.rows()) {
       PEFT_THROW(dimension_error("AdapterSet::add_module(): bias of '" + name + "' has " +
                                  std::to_string(bias.size()) + " entries, the weight " +
@@ -264,8 +277,10 @@ class AdapterSet {
   template <typename... Args>
   std::unique_ptr<Adapter> make(const Module& m, Args&&... args) {
     if constexpr (uses_projections) {
-      if (!projections_) PEFT_THROW(state_error("AdapterSet::attach(): set the VeRA projections first"));
-      return std::make_unique<Adapter>(m.weight, m.bias, *projections_, std::forward<Args>(args)...);
+      if (!projections_)
+        PEFT_THROW(state_error("AdapterSet::attach(): set the VeRA projections first"));
+      return std::make_unique<Adapter>(m.weight, m.bias, *projections_,
+                                       std::forward<Args>(args)...);
     } else {
       return std::make_unique<Adapter>(m.weight, m.bias, std::forward<Args>(args)...);
     }

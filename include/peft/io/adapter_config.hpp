@@ -133,10 +133,12 @@ struct AdapterConfig {
    */
   double scaling_for(const std::string& module) const {
     switch (peft_type) {
-      case PeftType::lora: return lora_scaling(rank_for(module), alpha_for(module));
+      case PeftType::lora:
+        return lora_scaling(rank_for(module), alpha_for(module));
       case PeftType::adalora:  // PEFT: lora_alpha <= 0 means "use init_r"
         return (lora_alpha > 0 ? lora_alpha : double(init_r)) / (double(init_r) + 1e-5);
-      case PeftType::vera: return 1.0;
+      case PeftType::vera:
+        return 1.0;
     }
     return 0.0;
   }

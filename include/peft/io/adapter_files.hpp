@@ -219,7 +219,8 @@ void apply(const AdapterFolder<FileScalar>& folder, AdapterSet<LoraLinear<Scalar
   using Adapter = LoraLinear<Scalar, Order>;
   detail::check_against(folder, set, PeftType::lora);
   std::vector<std::pair<std::string, std::unique_ptr<Adapter>>> built;
-  const PatternMatcher<double> alphas(folder.config.alpha_pattern);  // compiled once, not per module
+  const PatternMatcher<double> alphas(
+      folder.config.alpha_pattern);  // compiled once, not per module
   for (const auto& m : folder.modules) {
     const auto& mod = set.module(m.name);
     LoraOptions o;

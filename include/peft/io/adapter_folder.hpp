@@ -130,7 +130,8 @@ class AdapterFolder {
     // std::filesystem_error.
     std::error_code ec;
     if (fs::symlink_status(config_path, ec).type() == fs::file_type::not_found) {
-      PEFT_THROW(io_error(config_path.string() + ": not found (is " + dir + " a PEFT adapter folder?)"));
+      PEFT_THROW(
+          io_error(config_path.string() + ": not found (is " + dir + " a PEFT adapter folder?)"));
     }
     if (fs::symlink_status(weights_path, ec).type() == fs::file_type::not_found) {
       if (fs::exists(root / "adapter_model.bin", ec)) {
@@ -283,8 +284,8 @@ class AdapterFolder {
     const std::string actual = detail::sha256_hex(config_text);
     if (it->second == actual) return std::nullopt;
     const std::string what = file.path() + ": these tensors were saved with a config of SHA-256 " +
-                             detail::printable(it->second.substr(0, 64)) + ", but " +
-                             config_label + " has SHA-256 " + actual;
+                             detail::printable(it->second.substr(0, 64)) + ", but " + config_label +
+                             " has SHA-256 " + actual;
     if (!options.allow_edited_config) {
       PEFT_THROW(format_error(what +
                               ": the folder mixes files from two saves, or the config was edited "

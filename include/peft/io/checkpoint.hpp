@@ -21,12 +21,15 @@ struct is_adalora : std::false_type {};
 template <typename S, int O>
 struct is_adalora<AdaLoraLinear<S, O>> : std::true_type {};
 
-inline long parse_long(const std::map<std::string, std::string>& meta, const std::string& key, const std::string& path) {
+inline long parse_long(const std::map<std::string, std::string>& meta, const std::string& key,
+                       const std::string& path) {
   const auto it = meta.find(key);
-  if (it == meta.end()) PEFT_THROW(format_error(path + ": checkpoint metadata has no '" + key + "'"));
+  if (it == meta.end())
+    PEFT_THROW(format_error(path + ": checkpoint metadata has no '" + key + "'"));
   char* end = nullptr;
   const long v = std::strtol(it->second.c_str(), &end, 10);
-  if (it->second.empty() || *end != '\0') PEFT_THROW(format_error(path + ": metadata '" + key + "' is not an integer"));
+  if (it->second.empty() || *end != '\0')
+    PEFT_THROW(format_error(path + ": metadata '" + key + "' is not an integer"));
   return v;
 }
 }  // namespace detail
@@ -37,7 +40,8 @@ inline long parse_long(const std::map<std::string, std::string>& meta, const std
  * RankAllocator's score EMAs, plus `step`. Values are stored in the adapters' own precision
  * (F32 or F64), so nothing is rounded.
  */
-template <typename Adapter, typename Allocator = RankAllocator<typename Adapter::Scalar, Adapter::WeightOrder>>
+template <typename Adapter,
+          typename Allocator = RankAllocator<typename Adapter::Scalar, Adapter::WeightOrder>>
 void save_checkpoint(const std::string& path, const AdapterSet<Adapter>& set,
                      const optim::AdamW<typename Adapter::Scalar>& optimizer, long step,
                      const Allocator* allocator = nullptr) {
@@ -79,24 +83,29 @@ void save_checkpoint(const std::string& path, const AdapterSet<Adapter>& set,
  * (same modules, adapters, registration order). Everything is read and checked before anything
  * changes. Returns the saved step.
  */
-template <typename Adapter, typename Allocator = RankAllocator<typename Adapter::Scalar, Adapter::WeightOrder>>
-long load_checkpoint(const std::string& path, AdapterSet<Adapter>& set, optim::AdamW<typename Adapter::Scalar>& optimizer,
+template <typename Adapter,
+          typename Allocator = RankAllocator<typename Adapter::Scalar, Adapter::WeightOrder>>
+long load_checkpoint(const std::string& path, AdapterSet<Adapter>& set,
+                     optim::AdamW<typename Adapter::Scalar>& optimizer,
                      Allocator* allocator = nullptr) {
   using Scalar = typename Adapter::Scalar;
   const SafetensorsReader file(path);
   const auto& meta = file.metadata();
-  if (!meta.count("peft.checkpoint")) PEFT_THROW(format_error(path + ": not a peft training checkpoint"));
+  if (!meta.count("peft.checkpoint"))
+    PEFT_THROW(format_error(path + ": not a peft training checkpoint"));
   const long step = detail::parse_long(meta, "step", path);
 
   std::vector<std::pair<std::string, Vector<Scalar>>> params;
   std::vector<std::pair<std::string, std::vector<bool>>> masks;
   for (const auto& name : set.adapted_modules()) {
     const std::string key = "adapter." + name;
-    if (!file.contains(key)) PEFT_THROW(format_error(path + ": no parameters for module '" + name + "'"));
+    if (!file.contains(key))
+      PEFT_THROW(format_error(path + ": no parameters for module '" + name + "'"));
     Vector<Scalar> p = file.vector<Scalar>(key);
     if (p.size() != set.adapter(name).num_parameters()) {
       PEFT_THROW(dimension_error(path + ": module '" + name + "' has " + std::to_string(p.size()) +
-                                 " saved parameters, the adapter " + std::to_string(set.adapter(name).num_parameters())));
+                                 " saved parameters, the adapter " +
+                                 std::to_string(set.adapter(name).num_parameters())));
     }
     params.emplace_back(name, std::move(p));
     if constexpr (detail::is_adalora<Adapter>::value) {
@@ -120,8 +129,10 @@ long load_checkpoint(const std::string& path, AdapterSet<Adapter>& set, optim::A
   if (allocator) {
     const long layers = detail::parse_long(meta, "allocator.layers", path);
     for (long l = 0; l < layers; ++l) {
-      alloc_state.sensitivity.push_back(file.vector<Scalar>("allocator.sensitivity." + std::to_string(l)));
-      alloc_state.uncertainty.push_back(file.vector<Scalar>("allocator.uncertainty." + std::to_string(l)));
+      alloc_state.sensitivity.push_back(
+          file.vector<Scalar>("allocator.sensitivity." + std::to_string(l)));
+      alloc_state.uncertainty.push_back(
+          file.vector<Scalar>("allocator.uncertainty." + std::to_string(l)));
     }
     alloc_state.started = detail::parse_long(meta, "allocator.started", path) != 0;
     alloc_state.frozen = detail::parse_long(meta, "allocator.frozen", path) != 0;

@@ -33,10 +33,14 @@ enum class Dtype { f32, f64, f16, bf16 };
 /// The safetensors spelling: "F32", "F64", "F16", "BF16".
 inline const char* dtype_name(Dtype d) noexcept {
   switch (d) {
-    case Dtype::f32: return "F32";
-    case Dtype::f64: return "F64";
-    case Dtype::f16: return "F16";
-    case Dtype::bf16: return "BF16";
+    case Dtype::f32:
+      return "F32";
+    case Dtype::f64:
+      return "F64";
+    case Dtype::f16:
+      return "F16";
+    case Dtype::bf16:
+      return "BF16";
   }
   return "?";
 }
@@ -44,10 +48,13 @@ inline const char* dtype_name(Dtype d) noexcept {
 /// Bytes per element.
 inline std::size_t dtype_size(Dtype d) noexcept {
   switch (d) {
-    case Dtype::f64: return 8;
-    case Dtype::f32: return 4;
+    case Dtype::f64:
+      return 8;
+    case Dtype::f32:
+      return 4;
     case Dtype::f16:
-    case Dtype::bf16: return 2;
+    case Dtype::bf16:
+      return 2;
   }
   return 0;
 }
@@ -161,8 +168,9 @@ void encode(Dtype dtype, const Scalar* src, std::size_t count, unsigned char* ds
     case Dtype::bf16:
       for (std::size_t i = 0; i < count; ++i, dst += 2) {
         // Round once, from the source precision (a double is not first rounded to float).
-        const std::uint16_t h = dtype == Dtype::f16 ? double_to_half(static_cast<double>(src[i]))
-                                                    : double_to_bfloat16(static_cast<double>(src[i]));
+        const std::uint16_t h = dtype == Dtype::f16
+                                    ? double_to_half(static_cast<double>(src[i]))
+                                    : double_to_bfloat16(static_cast<double>(src[i]));
         dst[0] = static_cast<unsigned char>(h);
         dst[1] = static_cast<unsigned char>(h >> 8);
       }
@@ -201,7 +209,9 @@ class SafetensorsReader {
     const std::streamoff size = in.tellg();
     if (size < 0) PEFT_THROW(io_error(label_ + ": cannot determine the file size"));
     file_size_ = static_cast<std::uint64_t>(size);
-    if (file_size_ < 8) fail("file is " + std::to_string(file_size_) + " bytes, shorter than the 8-byte header length");
+    if (file_size_ < 8)
+      fail("file is " + std::to_string(file_size_) +
+           " bytes, shorter than the 8-byte header length");
     unsigned char prefix[8];
     in.seekg(0);
     in.read(reinterpret_cast<char*>(prefix), 8);
@@ -209,7 +219,9 @@ class SafetensorsReader {
     const std::uint64_t header_len = check_header_length(detail::load_u64_le(prefix), limits);
     std::string header(static_cast<std::size_t>(header_len), '\0');
     in.read(&header[0], static_cast<std::streamsize>(header_len));
-    if (!in) PEFT_THROW(io_error(label_ + ": cannot read the " + std::to_string(header_len) + "-byte header"));
+    if (!in)
+      PEFT_THROW(
+          io_error(label_ + ": cannot read the " + std::to_string(header_len) + "-byte header"));
     parse_header(header);
   }
 
@@ -254,7 +266,8 @@ class SafetensorsReader {
     }
     constexpr std::size_t chunk_elems = 1 << 14;  // bounded staging buffer for conversion
     const std::size_t esize = dtype_size(t.dtype);
-    std::vector<unsigned char> staging(std::min<std::size_t>(chunk_elems, std::size_t(count)) * esize);
+    std::vector<unsigned char> staging(std::min<std::size_t>(chunk_elems, std::size_t(count)) *
+                                       esize);
     std::ifstream file;
     if (!memory_) {
       file.open(path_, std::ios::binary);
@@ -270,7 +283,8 @@ class SafetensorsReader {
         file.seekg(static_cast<std::streamoff>(offset));
         file.read(reinterpret_cast<char*>(staging.data()), static_cast<std::streamsize>(bytes));
         if (static_cast<std::size_t>(file.gcount()) != bytes) {
-          PEFT_THROW(io_error(label_ + ": tensor '" + name + "' is cut short (file changed or truncated while open)"));
+          PEFT_THROW(io_error(label_ + ": tensor '" + name +
+                              "' is cut short (file changed or truncated while open)"));
         }
       }
       detail::decode(t.dtype, staging.data(), n, dst + done);
@@ -312,7 +326,9 @@ class SafetensorsReader {
                     const ReaderLimits& limits)
       : label_(std::move(label)), memory_(std::move(bytes)) {
     file_size_ = memory_->size();
-    if (file_size_ < 8) fail("buffer is " + std::to_string(file_size_) + " bytes, shorter than the 8-byte header length");
+    if (file_size_ < 8)
+      fail("buffer is " + std::to_string(file_size_) +
+           " bytes, shorter than the 8-byte header length");
     const std::uint64_t header_len = check_header_length(
         detail::load_u64_le(reinterpret_cast<const unsigned char*>(memory_->data())), limits);
     parse_header(memory_->substr(8, static_cast<std::size_t>(header_len)));
@@ -336,8 +352,9 @@ class SafetensorsReader {
   }
 
   const TensorInfo* find(const std::string& name) const noexcept {
-    auto it = std::lower_bound(tensors_.begin(), tensors_.end(), name,
-                               [](const TensorInfo& t, const std::string& n) { return t.name < n; });
+    auto it =
+        std::lower_bound(tensors_.begin(), tensors_.end(), name,
+                         [](const TensorInfo& t, const std::string& n) { return t.name < n; });
     return it != tensors_.end() && it->name == name ? &*it : nullptr;
   }
 
@@ -357,7 +374,8 @@ class SafetensorsReader {
 
   static std::uint64_t as_u64(const nlohmann::json& v, bool& ok) {
     if (v.is_number_unsigned()) return v.get<std::uint64_t>();
-    if (v.is_number_integer() && v.get<std::int64_t>() >= 0) return std::uint64_t(v.get<std::int64_t>());
+    if (v.is_number_integer() && v.get<std::int64_t>() >= 0)
+      return std::uint64_t(v.get<std::int64_t>());
     ok = false;
     return 0;
   }
@@ -393,8 +411,9 @@ class SafetensorsReader {
               [](const TensorInfo* a, const TensorInfo* b) { return a->begin < b->begin; });
     for (std::size_t i = 1; i < by_offset.size(); ++i) {
       if (by_offset[i]->begin < by_offset[i - 1]->end) {
-        fail("tensors '" + by_offset[i - 1]->name + "' [" + std::to_string(by_offset[i - 1]->begin) +
-             ", " + std::to_string(by_offset[i - 1]->end) + ") and '" + by_offset[i]->name + "' [" +
+        fail("tensors '" + by_offset[i - 1]->name + "' [" +
+             std::to_string(by_offset[i - 1]->begin) + ", " +
+             std::to_string(by_offset[i - 1]->end) + ") and '" + by_offset[i]->name + "' [" +
              std::to_string(by_offset[i]->begin) + ", " + std::to_string(by_offset[i]->end) +
              ") overlap");
       }
@@ -403,7 +422,8 @@ class SafetensorsReader {
     // no tensor claims are invisible to every reader and would be dropped by any rewrite.
     std::uint64_t covered = 0;
     for (const TensorInfo* t : by_offset) {
-      if (t->begin != covered) fail(uncovered(covered, t->begin, "before tensor '" + t->name + "'"));
+      if (t->begin != covered)
+        fail(uncovered(covered, t->begin, "before tensor '" + t->name + "'"));
       covered = t->end;
     }
     if (covered != data_size) fail(uncovered(covered, data_size, "at the end of the data"));
@@ -423,11 +443,16 @@ class SafetensorsReader {
     const auto dtype = v.find("dtype");
     if (dtype == v.end() || !dtype->is_string()) fail(where + ": missing or non-string dtype");
     const std::string d = dtype->get<std::string>();
-    if (d == "F32") t.dtype = Dtype::f32;
-    else if (d == "F64") t.dtype = Dtype::f64;
-    else if (d == "F16") t.dtype = Dtype::f16;
-    else if (d == "BF16") t.dtype = Dtype::bf16;
-    else fail(where + ": unsupported dtype '" + d + "' (peft reads F32, F64, F16, BF16)");
+    if (d == "F32")
+      t.dtype = Dtype::f32;
+    else if (d == "F64")
+      t.dtype = Dtype::f64;
+    else if (d == "F16")
+      t.dtype = Dtype::f16;
+    else if (d == "BF16")
+      t.dtype = Dtype::bf16;
+    else
+      fail(where + ": unsupported dtype '" + d + "' (peft reads F32, F64, F16, BF16)");
 
     const auto shape = v.find("shape");
     if (shape == v.end() || !shape->is_array()) fail(where + ": missing or non-array shape");
@@ -450,7 +475,8 @@ class SafetensorsReader {
     t.begin = as_u64((*offsets)[0], ok);
     t.end = as_u64((*offsets)[1], ok);
     if (!ok) fail(where + ": data_offsets " + brief(*offsets) + " are not non-negative integers");
-    if (t.end < t.begin) fail(where + ": data_offsets " + brief(*offsets) + " end before they begin");
+    if (t.end < t.begin)
+      fail(where + ": data_offsets " + brief(*offsets) + " end before they begin");
     if (t.end > data_size) {
       fail(where + ": data_offsets " + brief(*offsets) + " run past the end of the data (" +
            std::to_string(data_size) + " bytes)");
@@ -459,13 +485,14 @@ class SafetensorsReader {
       fail(where + ": shape " + t.shape_string() + " of " + dtype_name(t.dtype) + " needs " +
            std::to_string(bytes) + " bytes, data_offsets span " + std::to_string(t.end - t.begin));
     }
-    if (t.shape.size() > 8) fail(where + ": " + std::to_string(t.shape.size()) + " dimensions (at most 8)");
+    if (t.shape.size() > 8)
+      fail(where + ": " + std::to_string(t.shape.size()) + " dimensions (at most 8)");
     return t;
   }
 
   std::string label_;
-  std::string path_;                            // empty for buffers
-  std::shared_ptr<const std::string> memory_;   // set for buffers
+  std::string path_;                           // empty for buffers
+  std::shared_ptr<const std::string> memory_;  // set for buffers
   std::uint64_t file_size_ = 0;
   std::uint64_t data_start_ = 0;
   std::vector<TensorInfo> tensors_;
@@ -509,7 +536,8 @@ class SafetensorsWriter {
     }
     std::uint64_t count = 1;
     for (std::int64_t d : shape) {
-      if (d < 0) PEFT_THROW(config_error("SafetensorsWriter::add(): negative dimension in '" + name + "'"));
+      if (d < 0)
+        PEFT_THROW(config_error("SafetensorsWriter::add(): negative dimension in '" + name + "'"));
       count *= std::uint64_t(d);
     }
     Entry e;
@@ -554,7 +582,8 @@ class SafetensorsWriter {
     std::uint64_t offset = 0;
     for (const auto& [name, e] : entries_) {
       const std::uint64_t end = offset + e.bytes.size();
-      header[name] = {{"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {offset, end}}};
+      header[name] = {
+          {"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {offset, end}}};
       offset = end;
     }
     std::string text = header.dump();

@@ -1,6 +1,7 @@
 // SPDX-FileCopyrightText: The peft authors
 // SPDX-License-Identifier: Apache-2.0
-// AdamW (decoupled weight decay, PyTorch semantics) over flat parameter/gradient views owned elsewhere.
+// AdamW (decoupled weight decay, PyTorch semantics) over flat parameter/gradient views owned
+// elsewhere.
 #pragma once
 #include <peft/config.hpp>
 #include <peft/error.hpp>
@@ -139,11 +140,11 @@ class AdamW {
     }
     if (size > 0 && (params == nullptr || grads == nullptr)) {
       PEFT_THROW(config_error(std::string("AdamW::add_parameters(): null ") +
-                              (params == nullptr ? "params" : "grads") + " pointer for a group of " +
-                              std::to_string(size) + " entries"));
+                              (params == nullptr ? "params" : "grads") +
+                              " pointer for a group of " + std::to_string(size) + " entries"));
     }
-    groups_.push_back(Group{params, grads, size, Vector<Scalar>::Zero(size),
-                            Vector<Scalar>::Zero(size)});
+    groups_.push_back(
+        Group{params, grads, size, Vector<Scalar>::Zero(size), Vector<Scalar>::Zero(size)});
   }
 
   /// One update with `options().lr`; returns the gradient norm before clipping.
@@ -200,8 +201,8 @@ class AdamW {
     }
     if (s.m.size() != groups_.size() || s.v.size() != groups_.size()) {
       PEFT_THROW(dimension_error(std::string(where) + ": state has " + std::to_string(s.m.size()) +
-                                 " m and " + std::to_string(s.v.size()) +
-                                 " v groups, expected " + std::to_string(groups_.size())));
+                                 " m and " + std::to_string(s.v.size()) + " v groups, expected " +
+                                 std::to_string(groups_.size())));
     }
     for (std::size_t i = 0; i < groups_.size(); ++i) {
       const Index n = groups_[i].size;
@@ -334,7 +335,8 @@ class AdamW {
     // so only a truly infinite gradient (or a norm beyond DBL_MAX) reports inf.
     double scale = 0;
     for (const Group& g : groups_) {
-      if (g.size > 0) scale = std::max(scale, grads_of(g).template cast<double>().cwiseAbs().maxCoeff());
+      if (g.size > 0)
+        scale = std::max(scale, grads_of(g).template cast<double>().cwiseAbs().maxCoeff());
     }
     if (!std::isfinite(scale)) return scale;
     double scaled = 0;
@@ -400,9 +402,11 @@ class AdamW {
   static void read_bytes(std::istream& is, char* out, std::streamsize n, const char* what) {
     if (n == 0) return;
     is.read(out, n);
-    if (is.bad()) PEFT_THROW(io_error(std::string("AdamW::load(): the stream failed reading ") + what));
+    if (is.bad())
+      PEFT_THROW(io_error(std::string("AdamW::load(): the stream failed reading ") + what));
     if (is.gcount() != n) {
-      PEFT_THROW(format_error(std::string("AdamW::load(): truncated stream while reading ") + what));
+      PEFT_THROW(
+          format_error(std::string("AdamW::load(): truncated stream while reading ") + what));
     }
   }
   template <typename T>

@@ -29,10 +29,10 @@ namespace optim {
  * reading; call `validate()` again after editing one.
  */
 struct WarmupCosine {
-  double base_lr;      ///< peak rate reached at the end of warmup; finite and >= 0.
-  long warmup_steps;   ///< length of the linear warmup; >= 0 and <= total_steps.
-  long total_steps;    ///< step at which the cosine reaches min_lr; >= 0.
-  double min_lr = 0;   ///< floor of the cosine; finite, in [0, base_lr].
+  double base_lr;     ///< peak rate reached at the end of warmup; finite and >= 0.
+  long warmup_steps;  ///< length of the linear warmup; >= 0 and <= total_steps.
+  long total_steps;   ///< step at which the cosine reaches min_lr; >= 0.
+  double min_lr = 0;  ///< floor of the cosine; finite, in [0, base_lr].
 
   WarmupCosine(double base, long warmup, long total, double minimum = 0.0)
       : base_lr(base), warmup_steps(warmup), total_steps(total), min_lr(minimum) {
@@ -50,11 +50,12 @@ struct WarmupCosine {
     if (min_lr > base_lr) {
       fail_("min_lr is " + num_(min_lr) + ", expected <= base_lr = " + num_(base_lr));
     }
-    if (warmup_steps < 0) fail_("warmup_steps is " + std::to_string(warmup_steps) + ", expected >= 0");
+    if (warmup_steps < 0)
+      fail_("warmup_steps is " + std::to_string(warmup_steps) + ", expected >= 0");
     if (total_steps < 0) fail_("total_steps is " + std::to_string(total_steps) + ", expected >= 0");
     if (warmup_steps > total_steps) {
-      fail_("warmup_steps is " + std::to_string(warmup_steps) + ", expected <= total_steps = " +
-            std::to_string(total_steps));
+      fail_("warmup_steps is " + std::to_string(warmup_steps) +
+            ", expected <= total_steps = " + std::to_string(total_steps));
     }
   }
 

@@ -216,7 +216,8 @@ class AtomicFileWriter {
     LiveTempFiles::remove(slot_);
     slot_ = -1;
     const std::size_t slash = path_.find_last_of('/');
-    const std::string dir = slash == std::string::npos ? std::string(".") : path_.substr(0, slash + 1);
+    const std::string dir =
+        slash == std::string::npos ? std::string(".") : path_.substr(0, slash + 1);
     const int dfd = ::open(dir.c_str(), O_RDONLY | O_CLOEXEC);
     if (dfd >= 0) {
       ::fsync(dfd);  // best effort: some file systems refuse fsync on folders
@@ -268,8 +269,8 @@ class AtomicFileWriter {
 
   [[noreturn]] void fail(const std::string& what) const {
     const int err = errno;
-    PEFT_THROW(io_error(what + " " + temp_ + " (saving " + path_ + "): " +
-                        (err ? std::strerror(err) : "unknown error")));
+    PEFT_THROW(io_error(what + " " + temp_ + " (saving " + path_ +
+                        "): " + (err ? std::strerror(err) : "unknown error")));
   }
 
   std::string path_;

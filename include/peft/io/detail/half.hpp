@@ -39,7 +39,8 @@ inline float bfloat16_to_float(std::uint16_t b) noexcept {
 
 // Rounds |x| (finite, > 0) to a float format with `mantissa_bits` stored bits and exponent range
 // [min_exp, max_exp]; returns the magnitude bits, or the infinity pattern on overflow.
-inline std::uint32_t round_to_small_float(double a, int mantissa_bits, int min_exp, int max_exp) noexcept {
+inline std::uint32_t round_to_small_float(double a, int mantissa_bits, int min_exp,
+                                          int max_exp) noexcept {
   int e2 = 0;
   std::frexp(a, &e2);  // a = m · 2^e2, m in [0.5, 1)
   int exponent = e2 - 1;
