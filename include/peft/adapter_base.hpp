@@ -214,7 +214,11 @@ class AdapterBase {
   /// Checks a rank option: 0 < r <= min(out, in), or only r > 0 with `above_min_allowed` (LoRA:
   /// PEFT accepts r = 8 on a 2-label head; B A is then rank-deficient but exact).
   void check_rank(const char* name, Index r, bool above_min_allowed = false) const {
-    if (above_min_allowed && r > 0) return;
+    if (above_min_allowed) {
+      if (r > 0) return;
+      PEFT_THROW(config_error(constructor_where() + ": " + name + " = " + std::to_string(r) +
+                              " must be > 0 (W is " + detail::shape_string(out_, in_) + ")"));
+    }
     if (r <= 0 || r > std::min(in_, out_)) {
       PEFT_THROW(config_error(constructor_where() + ": " + name + " = " + std::to_string(r) +
                               " must satisfy 0 < " + name +
