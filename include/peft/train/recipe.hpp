@@ -119,6 +119,20 @@ class RecipeBase {
   /// Ends one calibration batch (recipes without calibration are never calibrating).
   void end_calibration_batch() { require(Phase::calibrating, "end_calibration_batch"); }
 
+  /// Before optimizer.step(), once per optimizer step: averages the gradients over the workers
+  /// (a recipe's own term, e.g. AdaLoRA's regulariser, comes after); returns that term's value.
+  double before_optimizer_step() {
+    begin_step();
+    return 0.0;
+  }
+  /// After optimizer.step(): `step` is the optimizer's step count (1, 2, ...), not micro-batches.
+  void after_optimizer_step(long step) { end_step(step); }
+  /// Ends training (AdaLoRA shrinks, LoRA-GA exports relative to the original weights).
+  void finish() {
+    begin_finish();
+    phase_ = Phase::finished;
+  }
+
   /// Optimizer steps taken (after_optimizer_step calls).
   long optimizer_steps() const noexcept { return steps_; }
   const Set& adapters() const { return checked_set("adapters"); }
@@ -288,15 +302,6 @@ class BasicRecipe : public RecipeBase<Adapter_> {
     }
     this->phase_ = Phase::training;
   }
-  double before_optimizer_step() {
-    this->begin_step();
-    return 0.0;
-  }
-  void after_optimizer_step(long step) { this->end_step(step); }
-  void finish() {
-    this->begin_finish();
-    this->phase_ = Phase::finished;
-  }
 
  private:
   Options options_;
@@ -337,15 +342,6 @@ class LoraRecipe : public RecipeBase<LoraLinear<Scalar, Order>> {
     }
     this->phase_ = Phase::training;
   }
-  double before_optimizer_step() {
-    this->begin_step();
-    return 0.0;
-  }
-  void after_optimizer_step(long step) { this->end_step(step); }
-  void finish() {
-    this->begin_finish();
-    this->phase_ = Phase::finished;
-  }
 
  private:
   LoraRecipeOptions options_;
@@ -377,15 +373,6 @@ class VeraRecipe : public RecipeBase<VeraLinear<Scalar, Order>> {
         VeraProjections<Scalar>::for_shapes(options_.vera.r, shapes, options_.projection_prng_key));
     for (const auto& name : modules) set.attach(name, options_.vera);
     this->phase_ = Phase::training;
-  }
-  double before_optimizer_step() {
-    this->begin_step();
-    return 0.0;
-  }
-  void after_optimizer_step(long step) { this->end_step(step); }
-  void finish() {
-    this->begin_finish();
-    this->phase_ = Phase::finished;
   }
 
  private:
@@ -541,12 +528,6 @@ class LoraGaRecipe : public RecipeBase<LoraLinear<Scalar, Order>> {
     if (batches_ == options_.calibration_batches) initialise();
   }
 
-  double before_optimizer_step() {
-    this->begin_step();
-    return 0.0;
-  }
-  void after_optimizer_step(long step) { this->end_step(step); }
-
   /// Restores W₀ in every weight and attaches the rank-2r exports over it (see the class note).
   void finish() {
     this->begin_finish();
@@ -671,16 +652,6 @@ class EvaRecipe : public RecipeBase<LoraLinear<Scalar, Order>> {
       if (a) set.attach_adapter(name, std::make_unique<Adapter>(std::move(*a)));
     }
     this->phase_ = Phase::training;
-  }
-
-  double before_optimizer_step() {
-    this->begin_step();
-    return 0.0;
-  }
-  void after_optimizer_step(long step) { this->end_step(step); }
-  void finish() {
-    this->begin_finish();
-    this->phase_ = Phase::finished;
   }
 
   const init::Eva& eva() const noexcept { return eva_; }
