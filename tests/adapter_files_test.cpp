@@ -2,6 +2,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // PEFT adapter folders: exact key names and shapes, round trips for every method, PEFT's scaling
 // rules, AdaLoRA's shrink-on-save, VeRA projections, modules_to_save, and load atomicity.
+#include "support/model_weights.hpp"
 #include "support/test_support.hpp"
 
 #include <peft/io.hpp>
@@ -14,6 +15,7 @@
 
 using namespace peft;
 using peft::io::Dtype;
+using peft_test::randomise;
 namespace fs = std::filesystem;
 
 namespace {
@@ -35,21 +37,13 @@ std::string read_text(const fs::path& p) {
 }
 
 // A small "model": named frozen weights the test owns.
-struct Model {
-  std::map<std::string, RowMatrix<float>> weights;
-  explicit Model(std::uint64_t seed) {
-    const std::pair<const char*, std::pair<Index, Index>> shapes[] = {
-        {"model.layers.0.self_attn.q_proj", {12, 10}},
-        {"model.layers.0.self_attn.v_proj", {12, 10}},
-        {"model.layers.0.mlp.up_proj", {16, 10}},
-        {"model.layers.1.self_attn.q_proj", {12, 10}}};
-    for (const auto& [name, shape] : shapes)
-      weights[name] = peft_test::random_matrix<float>(shape.first, shape.second, seed++);
-  }
-  template <typename Adapter>
-  void register_all(AdapterSet<Adapter>& set) {
-    for (auto& [name, w] : weights) set.add_module(name, w);
-  }
+struct Model : peft_test::ModelWeights {
+  explicit Model(std::uint64_t seed)
+      : ModelWeights({{"model.layers.0.self_attn.q_proj", {12, 10}},
+                      {"model.layers.0.self_attn.v_proj", {12, 10}},
+                      {"model.layers.0.mlp.up_proj", {16, 10}},
+                      {"model.layers.1.self_attn.q_proj", {12, 10}}},
+                     seed) {}
 };
 
 template <typename Adapter>
@@ -59,13 +53,6 @@ RowMatrix<float> forward(AdapterSet<Adapter>& set, const std::string& name,
   Workspace<float> ws;
   set.adapter(name).forward(x, y, ws);
   return y;
-}
-
-// Randomises every adapter's parameters so a round trip has something to preserve.
-template <typename Adapter>
-void randomise(AdapterSet<Adapter>& set, std::uint64_t seed) {
-  Rng rng(seed);
-  set.for_each([&](const std::string&, Adapter& a) { rng.fill_normal(a.parameters(), 0.0, 0.3); });
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 // Interop with Hugging Face PEFT (issue #16): the PEFT-format fixtures of tests/data/peft merge to
 // the result computed here in double from PEFT's formulas; every config peft writes passes
 // PEFT's config validation (encoded below); what would merge silently wrong is refused.
+#include "support/model_weights.hpp"
 #include "support/test_support.hpp"
 
 #include <peft/init/lora_ga.hpp>
@@ -14,6 +15,7 @@
 
 using namespace peft;
 using Catch::Matchers::Contains;
+using peft_test::randomise;
 namespace fs = std::filesystem;
 
 namespace {
@@ -103,26 +105,13 @@ void check_peft_accepts(const fs::path& dir) {
   CHECK(peft_rule_violations(json).empty());
 }
 
-struct Weights {
-  std::map<std::string, RowMatrix<float>> w;
-  template <typename Adapter>
-  void register_all(AdapterSet<Adapter>& set) {
-    for (auto& [name, m] : w) set.add_module(name, m);
-  }
-};
+using Weights = peft_test::ModelWeights;
 
 Weights model(std::uint64_t seed) {
-  Weights m;
-  m.w["model.layers.0.q_proj"] = peft_test::random_matrix<float>(12, 10, seed);
-  m.w["model.layers.0.v_proj"] = peft_test::random_matrix<float>(12, 10, seed + 1);
-  m.w["model.layers.1.q_proj"] = peft_test::random_matrix<float>(16, 10, seed + 2);
-  return m;
-}
-
-template <typename Adapter>
-void randomise(AdapterSet<Adapter>& set, std::uint64_t seed) {
-  Rng rng(seed);
-  set.for_each([&](const std::string&, Adapter& a) { rng.fill_normal(a.parameters(), 0.0, 0.3); });
+  return Weights({{"model.layers.0.q_proj", {12, 10}},
+                  {"model.layers.0.v_proj", {12, 10}},
+                  {"model.layers.1.q_proj", {16, 10}}},
+                 seed);
 }
 
 }  // namespace
@@ -365,7 +354,7 @@ TEST_CASE("VeRA folder without projections is refused unless opted in, then warn
 
   // peft-merge's path: refused without the flag, nothing written; warned with it.
   io::SafetensorsWriter base;
-  for (const auto& [n, m] : w.w) base.add(n + ".weight", m);
+  for (const auto& [n, m] : w.weights) base.add(n + ".weight", m);
   const fs::path base_path = dir / "base.safetensors", out = dir / "out.safetensors";
   base.save(base_path.string());
   REQUIRE_THROWS_AS(io::merge_files(base_path.string(), dir.string(), out.string()), format_error);
@@ -394,8 +383,9 @@ TEST_CASE(
     o.use_rslora = rslora;
     for (const auto& n : set.module_names()) {
       set.attach(n, o);
-      const RowMatrix<float> g = peft_test::random_matrix<float>(w.w[n].rows(), w.w[n].cols(), 99);
-      init::lora_ga(set.adapter(n), g, w.w[n]);
+      const RowMatrix<float> g =
+          peft_test::random_matrix<float>(w.weights[n].rows(), w.weights[n].cols(), 99);
+      init::lora_ga(set.adapter(n), g, w.weights[n]);
     }
     // "Training": move A and B away from their initial values.
     set.for_each([&](const std::string&, LoraLinear<float>& a) {
@@ -403,7 +393,7 @@ TEST_CASE(
     });
 
     io::SafetensorsWriter base;  // the ORIGINAL weights, as a user's model file holds them
-    for (const auto& [n, m] : original.w) base.add(n + ".weight", m);
+    for (const auto& [n, m] : original.weights) base.add(n + ".weight", m);
     const fs::path dir = fresh_dir("lora_ga");
     const fs::path base_path = dir / "base.safetensors";
     base.save(base_path.string());
@@ -424,9 +414,9 @@ TEST_CASE(
       CAPTURE(n);
       // The trained model: offset weight + s B A, in double.
       const RowMatrix<double> trained =
-          w.w[n].cast<double>() + double(set.adapter(n).scaling()) *
-                                      set.adapter(n).b().cast<double>() *
-                                      set.adapter(n).a().cast<double>();
+          w.weights[n].cast<double>() + double(set.adapter(n).scaling()) *
+                                            set.adapter(n).b().cast<double>() *
+                                            set.adapter(n).a().cast<double>();
       CHECK((raw(out, n + ".weight") - trained).cwiseAbs().maxCoeff() <= 1e-5);
     }
 
