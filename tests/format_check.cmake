@@ -4,7 +4,7 @@
 #   cmake -DCLANG_FORMAT=<clang-format-14> -DSOURCE_DIR=<repo> -P format_check.cmake
 # One clang-format version only (14, Debian 12's): other versions lay some constructs out
 # differently, so a check that accepted any would flip with the machine.
-foreach(_dir include tests examples tools benchmarks fuzz)
+foreach(_dir include src tests examples tools benchmarks fuzz)
   file(GLOB_RECURSE _found "${SOURCE_DIR}/${_dir}/*.hpp" "${SOURCE_DIR}/${_dir}/*.cpp")
   list(APPEND _files ${_found})
 endforeach()

@@ -257,6 +257,12 @@ PEFT_ADAPTER_SEEDED_DEDUCTION_GUIDES(AdaLoraLinear, AdaLoraOptions);
 using AdaLoraLinearf = AdaLoraLinear<float>;
 using AdaLoraLineard = AdaLoraLinear<double>;
 
+#if PEFT_COMPILED
+// Compiled once, in peft::compiled (src/adalora_*.cpp).
+PEFT_ADAPTER_INSTANTIATIONS(extern, AdaLoraLinear, float);
+PEFT_ADAPTER_INSTANTIATIONS(extern, AdaLoraLinear, double);
+#endif
+
 PEFT_NAMESPACE_END
 
 // The budget over every AdaLoraLinear of a model (needs the class above).

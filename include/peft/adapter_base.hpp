@@ -111,19 +111,11 @@ class AdapterBase {
   void unbind_parameters() { storage_.unbind(); }
 
   /// y = x Wᵀ + b + ΔW-term. While merged, W already holds the delta.
-  void forward(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
-    check_forward("forward()", x, y);
-    y.noalias() = x * weight().transpose();
-    if (has_bias()) y.rowwise() += bias().transpose();
-    if (!merged()) derived().add_delta_impl(x, y, ws);
-  }
+  void forward(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const;
 
   /// y += the adapter's term only, for trainers that run the base product themselves. Adds
   /// nothing while merged (the delta is in W then).
-  void add_delta(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
-    check_forward("add_delta()", x, y);
-    if (!merged()) derived().add_delta_impl(x, y, ws);
-  }
+  void add_delta(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const;
 
   /**
    * Exact gradients for the loss gradient `dy` at the output: accumulates (+=) the parameter
@@ -131,27 +123,14 @@ class AdapterBase {
    * With dropout on, reuses the mask that the matching forward recorded in `ws`.
    */
   void backward(const ConstRef& x, const ConstRef& dy, Ref dx, GradientRef grad,
-                Workspace<Scalar>& ws) const {
-    check_backward("backward()", x, dy, grad.size());
-    check_dx("backward()", x, dy, dx);
-    const auto saved = derived().parameter_gradients_impl(x, dy, grad, ws);
-    const auto term = derived().input_gradient_term(x, dy, saved, ws);
-    input_gradient(x, dy, term.left, term.right, term.scale, ws, dx);
-  }
+                Workspace<Scalar>& ws) const;
 
   /// As backward() without the input gradient (e.g. the first layer of a model).
   void backward(const ConstRef& x, const ConstRef& dy, GradientRef grad,
-                Workspace<Scalar>& ws) const {
-    check_backward("backward()", x, dy, grad.size());
-    derived().parameter_gradients_impl(x, dy, grad, ws);
-  }
+                Workspace<Scalar>& ws) const;
 
   /// ΔW, `[out, in]`, in the weight's storage order.
-  WeightMatrix delta_weight() const {
-    WeightMatrix delta(out_, in_);
-    derived().delta_weight_impl(delta);
-    return delta;
-  }
+  WeightMatrix delta_weight() const;
 
   /**
    * W += ΔW into the weight this adapter views (pass the same matrix), in one pass over W through
@@ -160,27 +139,10 @@ class AdapterBase {
    * trainable value is not finite, or if an entry of W + ΔW would not be finite (W left
    * unchanged, not merged); unmerge_from refuses the same way.
    */
-  bool merge_into(WeightRef w) {
-    check_bound_weight("merge_into()", w);
-    if (merged()) return false;
-    check_finite_parameters("merge_into()");
-    const auto term = derived().merge_term();
-    detail::add_low_rank_checked<Scalar, WeightOrder>(w, term.left, term.right, term.scale,
-                                                      where("merge_into()"));
-    merged_ = true;
-    return true;
-  }
+  bool merge_into(WeightRef w);
 
   /// W -= ΔW, undoing merge_into. Returns false and changes nothing if not merged.
-  bool unmerge_from(WeightRef w) {
-    check_bound_weight("unmerge_from()", w);
-    if (!merged()) return false;
-    const auto term = derived().merge_term();
-    detail::add_low_rank_checked<Scalar, WeightOrder>(w, term.left, term.right, -term.scale,
-                                                      where("unmerge_from()"));
-    merged_ = false;
-    return true;
-  }
+  bool unmerge_from(WeightRef w);
 
  protected:
   /// Views W (no copy) and the bias (null: none); the weight's order must be WeightOrder.
@@ -376,6 +338,71 @@ class AdapterBase {
   bool merged_ = false;
 };
 
+// The heavy public calls are defined out of the class, so they are not implicitly inline: under
+// PEFT_COMPILED (the peft::compiled library) an `extern template` then stops every consumer from
+// instantiating them again, at any optimisation level (compilers instantiate inline members of
+// an extern template for inlining).
+template <typename Derived>
+void AdapterBase<Derived>::forward(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
+  check_forward("forward()", x, y);
+  y.noalias() = x * weight().transpose();
+  if (has_bias()) y.rowwise() += bias().transpose();
+  if (!merged()) derived().add_delta_impl(x, y, ws);
+}
+
+template <typename Derived>
+void AdapterBase<Derived>::add_delta(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
+  check_forward("add_delta()", x, y);
+  if (!merged()) derived().add_delta_impl(x, y, ws);
+}
+
+template <typename Derived>
+void AdapterBase<Derived>::backward(const ConstRef& x, const ConstRef& dy, Ref dx, GradientRef grad,
+                                    Workspace<Scalar>& ws) const {
+  check_backward("backward()", x, dy, grad.size());
+  check_dx("backward()", x, dy, dx);
+  const auto saved = derived().parameter_gradients_impl(x, dy, grad, ws);
+  const auto term = derived().input_gradient_term(x, dy, saved, ws);
+  input_gradient(x, dy, term.left, term.right, term.scale, ws, dx);
+}
+
+template <typename Derived>
+void AdapterBase<Derived>::backward(const ConstRef& x, const ConstRef& dy, GradientRef grad,
+                                    Workspace<Scalar>& ws) const {
+  check_backward("backward()", x, dy, grad.size());
+  derived().parameter_gradients_impl(x, dy, grad, ws);
+}
+
+template <typename Derived>
+auto AdapterBase<Derived>::delta_weight() const -> WeightMatrix {
+  WeightMatrix delta(out_, in_);
+  derived().delta_weight_impl(delta);
+  return delta;
+}
+
+template <typename Derived>
+bool AdapterBase<Derived>::merge_into(WeightRef w) {
+  check_bound_weight("merge_into()", w);
+  if (merged()) return false;
+  check_finite_parameters("merge_into()");
+  const auto term = derived().merge_term();
+  detail::add_low_rank_checked<Scalar, WeightOrder>(w, term.left, term.right, term.scale,
+                                                    where("merge_into()"));
+  merged_ = true;
+  return true;
+}
+
+template <typename Derived>
+bool AdapterBase<Derived>::unmerge_from(WeightRef w) {
+  check_bound_weight("unmerge_from()", w);
+  if (!merged()) return false;
+  const auto term = derived().merge_term();
+  detail::add_low_rank_checked<Scalar, WeightOrder>(w, term.left, term.right, -term.scale,
+                                                    where("unmerge_from()"));
+  merged_ = false;
+  return true;
+}
+
 /**
  * Brings the shell's types and public members into an adapter's class body, where unqualified
  * lookup does not search a dependent base (Eigen's EIGEN_DENSE_PUBLIC_INTERFACE idea), and
@@ -440,5 +467,17 @@ class AdapterBase {
   template <typename Scalar, int Order>                                                 \
   Derived(FrozenWeight<Scalar, Order>, FrozenBias<Scalar>, const Options&, Rng&)        \
       ->Derived<Scalar, Order>
+
+/**
+ * The explicit instantiations of an adapter class template `Adapter<Scalar, WeightOrder>` (and
+ * its shell) in `Scalar` over row- and column-major weights. `prefix` is `extern` in the method's
+ * header under PEFT_COMPILED (declarations) and empty in the peft::compiled library (src/, the
+ * definitions). At namespace scope in peft.
+ */
+#define PEFT_ADAPTER_INSTANTIATIONS(prefix, Adapter, Scalar)           \
+  prefix template class AdapterBase<Adapter<Scalar, Eigen::RowMajor>>; \
+  prefix template class AdapterBase<Adapter<Scalar, Eigen::ColMajor>>; \
+  prefix template class Adapter<Scalar, Eigen::RowMajor>;              \
+  prefix template class Adapter<Scalar, Eigen::ColMajor>
 
 PEFT_NAMESPACE_END

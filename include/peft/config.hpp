@@ -55,6 +55,13 @@
 #  endif
 #endif
 
+/// 1 when the program links peft::compiled (CMake defines it): the headers then declare the
+/// library's instantiations (float/double, row/column-major: every adapter, the SVDs) `extern`,
+/// so a translation unit does not compile them again. Header-only use leaves it 0.
+#ifndef PEFT_COMPILED
+#  define PEFT_COMPILED 0
+#endif
+
 /// Internal invariant check (compiled out under NDEBUG). Redefine before inclusion to throw.
 #ifndef PEFT_ASSERT
 #  define PEFT_ASSERT(cond, msg) assert((cond) && msg)

@@ -181,4 +181,10 @@ PEFT_ADAPTER_SEEDED_DEDUCTION_GUIDES(LoraLinear, LoraOptions);
 using LoraLinearf = LoraLinear<float>;
 using LoraLineard = LoraLinear<double>;
 
+#if PEFT_COMPILED
+// Compiled once, in peft::compiled (src/lora_*.cpp).
+PEFT_ADAPTER_INSTANTIATIONS(extern, LoraLinear, float);
+PEFT_ADAPTER_INSTANTIATIONS(extern, LoraLinear, double);
+#endif
+
 PEFT_NAMESPACE_END

@@ -304,4 +304,10 @@ using VeraLineard = VeraLinear<double>;
 using VeraProjectionsf = VeraProjections<float>;
 using VeraProjectionsd = VeraProjections<double>;
 
+#if PEFT_COMPILED
+// Compiled once, in peft::compiled (src/vera_*.cpp).
+PEFT_ADAPTER_INSTANTIATIONS(extern, VeraLinear, float);
+PEFT_ADAPTER_INSTANTIATIONS(extern, VeraLinear, double);
+#endif
+
 PEFT_NAMESPACE_END

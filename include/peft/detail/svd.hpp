@@ -5,6 +5,7 @@
 #ifndef PEFT_CONFIG_HPP
 #  error "include <peft/peft.hpp> or a public peft header instead of a detail header"
 #endif
+#include <peft/detail/checks.hpp>
 #include <peft/error.hpp>
 #include <peft/types.hpp>
 
@@ -48,6 +49,20 @@ Matrix<Scalar, Eigen::ColMajor> orthonormal_columns(const Matrix<Scalar, Eigen::
   Eigen::HouseholderQR<Matrix<Scalar, Eigen::ColMajor>> qr(y);
   return qr.householderQ() * Matrix<Scalar, Eigen::ColMajor>::Identity(y.rows(), y.cols());
 }
+
+#if PEFT_COMPILED
+// Compiled once, in peft::compiled (src/linalg.cpp): Eigen's SVD and QR are most of the compile
+// time of any translation unit that uses them.
+#  define PEFT_SVD_INSTANTIATIONS(prefix, Scalar)                                \
+    prefix template ThinSvd<Scalar> thin_svd<Matrix<Scalar, Eigen::ColMajor>>(   \
+        const Eigen::MatrixBase<Matrix<Scalar, Eigen::ColMajor>>&, const char*); \
+    prefix template ThinSvd<Scalar> thin_svd<Matrix<Scalar, Eigen::RowMajor>>(   \
+        const Eigen::MatrixBase<Matrix<Scalar, Eigen::RowMajor>>&, const char*); \
+    prefix template Matrix<Scalar, Eigen::ColMajor> orthonormal_columns<Scalar>( \
+        const Matrix<Scalar, Eigen::ColMajor>&)
+PEFT_SVD_INSTANTIATIONS(extern, float);
+PEFT_SVD_INSTANTIATIONS(extern, double);
+#endif
 
 }  // namespace detail
 PEFT_NAMESPACE_END

@@ -87,5 +87,16 @@ SvdResult<typename Derived::Scalar> randomized_svd(const Eigen::MatrixBase<Deriv
   return result;
 }
 
+#if PEFT_COMPILED
+// Compiled once, in peft::compiled (src/linalg.cpp), for dense matrices of either order.
+#  define PEFT_RANDOMIZED_SVD_INSTANTIATIONS(prefix, Scalar, Order)          \
+    prefix template SvdResult<Scalar> randomized_svd<Matrix<Scalar, Order>>( \
+        const Eigen::MatrixBase<Matrix<Scalar, Order>>&, Index, const RandomizedSvdOptions&)
+PEFT_RANDOMIZED_SVD_INSTANTIATIONS(extern, float, Eigen::RowMajor);
+PEFT_RANDOMIZED_SVD_INSTANTIATIONS(extern, float, Eigen::ColMajor);
+PEFT_RANDOMIZED_SVD_INSTANTIATIONS(extern, double, Eigen::RowMajor);
+PEFT_RANDOMIZED_SVD_INSTANTIATIONS(extern, double, Eigen::ColMajor);
+#endif
+
 }  // namespace linalg
 PEFT_NAMESPACE_END

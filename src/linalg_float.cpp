@@ -1,0 +1,16 @@
+// SPDX-FileCopyrightText: The peft authors
+// SPDX-License-Identifier: Apache-2.0
+// peft::compiled: the thin SVD, the QR basis and the randomized SVD in float, compiled once for
+// every program that links the library (PEFT_COMPILED). One file per scalar keeps each under
+// 1.5 GB of compiler memory.
+#include <peft/linalg/randomized_svd.hpp>
+
+PEFT_NAMESPACE_BEGIN
+namespace detail {
+PEFT_SVD_INSTANTIATIONS(, float);
+}  // namespace detail
+namespace linalg {
+PEFT_RANDOMIZED_SVD_INSTANTIATIONS(, float, Eigen::RowMajor);
+PEFT_RANDOMIZED_SVD_INSTANTIATIONS(, float, Eigen::ColMajor);
+}  // namespace linalg
+PEFT_NAMESPACE_END
