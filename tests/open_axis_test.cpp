@@ -95,10 +95,9 @@ namespace io = peft::io;
 /// The file codec of OuterLinear: peft_type "OUTER", its one config field "outer_scale" (kept in
 /// AdapterConfig::extra, as any codec outside peft keeps its fields), and per module the tensors
 /// "<m>.outer_u" [out] and "<m>.outer_v" [in].
-struct OuterCodec {
+struct OuterCodec : io::CodecDefaults {
   static constexpr io::PeftType type{"OUTER"};
 
-  static constexpr std::array<const char*, 0> config_keys{};
   static double scale_of(const io::AdapterConfig& c) {
     const auto it = c.extra.find("outer_scale");
     return it != c.extra.end() && it->is_number() ? it->get<double>() : 1.0;
@@ -110,7 +109,6 @@ struct OuterCodec {
   static void validate(const io::AdapterConfig& c, const std::string& label) {
     if (!(scale_of(c) > 0)) io::detail::config_invalid(label, "outer_scale must be positive");
   }
-  static void check_peft_rules(const io::AdapterConfig&, const std::string&) {}
   static std::string dump(const io::AdapterConfig& c, nlohmann::json doc) {
     doc["outer_scale"] = scale_of(c);
     return doc.dump(2);
@@ -120,9 +118,6 @@ struct OuterCodec {
   static constexpr std::array<io::TensorPart, 2> parts = {
       io::TensorPart{".outer_u", io::TensorSlot::other, false},
       io::TensorPart{".outer_v", io::TensorSlot::other, false}};
-  static constexpr std::array<const char*, 0> shared_tensors{};
-  template <typename Scalar>
-  static void set_shared(io::AdapterFolder<Scalar>&, const std::string&, peft::RowMatrix<Scalar>) {}
 
   template <typename Scalar>
   static void check_folder(const peft::io::SafetensorsReader& file, io::AdapterFolder<Scalar>& f,
@@ -154,13 +149,6 @@ struct OuterCodec {
     }
   }
 
-  template <typename Scalar>
-  static std::vector<double> alphas(const io::AdapterFolder<Scalar>& f) {
-    return std::vector<double>(f.modules.size(), 0.0);
-  }
-  template <typename Scalar, typename Json>
-  static void describe(const io::AdapterFolder<Scalar>&, std::vector<std::string>&, Json&) {}
-
   template <typename Scalar, int Order>
   using Adapter = OuterLinear<Scalar, Order>;
 
@@ -187,8 +175,7 @@ struct OuterCodec {
       folder.modules.push_back(std::move(m));
     }
     folder.config = std::move(config);
-    std::sort(folder.modules.begin(), folder.modules.end(),
-              [](const auto& x, const auto& y) { return x.name < y.name; });
+    io::detail::sort_by_name(folder.modules);
     return folder;
   }
 
@@ -196,17 +183,14 @@ struct OuterCodec {
   static void apply(const io::AdapterFolder<FileScalar>& folder,
                     peft::AdapterSet<OuterLinear<Scalar, Order>>& set) {
     using A = OuterLinear<Scalar, Order>;
-    std::vector<std::pair<std::string, std::unique_ptr<A>>> built;
-    for (const auto& m : folder.modules) {
-      const auto& mod = set.module(m.name);
+    io::detail::rebuild(folder, set, [&](const auto& m, const auto& mod) {
       OuterOptions o;
       o.scale = scale_of(folder.config);
       auto adapter = std::make_unique<A>(mod.weight, mod.bias, o);
       adapter->u() = m.other.at(".outer_u").col(0).template cast<Scalar>();
       adapter->v() = m.other.at(".outer_v").col(0).template cast<Scalar>();
-      built.emplace_back(m.name, std::move(adapter));
-    }
-    io::detail::install(set, built);
+      return adapter;
+    });
   }
 };
 
@@ -338,8 +322,8 @@ TEST_CASE("open axis: attach, train, save, load and merge a method defined only 
   config.base_model_name_or_path = "toy";
   peft::io::save_adapter(dir.string(), set, config);
   {
-    std::ifstream in(dir / peft::io::config_file_name);
-    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::ifstream cfg(dir / peft::io::config_file_name);
+    const std::string text((std::istreambuf_iterator<char>(cfg)), std::istreambuf_iterator<char>());
     CHECK(text.find("\"peft_type\": \"OUTER\"") != std::string::npos);
     CHECK(text.find("\"outer_scale\": 0.5") != std::string::npos);
   }

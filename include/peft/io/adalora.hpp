@@ -46,8 +46,8 @@ inline AdapterConfig adalora_config(const RankAllocatorOptions& o) {
 /// ADALORA (tuners/adalora): `<m>.lora_A` `[k, in]`, `<m>.lora_E` `[k, 1]`, `<m>.lora_B`
 /// `[out, k]` with k the kept count of the module's rank_pattern mask (init_r without one),
 /// scaling lora_alpha / (init_r + 1e-5).
-struct AdaloraCodec {
-  static constexpr PeftType type{"ADALORA"};
+struct AdaloraCodec : CodecDefaults {
+  static constexpr PeftType type = PeftType::adalora;
 
   // ---- adapter_config.json --------------------------------------------------------------------
 
@@ -146,9 +146,6 @@ struct AdaloraCodec {
   static constexpr std::array<TensorPart, 3> parts = {TensorPart{".lora_A", TensorSlot::a, true},
                                                       TensorPart{".lora_B", TensorSlot::b, true},
                                                       TensorPart{".lora_E", TensorSlot::e, false}};
-  static constexpr std::array<const char*, 0> shared_tensors{};
-  template <typename Scalar>
-  static void set_shared(AdapterFolder<Scalar>&, const std::string&, RowMatrix<Scalar>) {}
 
   /// Checks every module's tensors against its kept count and sets its rank and scaling.
   template <typename Scalar>
@@ -218,7 +215,6 @@ struct AdaloraCodec {
   static AdapterFolder<Scalar> to_folder(const AdapterSet<AdaLoraLinear<Scalar, Order>>& set,
                                          AdapterConfig config) {
     const auto names = set.adapted_modules();
-    if (names.empty()) PEFT_THROW(state_error("save_adapter(): the AdapterSet has no adapters"));
     const auto& first = set.adapter(names[0]);
     if (config.total_step <= 0) {
       // PEFT's AdaLoraConfig refuses total_step <= 0 and tinit >= total_step - tfinal, and the
@@ -280,8 +276,7 @@ struct AdaloraCodec {
     }
     if (!all_full) config.adalora_rank_pattern = std::move(pattern);  // null until a mask pruned
     folder.config = std::move(config);
-    std::sort(folder.modules.begin(), folder.modules.end(),
-              [](const auto& x, const auto& y) { return x.name < y.name; });
+    detail::sort_by_name(folder.modules);
     return folder;
   }
 
@@ -293,9 +288,7 @@ struct AdaloraCodec {
                     AdapterSet<AdaLoraLinear<Scalar, Order>>& set) {
     using Adapter = AdaLoraLinear<Scalar, Order>;
     const AdapterConfig& c = folder.config;
-    std::vector<std::pair<std::string, std::unique_ptr<Adapter>>> built;
-    for (const auto& m : folder.modules) {
-      const auto& mod = set.module(m.name);
+    detail::rebuild(folder, set, [&](const auto& m, const auto& mod) {
       AdaLoraOptions o;
       o.init_r = c.init_r;
       o.lora_alpha = c.lora_alpha;
@@ -308,9 +301,8 @@ struct AdaloraCodec {
       adapter->q() = m.a.template cast<Scalar>();
       adapter->lambda() = m.e.template cast<Scalar>();
       adapter->p() = m.b.template cast<Scalar>();
-      built.emplace_back(m.name, std::move(adapter));
-    }
-    detail::install(set, built);
+      return adapter;
+    });
   }
 };
 

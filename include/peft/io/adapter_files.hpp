@@ -71,6 +71,8 @@ using codecs_for_t = with_codec_t<BuiltinCodecs, codec_for_t<Adapter>>;
 template <typename Adapter>
 AdapterFolder<typename Adapter::Scalar> to_folder(const AdapterSet<Adapter>& set,
                                                   AdapterConfig config = {}) {
+  if (set.adapted_modules().empty())
+    PEFT_THROW(state_error("save_adapter(): the AdapterSet has no adapters"));
   return codec_for_t<Adapter>::to_folder(set, std::move(config));
 }
 

@@ -16,6 +16,7 @@
 #include <peft/types.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -148,10 +149,19 @@ void check_low_rank_modules(const Folder& folder, bool rank0_ok) {
   }
 }
 
-/// Replaces the set's adapters with `built` (detaching those the folder does not have).
-template <typename Adapter>
-void install(AdapterSet<Adapter>& set,
-             std::vector<std::pair<std::string, std::unique_ptr<Adapter>>>& built) {
+/// Sorts a folder's modules by name, the order a folder holds them in.
+template <typename Module>
+void sort_by_name(std::vector<Module>& modules) {
+  std::sort(modules.begin(), modules.end(),
+            [](const Module& x, const Module& y) { return x.name < y.name; });
+}
+
+/// Replaces the set's adapters with one per module of `folder`, each built aside by
+/// make(module tensors, registered module) first, so a failure leaves the set unchanged.
+template <typename Adapter, typename Folder, typename Make>
+void rebuild(const Folder& folder, AdapterSet<Adapter>& set, Make&& make) {
+  std::vector<std::pair<std::string, std::unique_ptr<Adapter>>> built;
+  for (const auto& m : folder.modules) built.emplace_back(m.name, make(m, set.module(m.name)));
   for (const auto& name : set.adapted_modules()) set.detach(name);
   for (auto& [name, adapter] : built) set.attach_adapter(name, std::move(adapter));
 }
@@ -499,6 +509,27 @@ class AdapterFolder {
     if (!m.derived().array().isFinite().all())
       fail(file, "tensor '" + name + "' holds NaN or infinite values");
   }
+};
+
+/**
+ * What a codec has unless it says otherwise (derive from it): no config keys of its own, no
+ * tensors outside the modules, no PEFT rules beyond the common ones, nothing extra to check
+ * before a save, alpha 0 in reports, no lines for peft-inspect.
+ */
+struct CodecDefaults {
+  static constexpr std::array<const char*, 0> config_keys{};
+  static constexpr std::array<const char*, 0> shared_tensors{};
+  template <typename Scalar>
+  static void set_shared(AdapterFolder<Scalar>&, const std::string&, RowMatrix<Scalar>) {}
+  static void check_peft_rules(const AdapterConfig&, const std::string&) {}
+  template <typename Scalar>
+  static void check_save(const AdapterFolder<Scalar>&) {}
+  template <typename Scalar>
+  static std::vector<double> alphas(const AdapterFolder<Scalar>& f) {
+    return std::vector<double>(f.modules.size(), 0.0);
+  }
+  template <typename Scalar, typename Json>
+  static void describe(const AdapterFolder<Scalar>&, std::vector<std::string>&, Json&) {}
 };
 
 }  // namespace io

@@ -61,8 +61,8 @@ T most_common(const std::vector<T>& values) {
 
 /// LORA (tuners/lora): per-module ranks and alphas by pattern, `<m>.lora_A.weight` `[r_m, in]`
 /// and `<m>.lora_B.weight` `[out, r_m]`, scaling alpha_m / r_m (alpha_m / √r_m with rsLoRA).
-struct LoraCodec {
-  static constexpr PeftType type{"LORA"};
+struct LoraCodec : CodecDefaults {
+  static constexpr PeftType type = PeftType::lora;
 
   // ---- adapter_config.json --------------------------------------------------------------------
 
@@ -127,9 +127,6 @@ struct LoraCodec {
   static constexpr std::array<TensorPart, 2> parts = {
       TensorPart{".lora_A.weight", TensorSlot::a, true},
       TensorPart{".lora_B.weight", TensorSlot::b, true}};
-  static constexpr std::array<const char*, 0> shared_tensors{};
-  template <typename Scalar>
-  static void set_shared(AdapterFolder<Scalar>&, const std::string&, RowMatrix<Scalar>) {}
 
   /// Checks every module's ranks against r / rank_pattern and sets its rank and scaling.
   template <typename Scalar>
@@ -207,10 +204,6 @@ struct LoraCodec {
     return out;
   }
 
-  /// What peft-inspect prints about the folder beyond the module table (nothing for LoRA).
-  template <typename Scalar, typename Json>
-  static void describe(const AdapterFolder<Scalar>&, std::vector<std::string>&, Json&) {}
-
   // ---- AdapterSet<LoraLinear> -----------------------------------------------------------------
 
   template <typename Scalar, int Order>
@@ -235,7 +228,6 @@ struct LoraCodec {
   static AdapterFolder<Scalar> to_folder(const AdapterSet<LoraLinear<Scalar, Order>>& set,
                                          AdapterConfig config) {
     const auto names = set.adapted_modules();
-    if (names.empty()) PEFT_THROW(state_error("save_adapter(): the AdapterSet has no adapters"));
     const bool offset_form = config.init_lora_weights == "lora_ga";
     const bool nominal = config.init_lora_weights == "eva";
     std::vector<Index> ranks;
@@ -308,8 +300,7 @@ struct LoraCodec {
       }
       folder.modules.push_back(std::move(m));
     }
-    std::sort(folder.modules.begin(), folder.modules.end(),
-              [](const auto& x, const auto& y) { return x.name < y.name; });
+    detail::sort_by_name(folder.modules);
     return folder;
   }
 
@@ -318,11 +309,9 @@ struct LoraCodec {
   static void apply(const AdapterFolder<FileScalar>& folder,
                     AdapterSet<LoraLinear<Scalar, Order>>& set) {
     using Adapter = LoraLinear<Scalar, Order>;
-    std::vector<std::pair<std::string, std::unique_ptr<Adapter>>> built;
     const PatternMatcher<double> alphas(
         folder.config.alpha_pattern);  // compiled once, not per module
-    for (const auto& m : folder.modules) {
-      const auto& mod = set.module(m.name);
+    detail::rebuild(folder, set, [&](const auto& m, const auto& mod) {
       LoraOptions o;
       o.r = m.rank;
       o.lora_alpha = alphas.first(m.name, folder.config.lora_alpha);
@@ -331,9 +320,8 @@ struct LoraCodec {
       auto adapter = std::make_unique<Adapter>(mod.weight, mod.bias, o);
       adapter->a() = m.a.template cast<Scalar>();
       adapter->b() = m.b.template cast<Scalar>();
-      built.emplace_back(m.name, std::move(adapter));
-    }
-    detail::install(set, built);
+      return adapter;
+    });
   }
 };
 

@@ -29,8 +29,8 @@ namespace io {
 /// VERA (tuners/vera): `<m>.vera_lambda_d` `[r]` and `<m>.vera_lambda_b` `[out]` per module,
 /// the shared `base_model.vera_A` `[r, max_in]` and `base_model.vera_B` `[max_out, r]` unless
 /// save_projection is false, no scaling.
-struct VeraCodec {
-  static constexpr PeftType type{"VERA"};
+struct VeraCodec : CodecDefaults {
+  static constexpr PeftType type = PeftType::vera;
 
   // ---- adapter_config.json --------------------------------------------------------------------
 
@@ -56,8 +56,6 @@ struct VeraCodec {
     if (!(c.vera_dropout >= 0.0 && c.vera_dropout < 1.0))
       detail::config_invalid(label, "vera_dropout must be in [0, 1)");
   }
-
-  static void check_peft_rules(const AdapterConfig&, const std::string&) {}
 
   static std::string dump(const AdapterConfig& c, nlohmann::json doc) {
     doc["r"] = c.r;
@@ -145,9 +143,6 @@ struct VeraCodec {
   }
 
   template <typename Scalar>
-  static void check_save(const AdapterFolder<Scalar>&) {}
-
-  template <typename Scalar>
   static void write(SafetensorsWriter& w, const AdapterFolder<Scalar>& f, Dtype dtype) {
     const std::string p = module_key_prefix;
     for (const auto& m : f.modules) {
@@ -161,12 +156,6 @@ struct VeraCodec {
   }
 
   // ---- reports (peft-merge, peft-inspect) -----------------------------------------------------
-
-  /// VeRA has no alpha: 0 for every module.
-  template <typename Scalar>
-  static std::vector<double> alphas(const AdapterFolder<Scalar>& f) {
-    return std::vector<double>(f.modules.size(), 0.0);
-  }
 
   template <typename Scalar, typename Json>
   static void describe(const AdapterFolder<Scalar>& f, std::vector<std::string>& lines,
@@ -192,7 +181,6 @@ struct VeraCodec {
   static AdapterFolder<Scalar> to_folder(const AdapterSet<VeraLinear<Scalar, Order>>& set,
                                          AdapterConfig config) {
     const auto names = set.adapted_modules();
-    if (names.empty()) PEFT_THROW(state_error("save_adapter(): the AdapterSet has no adapters"));
     const auto& p = set.projections();
     const auto& first = set.adapter(names[0]).options();
     config.peft_type = PeftType::vera;
@@ -217,8 +205,7 @@ struct VeraCodec {
       folder.modules.push_back(std::move(m));
     }
     folder.config = std::move(config);
-    std::sort(folder.modules.begin(), folder.modules.end(),
-              [](const auto& x, const auto& y) { return x.name < y.name; });
+    detail::sort_by_name(folder.modules);
     return folder;
   }
 
