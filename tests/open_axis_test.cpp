@@ -373,3 +373,29 @@ TEST_CASE("open axis: attach, train, save, load and merge a method defined only 
   fs::remove(base);
   fs::remove(merged);
 }
+
+TEST_CASE("open axis: the toy codec's config errors name the field; built-ins do not read it",
+          "[open_axis][io]") {
+  namespace io = peft::io;
+  const std::string good = R"({"peft_type": "OUTER", "outer_scale": 0.25})";
+  const auto c = io::AdapterConfig::parse<toy::Codecs>(good);
+  CHECK(c.peft_type == toy::OuterCodec::type);
+  CHECK(c.scaling_for<toy::Codecs>("any") == 0.25);
+  CHECK(io::AdapterConfig::parse<toy::Codecs>(c.dump<toy::Codecs>()).extra == c.extra);
+  try {
+    (void)io::AdapterConfig::parse<toy::Codecs>(R"({"peft_type": "OUTER", "outer_scale": "x"})");
+    FAIL("a string outer_scale was accepted");
+  } catch (const peft::format_error& e) {
+    CHECK(std::string(e.what()).find("\"outer_scale\" must be a number") != std::string::npos);
+  }
+  CHECK_THROWS_AS(
+      io::AdapterConfig::parse<toy::Codecs>(R"({"peft_type": "OUTER", "outer_scale": -1})"),
+      peft::format_error);
+  try {
+    (void)io::AdapterConfig::parse(good);
+    FAIL("the built-in codecs read OUTER");
+  } catch (const peft::format_error& e) {
+    CHECK(std::string(e.what()).find("is \"OUTER\"; peft reads LORA, ADALORA and VERA") !=
+          std::string::npos);
+  }
+}
