@@ -61,14 +61,19 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "peft-inspect: warning: %s\n", w.c_str());
     const SafetensorsReader file((std::filesystem::path(dir) / weights_file_name).string());
     const AdapterConfig& c = folder.config;
+    // The method's part (tensor names, alphas, extra lines) comes from its codec.
+    std::vector<std::string> parts;
+    std::vector<double> alphas;
+    std::vector<std::string> lines;
+    nlohmann::ordered_json method_json = nlohmann::ordered_json::object();
+    detail::visit_codec(BuiltinCodecs{}, c.peft_type, [&](auto tag) {
+      using Codec = typename decltype(tag)::type;
+      for (const TensorPart& p : Codec::parts) parts.push_back(p.suffix);
+      alphas = Codec::alphas(folder);
+      Codec::describe(folder, lines, method_json);
+    });
     // dtypes by module: each of the method's tensor names looked up once (a sorted search), so the
     // table costs O(modules · log tensors), not O(tensors · modules).
-    static const std::vector<std::string> lora_parts = {".lora_A.weight", ".lora_B.weight"};
-    static const std::vector<std::string> adalora_parts = {".lora_A", ".lora_B", ".lora_E"};
-    static const std::vector<std::string> vera_parts = {".vera_lambda_d", ".vera_lambda_b"};
-    const auto& parts = c.peft_type == PeftType::lora      ? lora_parts
-                        : c.peft_type == PeftType::adalora ? adalora_parts
-                                                           : vera_parts;
     std::map<std::string, std::set<std::string>> dtypes;
     for (const auto& m : folder.modules) {
       for (const auto& part : parts) {
@@ -76,12 +81,6 @@ int main(int argc, char** argv) {
         if (file.contains(key)) dtypes[m.name].insert(dtype_name(file.info(key).dtype));
       }
     }
-    const PatternMatcher<double> alphas(c.alpha_pattern);  // compiled once for all modules
-    auto alpha_of = [&](const std::string& m) {
-      return c.peft_type == PeftType::lora      ? alphas.first(m, c.lora_alpha)
-             : c.peft_type == PeftType::adalora ? c.lora_alpha
-                                                : 0.0;
-    };
     using peft::io::detail::printable;
     if (json) {
       nlohmann::ordered_json out;
@@ -89,14 +88,14 @@ int main(int argc, char** argv) {
       out["use_rslora"] = c.use_rslora;
       out["fan_in_fan_out"] = c.fan_in_fan_out;
       out["requires_modified_base"] = c.requires_modified_base();
-      if (c.peft_type == PeftType::vera)
-        out["projections"] = folder.projections_regenerated ? "regenerated" : "saved";
+      for (auto& [key, value] : method_json.items()) out[key] = value;
       out["num_parameters"] = folder.num_parameters();
       out["modules"] = nlohmann::ordered_json::array();
-      for (const auto& m : folder.modules) {
+      for (std::size_t i = 0; i < folder.modules.size(); ++i) {
+        const auto& m = folder.modules[i];
         out["modules"].push_back({{"name", m.name},
                                   {"rank", m.rank},
-                                  {"alpha", alpha_of(m.name)},
+                                  {"alpha", alphas[i]},
                                   {"scaling", m.scaling},
                                   {"in_features", m.in_features()},
                                   {"out_features", m.out_features()},
@@ -112,30 +111,19 @@ int main(int argc, char** argv) {
                 peft_type_name(c.peft_type), folder.modules.size(),
                 static_cast<long>(folder.num_parameters()), c.use_rslora ? ", rsLoRA" : "",
                 c.fan_in_fan_out ? ", fan_in_fan_out" : "");
-    if (c.peft_type == PeftType::adalora) {
-      std::printf("init_r %ld, target_r %ld, ranknum %ld\n", long(c.init_r), long(c.target_r),
-                  long(c.init_r));
-    }
-    if (c.peft_type == PeftType::vera) {
-      std::printf("shared projections: %s\n",
-                  folder.vera_a.size()
-                      ? ("saved, A [" + std::to_string(folder.vera_a.rows()) + ", " +
-                         std::to_string(folder.vera_a.cols()) + "]")
-                            .c_str()
-                      : "not saved, regenerated from projection_prng_key "
-                        "with peft's generator (exact only for folders peft wrote)");
-    }
+    for (const auto& line : lines) std::printf("%s\n", line.c_str());
     std::printf("%-48s %5s %8s %10s %12s %10s  %s\n", "module", "rank", "alpha", "scaling",
                 "[out, in]", "params", "dtypes");
-    for (const auto& m : folder.modules) {
+    for (std::size_t i = 0; i < folder.modules.size(); ++i) {
+      const auto& m = folder.modules[i];
       std::string types;
       for (const auto& d : dtypes[m.name]) types += (types.empty() ? "" : ",") + d;
       const std::string shape =
           "[" + std::to_string(m.out_features()) + ", " +
           (m.in_features() ? std::to_string(m.in_features()) : std::string("?")) + "]";
       std::printf("%-48s %5ld %8.4g %10.6g %12s %10ld  %s\n", printable(m.name).c_str(),
-                  long(m.rank), alpha_of(m.name), m.scaling, shape.c_str(),
-                  long(m.num_parameters()), types.c_str());
+                  long(m.rank), alphas[i], m.scaling, shape.c_str(), long(m.num_parameters()),
+                  types.c_str());
     }
     for (const auto& kv : folder.full_tensors)
       std::printf("trained copy of base tensor: %s\n", printable(kv.first).c_str());

@@ -80,7 +80,7 @@ int main(int argc, char** argv) {
     options.allow_regenerated_projections = allow_regenerated;
     options.allow_offset_base = offset_base;
     options.allow_edited_config = edited_config;
-    const auto report = peft::io::merge_files(base, adapter, out, options);
+    const auto report = peft::io::merge_files<peft::io::BuiltinCodecs>(base, adapter, out, options);
     std::printf("base tensors named %s\n", peft::io::base_naming_name(report.naming));
     std::printf("%-48s %5s %8s %10s %12s\n", "module", "rank", "alpha", "scaling", "||dW||");
     for (const auto& m : report.modules) {

@@ -5,6 +5,7 @@
 #pragma once
 #include <peft/config.hpp>
 #include <peft/error.hpp>
+#include <peft/io/codec.hpp>
 #include <peft/io/detail/json.hpp>
 #include <peft/io/detail/pattern.hpp>
 #include <peft/types.hpp>
@@ -21,21 +22,6 @@
 
 PEFT_NAMESPACE_BEGIN
 namespace io {
-
-/// The adapter methods whose files peft reads and writes (`peft_type` in the config).
-enum class PeftType { lora, adalora, vera };
-
-inline const char* peft_type_name(PeftType t) noexcept {
-  switch (t) {
-    case PeftType::lora:
-      return "LORA";
-    case PeftType::adalora:
-      return "ADALORA";
-    case PeftType::vera:
-      return "VERA";
-  }
-  return "?";
-}
 
 /// Entries of a dict-valued config key, in file order (PEFT's first-match rule depends on it).
 template <typename Value>
@@ -126,22 +112,12 @@ struct AdapterConfig {
     return first_match(alpha_pattern, module, lora_alpha);
   }
   /**
-   * The factor applied to the adapter's product, as PEFT computes it for `module`:
-   * LORA alpha_m / r_m (alpha_m / √r_m with use_rslora); ADALORA lora_alpha / (init_r + 1e-5)
-   * whatever rank the layer was pruned to (ranknum stays init_r), with init_r in place of a
-   * lora_alpha <= 0 (tuners/adalora/layer.py, update_layer); VERA 1 (no scaling).
+   * The factor applied to the adapter's product, as PEFT computes it for `module` (the codec's
+   * rule): LORA alpha_m / r_m (alpha_m / √r_m with use_rslora); ADALORA lora_alpha /
+   * (init_r + 1e-5) whatever rank the layer was pruned to; VERA 1.
    */
-  double scaling_for(const std::string& module) const {
-    switch (peft_type) {
-      case PeftType::lora:
-        return lora_scaling(rank_for(module), alpha_for(module));
-      case PeftType::adalora:  // PEFT: lora_alpha <= 0 means "use init_r"
-        return (lora_alpha > 0 ? lora_alpha : double(init_r)) / (double(init_r) + 1e-5);
-      case PeftType::vera:
-        return 1.0;
-    }
-    return 0.0;
-  }
+  template <typename Codecs = BuiltinCodecs>
+  double scaling_for(const std::string& module) const;
 
   /// LORA's alpha_m / r_m (alpha_m / √r_m with use_rslora); 0 for r_m <= 0.
   double lora_scaling(Index rm, double am) const {
@@ -169,13 +145,16 @@ struct AdapterConfig {
   }
 
   /// Parses the JSON text of adapter_config.json; `label` (the file name) prefixes every error.
+  template <typename Codecs = BuiltinCodecs>
   static AdapterConfig parse(const std::string& text,
                              const std::string& label = "adapter_config.json");
 
   /// The JSON document as PEFT writes it: indent 2, keys sorted, inference_mode true.
+  template <typename Codecs = BuiltinCodecs>
   std::string dump() const;
 
   /// Throws config_error if a field is out of range (used by parse and before saving).
+  template <typename Codecs = BuiltinCodecs>
   void validate(const std::string& label = "adapter config") const;
 
   /**
@@ -184,6 +163,7 @@ struct AdapterConfig {
    * ADALORA config without a schedule. dump() runs it, so every config peft writes loads in
    * PEFT, and parse() too (as a format_error), so what loads here also loads there.
    */
+  template <typename Codecs = BuiltinCodecs>
   void check_peft_rules(const std::string& label = "adapter config") const;
 };
 
@@ -191,8 +171,10 @@ namespace detail {
 
 class ConfigReader {
  public:
-  ConfigReader(const nlohmann::json& doc, std::string label)
-      : doc_(doc), label_(std::move(label)) {}
+  /// `order`: the file order of the keys of the pattern objects (first-match in that order).
+  ConfigReader(const nlohmann::json& doc, std::string label,
+               const std::map<std::string, std::vector<std::string>>* order = nullptr)
+      : doc_(doc), label_(std::move(label)), order_(order) {}
 
   [[noreturn]] void fail(const std::string& key, const std::string& what) const {
     PEFT_THROW(format_error(label_ + ": \"" + key + "\" " + what));
@@ -233,6 +215,19 @@ class ConfigReader {
     out = v->get<std::string>();
   }
 
+  /// The entries of the pattern object `key` as (key, value) in file order.
+  std::vector<std::pair<std::string, const nlohmann::json*>> entries(const std::string& key) const {
+    std::vector<std::pair<std::string, const nlohmann::json*>> out;
+    const nlohmann::json* obj = find(key);
+    if (!obj) return out;
+    if (!obj->is_object()) fail(key, "must be an object mapping module patterns to values");
+    if (!order_) return out;
+    const auto it = order_->find(key);
+    if (it == order_->end()) return out;
+    for (const std::string& k : it->second) out.emplace_back(k, &obj->at(k));
+    return out;
+  }
+
   void string_list(const std::string& key, std::vector<std::string>& out) const {
     const nlohmann::json* v = find(key);
     if (!v) return;
@@ -246,7 +241,19 @@ class ConfigReader {
  private:
   const nlohmann::json& doc_;
   std::string label_;
+  const std::map<std::string, std::vector<std::string>>* order_;
 };
+
+/// config_error(label: what), for a codec's AdapterConfig::validate rules.
+[[noreturn]] inline void config_invalid(const std::string& label, const std::string& what) {
+  PEFT_THROW(config_error(label + ": " + what));
+}
+
+/// config_error naming `field`, for a codec's AdapterConfig::check_peft_rules rules.
+[[noreturn]] inline void peft_refuses(const std::string& label, const std::string& field,
+                                      const std::string& what) {
+  PEFT_THROW(config_error(label + ": \"" + field + "\" " + what + " (PEFT refuses such a config)"));
+}
 
 }  // namespace detail
 
@@ -272,7 +279,48 @@ void splice_pattern(std::string& text, const char* name, const Pattern<Value>& p
 
 }  // namespace detail
 
-inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::string& label) {
+namespace detail {
+
+/// The fields LORA and ADALORA configs share, as dump() writes them.
+inline void put_lora_fields(const AdapterConfig& c, nlohmann::json& doc) {
+  doc["r"] = c.r;
+  doc["lora_alpha"] = c.lora_alpha;
+  doc["lora_dropout"] = c.lora_dropout;
+  doc["use_rslora"] = c.use_rslora;
+  doc["init_lora_weights"] = c.init_lora_weights;
+}
+
+/// Python truthiness of a kept key: present, not null, not false / "" / [] / {}.
+inline bool truthy(const nlohmann::json& extra, const char* key) {
+  const auto it = extra.find(key);
+  if (it == extra.end() || it->is_null()) return false;
+  if (it->is_boolean()) return it->get<bool>();
+  if (it->is_string() || it->is_array() || it->is_object()) return !it->empty();
+  return true;
+}
+
+/// Whether some codec of the list interprets the config key `key`.
+template <typename Codecs>
+bool codec_interprets(const std::string& key) {
+  bool known = false;
+  for_each_codec(Codecs{}, [&](auto tag) {
+    for (const char* k : decltype(tag)::type::config_keys) known = known || key == k;
+  });
+  return known;
+}
+
+}  // namespace detail
+
+template <typename Codecs>
+double AdapterConfig::scaling_for(const std::string& module) const {
+  double s = 0.0;
+  detail::with_codec_of<Codecs>(peft_type, "AdapterConfig::scaling_for()",
+                                [&](auto tag) { s = decltype(tag)::type::scaling(*this, module); });
+  return s;
+}
+
+template <typename Codecs>
+AdapterConfig AdapterConfig::parse(const std::string& text, const std::string& label) {
   // Parsed into a std::map-backed document (linear; ordered_json's inserts search linearly), with
   // duplicate keys refused and the file order of rank_pattern and alpha_pattern recorded on the
   // side (they are first-match in file order). Nesting is capped: copying, converting or printing
@@ -287,20 +335,22 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
       detail::parse_json_strict(text, label, detail::JsonLimits{32, max_config_keys},
                                 {"rank_pattern", "alpha_pattern"}, &order);
   if (!doc.is_object()) PEFT_THROW(format_error(label + ": not a JSON object"));
-  const detail::ConfigReader in(doc, label);
+  const detail::ConfigReader in(doc, label, &order);
 
   AdapterConfig c;
   std::string type;
   in.string("peft_type", type);
-  if (type.empty()) in.fail("peft_type", "is missing (expected \"LORA\", \"ADALORA\" or \"VERA\")");
-  if (type == "LORA")
-    c.peft_type = PeftType::lora;
-  else if (type == "ADALORA")
-    c.peft_type = PeftType::adalora;
-  else if (type == "VERA")
-    c.peft_type = PeftType::vera;
-  else
-    in.fail("peft_type", "is \"" + type + "\"; peft reads LORA, ADALORA and VERA adapters");
+  if (type.empty())
+    in.fail("peft_type", "is missing (expected " + detail::codec_names(Codecs{}, true, "or") + ")");
+  bool known = false;
+  detail::for_each_codec(Codecs{}, [&](auto tag) {
+    using Codec = typename decltype(tag)::type;
+    if (!known && type == Codec::type.name()) c.peft_type = Codec::type, known = true;
+  });
+  if (!known) {
+    in.fail("peft_type", "is \"" + type + "\"; peft reads " +
+                             detail::codec_names(Codecs{}, false, "and") + " adapters");
+  }
 
   // Refuse what would make a merged model differ from the trained one.
   bool flag = false;
@@ -337,61 +387,11 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
       in.fail("init_lora_weights", "must be a boolean or a string");
     c.init_lora_weights = *init;
   }
+  detail::visit_codec(Codecs{}, c.peft_type,
+                      [&](auto tag) { decltype(tag)::type::parse_config(in, c); });
 
-  // The entries of a pattern object as (key, value) in file order.
-  auto pattern_of = [&](const char* key) {
-    std::vector<std::pair<std::string, const nlohmann::json*>> entries;
-    const nlohmann::json* obj = in.find(key);
-    if (!obj) return entries;
-    if (!obj->is_object()) in.fail(key, "must be an object mapping module patterns to values");
-    for (const std::string& k : order[key]) entries.emplace_back(k, &obj->at(k));
-    return entries;
-  };
-
-  if (c.peft_type == PeftType::adalora) {
-    in.integer("init_r", c.init_r);
-    in.integer("target_r", c.target_r);
-    in.integer("tinit", c.tinit);
-    in.integer("tfinal", c.tfinal);
-    in.integer("deltaT", c.deltaT);
-    in.number("beta1", c.beta1);
-    in.number("beta2", c.beta2);
-    in.number("orth_reg_weight", c.orth_reg_weight);
-    in.integer("total_step", c.total_step);
-    for (const auto& [k, v] : pattern_of("rank_pattern")) {
-      if (!v->is_array()) in.fail("rank_pattern", "entry '" + k + "' must be a list of booleans");
-      std::vector<bool> mask;
-      for (const auto& b : *v) {
-        if (!b.is_boolean())
-          in.fail("rank_pattern", "entry '" + k + "' must be a list of booleans");
-        mask.push_back(b.get<bool>());
-      }
-      c.adalora_rank_pattern.emplace_back(k, std::move(mask));
-    }
-  } else if (c.peft_type == PeftType::lora) {
-    for (const auto& [k, v] : pattern_of("rank_pattern")) {
-      if (!v->is_number_integer())
-        in.fail("rank_pattern", "entry '" + k + "' must be an integer rank");
-      c.rank_pattern.emplace_back(k, v->get<Index>());
-    }
-    for (const auto& [k, v] : pattern_of("alpha_pattern")) {
-      if (!v->is_number()) in.fail("alpha_pattern", "entry '" + k + "' must be a number");
-      c.alpha_pattern.emplace_back(k, v->get<double>());
-    }
-  } else {
-    if (const nlohmann::json* key = in.find("projection_prng_key")) {
-      if (!key->is_number_integer() || (key->is_number_integer() && !key->is_number_unsigned() &&
-                                        key->get<std::int64_t>() < 0)) {
-        in.fail("projection_prng_key", "must be a non-negative integer");
-      }
-      c.projection_prng_key = key->get<std::uint64_t>();
-    }
-    in.boolean("save_projection", c.save_projection);
-    in.number("vera_dropout", c.vera_dropout);
-    in.number("d_initial", c.d_initial);
-  }
-
-  // Everything not interpreted above is kept as written.
+  // Everything not interpreted above is kept as written. What any known codec interprets counts
+  // (a LORA file's stray "init_r" is dropped as before, not carried into a re-save).
   static const char* const interpreted[] = {"peft_type",
                                             "r",
                                             "lora_alpha",
@@ -402,123 +402,61 @@ inline AdapterConfig AdapterConfig::parse(const std::string& text, const std::st
                                             "base_model_name_or_path",
                                             "modules_to_save",
                                             "init_lora_weights",
-                                            "rank_pattern",
-                                            "alpha_pattern",
-                                            "init_r",
-                                            "target_r",
-                                            "tinit",
-                                            "tfinal",
-                                            "deltaT",
-                                            "beta1",
-                                            "beta2",
-                                            "orth_reg_weight",
-                                            "total_step",
-                                            "projection_prng_key",
-                                            "save_projection",
-                                            "vera_dropout",
-                                            "d_initial",
                                             "inference_mode"};
   for (auto it = doc.begin(); it != doc.end(); ++it) {
-    bool known = false;
-    for (const char* k : interpreted) known = known || it.key() == k;
-    if (it.key() == "target_modules" && it->is_array()) known = true;
-    if (!known) c.extra[it.key()] = it.value();
+    bool known_key = false;
+    for (const char* k : interpreted) known_key = known_key || it.key() == k;
+    if (it.key() == "target_modules" && it->is_array()) known_key = true;
+    if (!known_key && !detail::codec_interprets<Codecs>(it.key())) c.extra[it.key()] = it.value();
   }
 #ifndef PEFT_NO_EXCEPTIONS
   try {
-    c.validate(label);
-    c.check_peft_rules(label);  // a config PEFT refuses is not a PEFT file
+    c.validate<Codecs>(label);
+    c.check_peft_rules<Codecs>(label);  // a config PEFT refuses is not a PEFT file
   } catch (const config_error& e) {
     PEFT_THROW(format_error(e.what()));
   }
 #else
-  c.validate(label);
-  c.check_peft_rules(label);
+  c.validate<Codecs>(label);
+  c.check_peft_rules<Codecs>(label);
 #endif
   return c;
 }
 
-inline void AdapterConfig::validate(const std::string& label) const {
-  auto fail = [&](const std::string& what) { PEFT_THROW(config_error(label + ": " + what)); };
-  if (peft_type != PeftType::adalora && r <= 0)
-    fail("r = " + std::to_string(r) + ", must be positive");
-  if (!(lora_dropout >= 0.0 && lora_dropout < 1.0)) fail("lora_dropout must be in [0, 1)");
-  if (!(vera_dropout >= 0.0 && vera_dropout < 1.0)) fail("vera_dropout must be in [0, 1)");
-  for (const auto& [key, rank] : rank_pattern)
-    if (rank < 0) fail("rank_pattern['" + key + "'] = " + std::to_string(rank) + " is negative");
-  for (const auto& [key, alpha] : alpha_pattern)
-    if (!std::isfinite(alpha)) fail("alpha_pattern['" + key + "'] is not finite");
-  if (!std::isfinite(lora_alpha)) fail("lora_alpha is not finite");
-  if (peft_type == PeftType::adalora) {
-    if (init_r <= 0) fail("init_r = " + std::to_string(init_r) + ", must be positive");
-    if (target_r < 0) fail("target_r = " + std::to_string(target_r) + " is negative");
-    for (const auto& [key, mask] : adalora_rank_pattern) {
-      if (Index(mask.size()) != init_r) {
-        fail("rank_pattern['" + key + "'] has " + std::to_string(mask.size()) +
-             " flags, expected init_r = " + std::to_string(init_r));
-      }
-      const std::string suffix = ".lora_E";
-      if (key.size() <= suffix.size() ||
-          key.compare(key.size() - suffix.size(), suffix.size(), suffix) != 0)
-        fail("rank_pattern key '" + key + "' does not end in .lora_E");
-    }
+template <typename Codecs>
+void AdapterConfig::validate(const std::string& label) const {
+  detail::with_codec_of<Codecs>(peft_type, label,
+                                [&](auto tag) { decltype(tag)::type::validate(*this, label); });
+  if (!(lora_dropout >= 0.0 && lora_dropout < 1.0))
+    detail::config_invalid(label, "lora_dropout must be in [0, 1)");
+  if (!std::isfinite(lora_alpha)) detail::config_invalid(label, "lora_alpha is not finite");
+  if (bias != "none" && bias != "all" && bias != "lora_only" && bias != "vera_only") {
+    detail::config_invalid(label,
+                           "bias = \"" + bias + "\" (expected none, all, lora_only or vera_only)");
   }
-  if (bias != "none" && bias != "all" && bias != "lora_only" && bias != "vera_only")
-    fail("bias = \"" + bias + "\" (expected none, all, lora_only or vera_only)");
 }
 
-inline void AdapterConfig::check_peft_rules(const std::string& label) const {
-  auto fail = [&](const std::string& field, const std::string& what) {
-    PEFT_THROW(
-        config_error(label + ": \"" + field + "\" " + what + " (PEFT refuses such a config)"));
-  };
-  // Python truthiness of a kept key: present, not null, not false / "" / [] / {}.
-  auto truthy = [&](const char* key) {
-    const auto it = extra.find(key);
-    if (it == extra.end() || it->is_null()) return false;
-    if (it->is_boolean()) return it->get<bool>();
-    if (it->is_string() || it->is_array() || it->is_object()) return !it->empty();
-    return true;
-  };
+template <typename Codecs>
+void AdapterConfig::check_peft_rules(const std::string& label) const {
   auto present = [&](const char* key) {
     const auto it = extra.find(key);
     return it != extra.end() && !it->is_null();
   };
   // tuners/{lora,adalora,vera}/config.py, __post_init__ of each
-  if (truthy("layers_pattern") && !present("layers_to_transform"))
-    fail("layers_pattern", "is set without \"layers_to_transform\"");
+  if (detail::truthy(extra, "layers_pattern") && !present("layers_to_transform"))
+    detail::peft_refuses(label, "layers_pattern", "is set without \"layers_to_transform\"");
   if (present("target_modules") && extra.at("target_modules").is_string() &&
       present("layers_to_transform"))
-    fail("layers_to_transform", "is set while target_modules is a regex string");
-  if (peft_type == PeftType::adalora && truthy("loftq_config"))
-    fail("loftq_config", "is set: AdaLoRA does not support LoftQ");
-  if (peft_type == PeftType::adalora) {
-    // tuners/adalora/config.py, AdaLoraConfig.__post_init__
-    if (total_step <= 0) {
-      fail("total_step",
-           "= " + std::to_string(total_step) +
-               ", must be > 0: the rank schedule (total_step, tinit, tfinal) is unknown; "
-               "save with io::adalora_config(the allocator's options)");
-    }
-    if (orth_reg_weight < 0) fail("orth_reg_weight", "must be >= 0");
-    if (tinit >= total_step - tfinal) {
-      fail("tinit", "= " + std::to_string(tinit) + " must be < total_step - tfinal = " +
-                        std::to_string(total_step - tfinal) + " (no budgeting phase)");
-    }
-  }
-  if (peft_type == PeftType::lora && init_lora_weights == "loftq") {
-    // tuners/lora/config.py, LoraConfig.__post_init__ raises without it (eva_config and
-    // corda_config only warn and fall back to defaults).
-    const auto it = extra.find("loftq_config");
-    if (it == extra.end() || it->is_null() || (it->is_object() && it->empty())) {
-      fail("loftq_config", "is missing, required with init_lora_weights = \"loftq\"");
-    }
-  }
+    detail::peft_refuses(label, "layers_to_transform",
+                         "is set while target_modules is a regex string");
+  detail::with_codec_of<Codecs>(
+      peft_type, label, [&](auto tag) { decltype(tag)::type::check_peft_rules(*this, label); });
 }
 
-inline std::string AdapterConfig::dump() const {
-  validate();
-  check_peft_rules();
+template <typename Codecs>
+std::string AdapterConfig::dump() const {
+  validate<Codecs>();
+  check_peft_rules<Codecs>();
   nlohmann::json doc = extra;  // std::map-backed: keys come out sorted, as PEFT's sort_keys=True
   doc["peft_type"] = peft_type_name(peft_type);
   doc["inference_mode"] = true;
@@ -528,47 +466,15 @@ inline std::string AdapterConfig::dump() const {
       modules_to_save.empty() ? nlohmann::json(nullptr) : nlohmann::json(modules_to_save);
   if (!target_modules.empty()) doc["target_modules"] = target_modules;
   if (!base_model_name_or_path.empty()) doc["base_model_name_or_path"] = base_model_name_or_path;
-  if (peft_type == PeftType::vera) {
-    doc["r"] = r;
-    doc["projection_prng_key"] = projection_prng_key;
-    doc["save_projection"] = save_projection;
-    doc["vera_dropout"] = vera_dropout;
-    doc["d_initial"] = d_initial;
-    return doc.dump(2);
-  }
-  doc["r"] = r;
-  doc["lora_alpha"] = lora_alpha;
-  doc["lora_dropout"] = lora_dropout;
-  doc["use_rslora"] = use_rslora;
-  doc["init_lora_weights"] = init_lora_weights;
-  if (peft_type == PeftType::lora) {
-    // The patterns keep their first-match order inside the sorted document: written by hand in
-    // place of null placeholders (ordered_json would make this quadratic in the keys).
-    doc["rank_pattern"] = nullptr;
-    doc["alpha_pattern"] = nullptr;
-    std::string text = doc.dump(2);
-    detail::splice_pattern(text, "rank_pattern", rank_pattern);
-    detail::splice_pattern(text, "alpha_pattern", alpha_pattern);
-    return text;
-  }
-  doc["init_r"] = init_r;
-  doc["target_r"] = target_r;
-  doc["tinit"] = tinit;
-  doc["tfinal"] = tfinal;
-  doc["deltaT"] = deltaT;
-  doc["beta1"] = beta1;
-  doc["beta2"] = beta2;
-  doc["orth_reg_weight"] = orth_reg_weight;
-  doc["total_step"] = total_step;
-  if (adalora_rank_pattern.empty()) {
-    doc["rank_pattern"] = nullptr;
-  } else {
-    nlohmann::json rp = nlohmann::json::object();
-    for (const auto& [k, v] : adalora_rank_pattern) rp[k] = v;
-    doc["rank_pattern"] = rp;
-  }
-  return doc.dump(2);
+  std::string text;
+  detail::visit_codec(Codecs{}, peft_type,
+                      [&](auto tag) { text = decltype(tag)::type::dump(*this, std::move(doc)); });
+  return text;
 }
 
 }  // namespace io
 PEFT_NAMESPACE_END
+
+// The codecs (through the folder types they use), so AdapterConfig::parse and dump work with
+// this header alone.
+#include <peft/io/adapter_folder.hpp>

@@ -3,9 +3,11 @@
 // A Hugging Face PEFT adapter folder (adapter_config.json + adapter_model.safetensors) in memory:
 // parsed, checked tensor by tensor against its config, and written back atomically.
 #pragma once
+#include <peft/adapter_set.hpp>
 #include <peft/config.hpp>
 #include <peft/error.hpp>
 #include <peft/io/adapter_config.hpp>
+#include <peft/io/codec.hpp>
 #include <peft/io/detail/atomic_file.hpp>
 #include <peft/io/detail/fs.hpp>
 #include <peft/io/detail/pattern.hpp>
@@ -14,10 +16,12 @@
 #include <peft/types.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <new>
 #include <optional>
 #include <string>
@@ -69,6 +73,17 @@ struct FullTensor {
   Vector<Scalar> values;
 };
 
+/// Where the generic reader stores a module tensor of a codec (TensorPart::slot).
+enum class TensorSlot { a, b, e, lambda_d, lambda_b, other };
+
+/// One per-module tensor of a method: key suffix after "base_model.model.<module>", where it
+/// goes, and whether it is a matrix (2-D) or a vector ([n], [n, 1] or [1, n]).
+struct TensorPart {
+  const char* suffix;
+  TensorSlot slot;
+  bool matrix;
+};
+
 /// One adapted module's tensors, as stored (PyTorch layout).
 template <typename Scalar>
 struct ModuleTensors {
@@ -81,16 +96,77 @@ struct ModuleTensors {
   Vector<Scalar> e;         ///< ADALORA lora_E `[rank]`
   Vector<Scalar> lambda_d;  ///< VERA vera_lambda_d `[r]`
   Vector<Scalar> lambda_b;  ///< VERA vera_lambda_b `[out]`
+  /// The tensors of a codec outside peft (TensorSlot::other), by key suffix; vectors as [n, 1].
+  std::map<std::string, RowMatrix<Scalar>> other;
+  /// [out, in] as such a codec records them (0: read off the tensors above).
+  Index out = 0;
+  Index in = 0;
 
   Index out_features() const noexcept {
+    if (out) return out;
     return b.size() ? b.rows() : (lambda_b.size() ? lambda_b.size() : b.rows());
   }
   /// in_features, or 0 for VeRA (whose vectors do not say it).
-  Index in_features() const noexcept { return a.cols(); }
+  Index in_features() const noexcept { return in ? in : a.cols(); }
   Index num_parameters() const noexcept {
-    return a.size() + b.size() + e.size() + lambda_d.size() + lambda_b.size();
+    Index n = a.size() + b.size() + e.size() + lambda_d.size() + lambda_b.size();
+    for (const auto& kv : other) n += kv.second.size();
+    return n;
   }
 };
+
+namespace detail {
+
+/// format_error "<file>: what", for every defect of an adapter's tensor file.
+[[noreturn]] inline void tensor_file_error(const SafetensorsReader& file, const std::string& what) {
+  PEFT_THROW(format_error(file.path() + ": " + detail::printable(what)));
+}
+
+template <typename M>
+std::string shape_of(const M& m) {
+  return "[" + std::to_string(m.rows()) + ", " + std::to_string(m.cols()) + "]";
+}
+
+/// Refuses a module that lacks the tensor "<module><part>".
+inline void require_part(const SafetensorsReader& file, const std::string& module, bool present,
+                         const char* part) {
+  if (!present) {
+    tensor_file_error(file, "module '" + module + "' has no " + module_key_prefix + module + part);
+  }
+}
+
+/// Before a save: every module of a LoRA-shaped folder has A [rank, in] and B [out, rank]
+/// (rank-0 modules allowed when `rank0_ok`, AdaLoRA's fully pruned layers).
+template <typename Folder>
+void check_low_rank_modules(const Folder& folder, bool rank0_ok) {
+  for (const auto& m : folder.modules) {
+    if ((m.a.rows() != m.rank || m.b.cols() != m.rank || m.a.cols() == 0 || m.b.rows() == 0) &&
+        !(rank0_ok && m.rank == 0)) {
+      PEFT_THROW(dimension_error("AdapterFolder::save(): module '" + m.name + "' has A " +
+                                 shape_of(m.a) + " and B " + shape_of(m.b) + " for rank " +
+                                 std::to_string(m.rank)));
+    }
+  }
+}
+
+/// Sorts a folder's modules by name, the order a folder holds them in.
+template <typename Module>
+void sort_by_name(std::vector<Module>& modules) {
+  std::sort(modules.begin(), modules.end(),
+            [](const Module& x, const Module& y) { return x.name < y.name; });
+}
+
+/// Replaces the set's adapters with one per module of `folder`, each built aside by
+/// make(module tensors, registered module) first, so a failure leaves the set unchanged.
+template <typename Adapter, typename Folder, typename Make>
+void rebuild(const Folder& folder, AdapterSet<Adapter>& set, Make&& make) {
+  std::vector<std::pair<std::string, std::unique_ptr<Adapter>>> built;
+  for (const auto& m : folder.modules) built.emplace_back(m.name, make(m, set.module(m.name)));
+  for (const auto& name : set.adapted_modules()) set.detach(name);
+  for (auto& [name, adapter] : built) set.attach_adapter(name, std::move(adapter));
+}
+
+}  // namespace detail
 
 /**
  * The contents of a PEFT adapter folder, method-agnostic: the config, each adapted module's
@@ -119,7 +195,9 @@ class AdapterFolder {
   std::vector<std::string> warnings;
 
   /// Reads `dir`/adapter_config.json and `dir`/adapter_model.safetensors; `options` holds the
-  /// opt-ins (a third parameter, so `load(dir, limits)` calls keep their meaning).
+  /// opt-ins (a third parameter, so `load(dir, limits)` calls keep their meaning). `Codecs` are
+  /// the methods it reads (a method outside peft: the built-ins plus its codec).
+  template <typename Codecs = BuiltinCodecs>
   static AdapterFolder load(const std::string& dir, const ReaderLimits& limits = {},
                             const LoadOptions& options = {}) {
     namespace fs = std::filesystem;
@@ -142,28 +220,31 @@ class AdapterFolder {
       PEFT_THROW(io_error(weights_path.string() + ": not found"));
     }
     const std::string text = read_text(config_path.string(), max_config_bytes);
-    AdapterConfig config = AdapterConfig::parse(text, config_path.string());
+    AdapterConfig config = AdapterConfig::parse<Codecs>(text, config_path.string());
     const SafetensorsReader file(weights_path.string(), limits);
     const auto edited = check_digest(file, text, config_path.string(), options);
-    AdapterFolder folder = from_parts(std::move(config), file, options);
+    AdapterFolder folder = from_parts<Codecs>(std::move(config), file, options);
     if (edited) folder.warnings.push_back(*edited);
     return folder;
   }
 
   /// Parses a folder held in memory (a config's JSON text and the safetensors bytes).
+  template <typename Codecs = BuiltinCodecs>
   static AdapterFolder from_buffers(const std::string& config_json, std::string safetensors_bytes,
                                     const std::string& label = "<adapter>",
                                     const LoadOptions& options = {}) {
-    AdapterConfig config = AdapterConfig::parse(config_json, label + "/" + config_file_name);
+    AdapterConfig config =
+        AdapterConfig::parse<Codecs>(config_json, label + "/" + config_file_name);
     const SafetensorsReader file = SafetensorsReader::from_buffer(std::move(safetensors_bytes),
                                                                   label + "/" + weights_file_name);
     const auto edited = check_digest(file, config_json, label + "/" + config_file_name, options);
-    AdapterFolder folder = from_parts(std::move(config), file, options);
+    AdapterFolder folder = from_parts<Codecs>(std::move(config), file, options);
     if (edited) folder.warnings.push_back(*edited);
     return folder;
   }
 
   /// Builds and validates a folder from a parsed config and an open tensor file.
+  template <typename Codecs = BuiltinCodecs>
   static AdapterFolder from_parts(AdapterConfig config, const SafetensorsReader& file,
                                   const LoadOptions& options = {}) {
     AdapterFolder f;
@@ -173,13 +254,13 @@ class AdapterFolder {
     f.metadata.erase(config_digest_key);
 #ifndef PEFT_NO_EXCEPTIONS
     try {
-      f.read_tensors(file, options);
+      f.template read_tensors<Codecs>(file, options);
     } catch (const std::bad_alloc&) {
       PEFT_THROW(io_error(file.path() + ": out of memory holding the adapter's tensors (" +
                           std::to_string(file.tensors().size()) + " tensors)"));
     }
 #else
-    f.read_tensors(file, options);
+    f.template read_tensors<Codecs>(file, options);
 #endif
     return f;
   }
@@ -203,14 +284,18 @@ class AdapterFolder {
    * renames leaves new tensors beside the old config, a pair that load() refuses; a failure
    * before the renames leaves the previous adapter intact.
    */
+  template <typename Codecs = BuiltinCodecs>
   void save(const std::string& dir, Dtype dtype = Dtype::f32) const {
-    check_consistent();
+    config.validate<Codecs>();
+    detail::with_codec_of<Codecs>(config.peft_type, "AdapterFolder::save()", [&](auto tag) {
+      decltype(tag)::type::check_save(*this);  // a folder assembled in code, not read
+    });
     namespace fs = std::filesystem;
     std::error_code ec;
     fs::create_directories(dir, ec);
     if (ec) PEFT_THROW(io_error(dir + ": cannot create the folder (" + ec.message() + ")"));
-    const std::string config_text = config.dump() + "\n";
-    SafetensorsWriter writer = tensors(dtype);
+    const std::string config_text = config.dump<Codecs>() + "\n";
+    SafetensorsWriter writer = tensors<Codecs>(dtype);
     writer.set_metadata(config_digest_key, detail::sha256_hex(config_text));
     detail::AtomicFileWriter weights((fs::path(dir) / weights_file_name).string());
     writer.write_to(weights);
@@ -224,40 +309,20 @@ class AdapterFolder {
   }
 
   /// The safetensors content, with PEFT's exact key names.
+  template <typename Codecs = BuiltinCodecs>
   SafetensorsWriter tensors(Dtype dtype = Dtype::f32) const {
     SafetensorsWriter w;
     w.set_metadata("format", "pt");
     for (const auto& [k, v] : metadata)
       if (k != "format" && k != config_digest_key) w.set_metadata(k, v);
+    detail::with_codec_of<Codecs>(config.peft_type, "AdapterFolder::tensors()",
+                                  [&](auto tag) { decltype(tag)::type::write(w, *this, dtype); });
     const std::string p = module_key_prefix;
-    for (const auto& m : modules) {
-      switch (config.peft_type) {
-        case PeftType::lora:
-          w.add(p + m.name + ".lora_A.weight", m.a, dtype);
-          w.add(p + m.name + ".lora_B.weight", m.b, dtype);
-          break;
-        case PeftType::adalora:
-          w.add(p + m.name + ".lora_A", m.a, dtype);
-          w.add(p + m.name + ".lora_B", m.b, dtype);
-          w.add(p + m.name + ".lora_E", m.e, dtype);  // [k, 1]
-          break;
-        case PeftType::vera:
-          w.add_vector(p + m.name + ".vera_lambda_d", m.lambda_d, dtype);
-          w.add_vector(p + m.name + ".vera_lambda_b", m.lambda_b, dtype);
-          break;
-      }
-    }
-    if (config.peft_type == PeftType::vera && config.save_projection) {
-      w.add("base_model.vera_A", vera_a, dtype);
-      w.add("base_model.vera_B", vera_b, dtype);
-    }
     for (const auto& [name, t] : full_tensors) w.add_raw(p + name, dtype, t.shape, t.values.data());
     return w;
   }
 
  private:
-  enum class Part { a, b, e, lambda_d, lambda_b };
-
   static std::string read_text(const std::string& path, std::uintmax_t limit) {
     const std::uintmax_t size = detail::require_regular_file(path);  // never open a FIFO
     if (size > limit) {
@@ -297,7 +362,7 @@ class AdapterFolder {
   }
 
   [[noreturn]] static void fail(const SafetensorsReader& file, const std::string& what) {
-    PEFT_THROW(format_error(file.path() + ": " + detail::printable(what)));
+    detail::tensor_file_error(file, what);
   }
 
   static bool ends_with(const std::string& s, const std::string& suffix) {
@@ -305,9 +370,11 @@ class AdapterFolder {
            s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
   }
 
-  // Splits a module key into (module, part); false if the key is not one of the method's.
+  // Splits a module key into (module, one of Codec's parts); false if the key is no method's
+  // (then it is a trained copy of a base tensor).
+  template <typename Codec, typename Codecs>
   bool classify(const SafetensorsReader& file, const std::string& rest, std::string& module,
-                Part& part) const {
+                const TensorPart*& part) const {
     static const char* const unsupported[][2] = {
         {".lora_embedding_A", "embedding layers are not supported"},
         {".lora_embedding_B", "embedding layers are not supported"},
@@ -317,51 +384,52 @@ class AdapterFolder {
     for (const auto& u : unsupported)
       if (ends_with(rest, u[0]))
         fail(file, "tensor '" + std::string(module_key_prefix) + rest + "': " + u[1]);
-    struct Suffix {
-      const char* text;
-      Part part;
-    };
-    static const Suffix lora[] = {{".lora_A.weight", Part::a}, {".lora_B.weight", Part::b}};
-    static const Suffix adalora[] = {
-        {".lora_A", Part::a}, {".lora_B", Part::b}, {".lora_E", Part::e}};
-    static const Suffix vera[] = {{".vera_lambda_d", Part::lambda_d},
-                                  {".vera_lambda_b", Part::lambda_b}};
-    const Suffix* begin = lora;
-    const Suffix* end = lora + 2;
-    if (config.peft_type == PeftType::adalora) begin = adalora, end = adalora + 3;
-    if (config.peft_type == PeftType::vera) begin = vera, end = vera + 2;
-    for (const Suffix* s = begin; s != end; ++s) {
-      if (ends_with(rest, s->text)) {
-        module = rest.substr(0, rest.size() - std::strlen(s->text));
-        part = s->part;
+    for (const TensorPart& s : Codec::parts) {
+      if (ends_with(rest, s.suffix)) {
+        module = rest.substr(0, rest.size() - std::strlen(s.suffix));
+        part = &s;
         return true;
       }
     }
     // A method's keys in another method's file mean the config and the tensors disagree.
-    static const char* const foreign[] = {".lora_A.weight", ".lora_B.weight", ".lora_A",
-                                          ".lora_B",        ".lora_E",        ".vera_lambda_d",
-                                          ".vera_lambda_b"};
-    for (const char* f : foreign) {
-      if (ends_with(rest, f)) {
-        fail(file, "tensor '" + std::string(module_key_prefix) + rest + "' is not a " +
-                       peft_type_name(config.peft_type) + " tensor (peft_type in the config is " +
-                       peft_type_name(config.peft_type) + ")");
+    detail::for_each_codec(Codecs{}, [&](auto tag) {
+      for (const TensorPart& s : decltype(tag)::type::parts) {
+        if (ends_with(rest, s.suffix)) {
+          fail(file, "tensor '" + std::string(module_key_prefix) + rest + "' is not a " +
+                         peft_type_name(config.peft_type) + " tensor (peft_type in the config is " +
+                         peft_type_name(config.peft_type) + ")");
+        }
       }
-    }
+    });
     return false;
   }
 
+  template <typename Codecs>
   void read_tensors(const SafetensorsReader& file, const LoadOptions& options) {
+    detail::with_codec_of<Codecs>(config.peft_type, file.path(), [&](auto tag) {
+      read_tensors_as<typename decltype(tag)::type, Codecs>(file, options);
+    });
+  }
+
+  // Reads every tensor into its slot, then lets the codec check the modules against the config.
+  template <typename Codec, typename Codecs>
+  void read_tensors_as(const SafetensorsReader& file, const LoadOptions& options) {
     const std::string prefix = module_key_prefix;
     std::map<std::string, ModuleTensors<Scalar>> found;
     for (const TensorInfo& t : file.tensors()) {
-      if (t.name == "base_model.vera_A" || t.name == "base_model.vera_B") {
-        if (config.peft_type != PeftType::vera)
+      // Tensors outside the modules (VeRA's shared projections) belong to one method.
+      bool shared = false, own = false;
+      detail::for_each_codec(Codecs{}, [&](auto tag) {
+        for (const char* n : decltype(tag)::type::shared_tensors) shared = shared || t.name == n;
+      });
+      for (const char* n : Codec::shared_tensors) own = own || t.name == n;
+      if (shared) {
+        if (!own)
           fail(file,
                "tensor '" + t.name + "' in a " + peft_type_name(config.peft_type) + " adapter");
         if (t.shape.size() != 2)
           fail(file, "tensor '" + t.name + "' has shape " + t.shape_string() + ", expected 2-D");
-        (t.name == "base_model.vera_A" ? vera_a : vera_b) = checked_matrix(file, t);
+        Codec::set_shared(*this, t.name, checked_matrix(file, t));
         continue;
       }
       if (t.name.compare(0, prefix.size(), prefix) != 0 || t.name.size() == prefix.size()) {
@@ -369,8 +437,8 @@ class AdapterFolder {
       }
       const std::string rest = t.name.substr(prefix.size());
       std::string module;
-      Part part;
-      if (!classify(file, rest, module, part)) {
+      const TensorPart* part = nullptr;
+      if (!classify<Codec, Codecs>(file, rest, module, part)) {
         // A trained replacement of a base tensor; "<m>.base_layer.bias" is the base's "<m>.bias".
         std::string base_name = rest;
         const std::string marker = ".base_layer.";
@@ -387,58 +455,33 @@ class AdapterFolder {
       if (module.empty()) fail(file, "tensor '" + t.name + "' has no module name");
       ModuleTensors<Scalar>& m = found[module];
       m.name = module;
-      switch (part) {
-        case Part::a:
-        case Part::b: {
-          if (t.shape.size() != 2) {
-            fail(file, "tensor '" + t.name + "' has shape " + t.shape_string() +
-                           ", expected 2-D (convolution layers are not supported)");
-          }
-          (part == Part::a ? m.a : m.b) = checked_matrix(file, t);
-          break;
+      if (part->matrix) {
+        if (t.shape.size() != 2) {
+          fail(file, "tensor '" + t.name + "' has shape " + t.shape_string() +
+                         ", expected 2-D (convolution layers are not supported)");
         }
-        case Part::e:
-          m.e = checked_vector(file, t);
-          break;
-        case Part::lambda_d:
-          m.lambda_d = checked_vector(file, t);
-          break;
-        case Part::lambda_b:
-          m.lambda_b = checked_vector(file, t);
-          break;
+        RowMatrix<Scalar> v = checked_matrix(file, t);
+        if (part->slot == TensorSlot::a)
+          m.a = std::move(v);
+        else if (part->slot == TensorSlot::b)
+          m.b = std::move(v);
+        else
+          m.other[part->suffix] = std::move(v);
+      } else {
+        Vector<Scalar> v = checked_vector(file, t);
+        if (part->slot == TensorSlot::e)
+          m.e = std::move(v);
+        else if (part->slot == TensorSlot::lambda_d)
+          m.lambda_d = std::move(v);
+        else if (part->slot == TensorSlot::lambda_b)
+          m.lambda_b = std::move(v);
+        else
+          m.other[part->suffix] = v;
       }
     }
-    // Pattern keys are compiled once for all modules, and the matching work is bounded first.
-    PatternMatcher<Index> ranks;
-    PatternMatcher<double> alphas;
-#ifndef PEFT_NO_EXCEPTIONS
-    try {  // a key outside the supported regex subset: name the file too
-      ranks = PatternMatcher<Index>(config.rank_pattern);
-      alphas = PatternMatcher<double>(config.alpha_pattern);
-    } catch (const config_error& e) {
-      PEFT_THROW(config_error(file.path() + " (with its adapter_config.json): " + e.what()));
-    }
-#else
-    ranks = PatternMatcher<Index>(config.rank_pattern);
-    alphas = PatternMatcher<double>(config.alpha_pattern);
-#endif
-    std::size_t chars = 0;
-    for (const auto& kv : found) chars += kv.first.size();
-    const double work = ranks.cost(found.size(), chars) + alphas.cost(found.size(), chars);
-    if (work > max_pattern_work) {
-      fail(file, std::to_string(found.size()) + " modules against " +
-                     std::to_string(ranks.size() + alphas.size()) +
-                     " rank_pattern/alpha_pattern keys would take ~" +
-                     std::to_string(std::uint64_t(work)) + " matching steps, more than the " +
-                     std::to_string(std::uint64_t(max_pattern_work)) +
-                     " allowed (use fewer regex keys)");
-    }
     modules.reserve(found.size());
-    for (auto& kv : found) {
-      check_module(file, kv.second, ranks, alphas);
-      modules.push_back(std::move(kv.second));
-    }
-    if (config.peft_type == PeftType::vera) check_projections(file, options);
+    for (auto& kv : found) modules.push_back(std::move(kv.second));
+    Codec::check_folder(file, *this, options);
   }
 
   RowMatrix<Scalar> checked_matrix(const SafetensorsReader& file, const TensorInfo& t) const {
@@ -466,120 +509,32 @@ class AdapterFolder {
     if (!m.derived().array().isFinite().all())
       fail(file, "tensor '" + name + "' holds NaN or infinite values");
   }
+};
 
-  void check_module(const SafetensorsReader& file, ModuleTensors<Scalar>& m,
-                    const PatternMatcher<Index>& ranks,
-                    const PatternMatcher<double>& alphas) const {
-    const std::string key = std::string(module_key_prefix) + m.name;
-    auto require = [&](bool present, const char* part) {
-      if (!present) fail(file, "module '" + m.name + "' has no " + key + part);
-    };
-    switch (config.peft_type) {
-      case PeftType::lora: {
-        require(m.a.size() || m.a.rows() || m.a.cols(), ".lora_A.weight");
-        require(m.b.size() || m.b.rows() || m.b.cols(), ".lora_B.weight");
-        if (m.a.rows() != m.b.cols()) {
-          fail(file, "module '" + m.name + "': lora_A is " + shape(m.a) + " and lora_B " +
-                         shape(m.b) + ", their ranks differ (" + std::to_string(m.a.rows()) +
-                         " vs " + std::to_string(m.b.cols()) + ")");
-        }
-        const Index expected = ranks.first(m.name, config.r);
-        if (m.a.rows() != expected || expected <= 0) {
-          fail(file, "module '" + m.name + "': tensors have rank " + std::to_string(m.a.rows()) +
-                         ", the config (r / rank_pattern) gives " + std::to_string(expected));
-        }
-        m.rank = expected;
-        break;
-      }
-      case PeftType::adalora: {
-        require(m.a.size() || m.a.cols(), ".lora_A");
-        require(m.b.size() || m.b.rows(), ".lora_B");
-        const std::vector<bool>* mask = config.adalora_mask(m.name);
-        const Index k = mask ? Index(std::count(mask->begin(), mask->end(), true)) : config.init_r;
-        if (m.a.rows() != k || m.b.cols() != k || m.e.size() != k) {
-          fail(file, "module '" + m.name + "': lora_A " + shape(m.a) + ", lora_E [" +
-                         std::to_string(m.e.size()) + "], lora_B " + shape(m.b) +
-                         " do not all have rank " + std::to_string(k) +
-                         (mask ? " (the rank_pattern's kept count)" : " (init_r)"));
-        }
-        m.rank = k;
-        break;
-      }
-      case PeftType::vera: {
-        require(m.lambda_d.size() > 0, ".vera_lambda_d");
-        require(m.lambda_b.size() > 0, ".vera_lambda_b");
-        if (m.lambda_d.size() != config.r) {
-          fail(file, "module '" + m.name + "': vera_lambda_d has " +
-                         std::to_string(m.lambda_d.size()) +
-                         " entries, expected r = " + std::to_string(config.r));
-        }
-        m.rank = config.r;
-        break;
-      }
-    }
-    m.scaling = config.peft_type == PeftType::lora
-                    ? config.lora_scaling(m.rank, alphas.first(m.name, config.lora_alpha))
-                    : config.scaling_for(m.name);
+/**
+ * What a codec has unless it says otherwise (derive from it): no config keys of its own, no
+ * tensors outside the modules, no PEFT rules beyond the common ones, nothing extra to check
+ * before a save, alpha 0 in reports, no lines for peft-inspect.
+ */
+struct CodecDefaults {
+  static constexpr std::array<const char*, 0> config_keys{};
+  static constexpr std::array<const char*, 0> shared_tensors{};
+  template <typename Scalar>
+  static void set_shared(AdapterFolder<Scalar>&, const std::string&, RowMatrix<Scalar>) {}
+  static void check_peft_rules(const AdapterConfig&, const std::string&) {}
+  template <typename Scalar>
+  static void check_save(const AdapterFolder<Scalar>&) {}
+  template <typename Scalar>
+  static std::vector<double> alphas(const AdapterFolder<Scalar>& f) {
+    return std::vector<double>(f.modules.size(), 0.0);
   }
-
-  void check_projections(const SafetensorsReader& file, const LoadOptions& options) {
-    const bool has_a = vera_a.size() > 0, has_b = vera_b.size() > 0;
-    if (has_a != has_b) fail(file, "has only one of base_model.vera_A and base_model.vera_B");
-    if (!has_a) {
-      if (config.save_projection)
-        fail(file, "save_projection is true but base_model.vera_A/vera_B are missing");
-      // PEFT regenerates them with PyTorch's generator, peft with its own: every ΔW would differ.
-      const std::string why =
-          "\"save_projection\" is false: base_model.vera_A/vera_B are not saved and "
-          "peft would regenerate them from projection_prng_key with its own "
-          "generator, not PyTorch's, so a folder written by PEFT merges to a "
-          "different model";
-      // Named by the config file, which holds the field.
-      const std::string where =
-          (std::filesystem::path(file.path()).parent_path() / config_file_name).string();
-      if (!options.allow_regenerated_projections) {
-        PEFT_THROW(
-            format_error(where + ": " + why +
-                         " (opt in with LoadOptions::allow_regenerated_projections / "
-                         "--allow-regenerated-projections only for folders written by peft)"));
-      }
-      projections_regenerated = true;
-      warnings.push_back(where + ": " + why + "; accepted as asked");
-      return;
-    }
-    if (vera_a.rows() != config.r || vera_b.cols() != config.r) {
-      fail(file, "vera_A is " + shape(vera_a) + " and vera_B " + shape(vera_b) +
-                     ", expected rank r = " + std::to_string(config.r));
-    }
-    for (const auto& m : modules) {
-      if (m.lambda_b.size() > vera_b.rows()) {
-        fail(file, "module '" + m.name + "' has " + std::to_string(m.lambda_b.size()) +
-                       " outputs, more than vera_B's " + std::to_string(vera_b.rows()) + " rows");
-      }
-    }
-  }
-
-  // Structural checks before writing (a folder assembled in code, not read).
-  void check_consistent() const {
-    config.validate();
-    for (const auto& m : modules) {
-      const bool lora_like = config.peft_type != PeftType::vera;
-      if (lora_like &&
-          (m.a.rows() != m.rank || m.b.cols() != m.rank || m.a.cols() == 0 || m.b.rows() == 0)) {
-        if (!(config.peft_type == PeftType::adalora && m.rank == 0)) {
-          PEFT_THROW(dimension_error("AdapterFolder::save(): module '" + m.name + "' has A " +
-                                     shape(m.a) + " and B " + shape(m.b) + " for rank " +
-                                     std::to_string(m.rank)));
-        }
-      }
-    }
-  }
-
-  template <typename M>
-  static std::string shape(const M& m) {
-    return "[" + std::to_string(m.rows()) + ", " + std::to_string(m.cols()) + "]";
-  }
+  template <typename Scalar, typename Json>
+  static void describe(const AdapterFolder<Scalar>&, std::vector<std::string>&, Json&) {}
 };
 
 }  // namespace io
 PEFT_NAMESPACE_END
+
+// The built-in codecs, after AdapterFolder: their functions use it, and every generic function
+// above needs them complete where it is used.
+#include <peft/io/codecs.hpp>

@@ -10,16 +10,22 @@
 
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 PEFT_NAMESPACE_BEGIN
 namespace io {
 
 namespace detail {
+// An adapter with a rank mask (kept() / apply_mask(), AdaLoRA's pruning) has it checkpointed:
+// detected from the adapter, so no method is named here.
+template <typename A, typename = void>
+struct has_rank_mask : std::false_type {};
 template <typename A>
-struct is_adalora : std::false_type {};
-template <typename S, int O>
-struct is_adalora<AdaLoraLinear<S, O>> : std::true_type {};
+struct has_rank_mask<A, std::void_t<decltype(std::declval<const A&>().kept()),
+                                    decltype(std::declval<A&>().apply_mask(
+                                        std::declval<const std::vector<bool>&>()))>>
+    : std::true_type {};
 
 inline long parse_long(const std::map<std::string, std::string>& meta, const std::string& key,
                        const std::string& path) {
@@ -52,7 +58,7 @@ void save_checkpoint(const std::string& path, const AdapterSet<Adapter>& set,
   w.set_metadata("step", std::to_string(step));
   set.for_each([&](const std::string& name, const Adapter& a) {
     w.add_vector("adapter." + name, a.parameters(), dtype);
-    if constexpr (detail::is_adalora<Adapter>::value) {
+    if constexpr (detail::has_rank_mask<Adapter>::value) {
       std::string flags;
       for (bool k : a.kept()) flags += k ? '1' : '0';
       w.set_metadata("kept." + name, flags);
@@ -108,7 +114,7 @@ long load_checkpoint(const std::string& path, AdapterSet<Adapter>& set,
                                  std::to_string(set.adapter(name).num_parameters())));
     }
     params.emplace_back(name, std::move(p));
-    if constexpr (detail::is_adalora<Adapter>::value) {
+    if constexpr (detail::has_rank_mask<Adapter>::value) {
       const auto it = meta.find("kept." + name);
       if (it == meta.end() || Index(it->second.size()) != set.adapter(name).rank()) {
         PEFT_THROW(format_error(path + ": no valid kept mask for module '" + name + "'"));
@@ -155,7 +161,7 @@ long load_checkpoint(const std::string& path, AdapterSet<Adapter>& set,
   }
   // Masks first: apply_mask zeroes the dropped Λ entries, which the optimizer may have moved
   // since; the saved parameters then restore them exactly.
-  if constexpr (detail::is_adalora<Adapter>::value) {
+  if constexpr (detail::has_rank_mask<Adapter>::value) {
     for (auto& [name, mask] : masks) set.adapter(name).apply_mask(mask);
   }
   for (auto& [name, p] : params) set.adapter(name).parameters() = p;

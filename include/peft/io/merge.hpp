@@ -5,6 +5,7 @@
 #include <peft/adapter_set.hpp>
 #include <peft/io/adapter_files.hpp>
 #include <peft/io/adapter_folder.hpp>
+#include <peft/io/codec.hpp>
 #include <peft/io/safetensors.hpp>
 
 #include <cmath>
@@ -91,7 +92,7 @@ inline std::string base_tensor_name(const std::string& module_or_tensor, BaseNam
 
 // Loads the adapted base tensors into double matrices, applies the folder through an AdapterSet
 // and merges; fan_in_fan_out bases ([in, out]) are viewed column-major as [out, in].
-template <typename Adapter>
+template <typename Codec, typename Adapter>
 void merge_weights(const AdapterFolder<double>& folder,
                    std::map<std::string, RowMatrix<double>>& weights,
                    const std::map<std::string, std::string>& tensor_of, MergeReport& report) {
@@ -107,27 +108,26 @@ void merge_weights(const AdapterFolder<double>& folder,
       set.add_module(m.name, view);
     }
   }
-  apply(folder, set);
-  const PatternMatcher<double> alphas(
-      folder.config.alpha_pattern);  // compiled once, not per module
-  for (const auto& m : folder.modules) {
+  detail::check_against(folder, set, Codec::type);
+  Codec::apply(folder, set);
+  const std::vector<double> alphas = Codec::alphas(folder);
+  for (std::size_t i = 0; i < folder.modules.size(); ++i) {
+    const auto& m = folder.modules[i];
     MergedModule r;
     r.module = m.name;
     r.tensor = tensor_of.at(m.name);
     r.rank = m.rank;
     r.scaling = m.scaling;
-    r.alpha = folder.config.peft_type == PeftType::lora
-                  ? alphas.first(m.name, folder.config.lora_alpha)
-              : folder.config.peft_type == PeftType::adalora ? folder.config.lora_alpha
-                                                             : 0.0;
+    r.alpha = alphas[i];
     r.delta_norm = set.adapter(m.name).delta_weight().norm();
     report.modules.push_back(r);
   }
   set.merge_all();
 }
 
-inline MergeReport merge_files_impl(const std::string& base_path, const std::string& adapter_dir,
-                                    const std::string& out_path, const MergeOptions& options);
+template <typename Codecs>
+MergeReport merge_files_impl(const std::string& base_path, const std::string& adapter_dir,
+                             const std::string& out_path, const MergeOptions& options);
 
 // A double as "%.9g" (std::to_string prints 1e40 with forty digits).
 inline std::string shortest(double v) {
@@ -176,12 +176,15 @@ inline void check_representable(const std::string& out_path, const std::string& 
  * `base_model.model.<m>.weight`, then without a leading `model.`; the first convention that finds
  * every module wins (reported). Everything is checked before anything is written, and the output
  * is replaced atomically: on error (format_error, dimension_error, io_error) nothing is written.
+ * `Codecs` are the methods it merges (peft-merge: BuiltinCodecs); each merges through its
+ * adapter, so the merged weight is the one the adapter's own merge_into gives.
  */
-inline MergeReport merge_files(const std::string& base_path, const std::string& adapter_dir,
-                               const std::string& out_path, const MergeOptions& options = {}) {
+template <typename Codecs = BuiltinCodecs>
+MergeReport merge_files(const std::string& base_path, const std::string& adapter_dir,
+                        const std::string& out_path, const MergeOptions& options = {}) {
 #ifndef PEFT_NO_EXCEPTIONS
   try {
-    return detail::merge_files_impl(base_path, adapter_dir, out_path, options);
+    return detail::merge_files_impl<Codecs>(base_path, adapter_dir, out_path, options);
   } catch (const std::bad_alloc&) {
     // The inputs are bounded by their file sizes, but a large base can still exceed the memory.
     PEFT_THROW(
@@ -189,19 +192,19 @@ inline MergeReport merge_files(const std::string& base_path, const std::string& 
                  ": out of memory (the merge holds the adapted weights and the output in memory)"));
   }
 #else
-  return detail::merge_files_impl(base_path, adapter_dir, out_path, options);
+  return detail::merge_files_impl<Codecs>(base_path, adapter_dir, out_path, options);
 #endif
 }
 
 // merge_files without the conversion of std::bad_alloc into io_error.
-inline MergeReport detail::merge_files_impl(const std::string& base_path,
-                                            const std::string& adapter_dir,
-                                            const std::string& out_path,
-                                            const MergeOptions& options) {
+template <typename Codecs>
+MergeReport detail::merge_files_impl(const std::string& base_path, const std::string& adapter_dir,
+                                     const std::string& out_path, const MergeOptions& options) {
   LoadOptions load_options;
   load_options.allow_regenerated_projections = options.allow_regenerated_projections;
   load_options.allow_edited_config = options.allow_edited_config;
-  const AdapterFolder<double> folder = AdapterFolder<double>::load(adapter_dir, {}, load_options);
+  const AdapterFolder<double> folder =
+      AdapterFolder<double>::load<Codecs>(adapter_dir, {}, load_options);
   if (folder.modules.empty() && folder.full_tensors.empty()) {
     PEFT_THROW(format_error(adapter_dir +
                             ": the adapter has no tensors; merging it would only copy the base"));
@@ -284,24 +287,17 @@ inline MergeReport detail::merge_files_impl(const std::string& base_path,
     replacements[t] = &tensor;
   }
 
+  // fan_in_fan_out bases hold [in, out]: merged through the column-major adapter.
   const bool transposed = folder.config.fan_in_fan_out;
-  switch (folder.config.peft_type) {
-    case PeftType::lora:
-      transposed ? detail::merge_weights<LoraLinear<double, Eigen::ColMajor>>(folder, weights,
-                                                                              tensor_of, report)
-                 : detail::merge_weights<LoraLinear<double>>(folder, weights, tensor_of, report);
-      break;
-    case PeftType::adalora:
-      transposed ? detail::merge_weights<AdaLoraLinear<double, Eigen::ColMajor>>(folder, weights,
-                                                                                 tensor_of, report)
-                 : detail::merge_weights<AdaLoraLinear<double>>(folder, weights, tensor_of, report);
-      break;
-    case PeftType::vera:
-      transposed ? detail::merge_weights<VeraLinear<double, Eigen::ColMajor>>(folder, weights,
-                                                                              tensor_of, report)
-                 : detail::merge_weights<VeraLinear<double>>(folder, weights, tensor_of, report);
-      break;
-  }
+  detail::visit_codec(Codecs{}, folder.config.peft_type, [&](auto tag) {
+    using Codec = typename decltype(tag)::type;
+    if (transposed)
+      detail::merge_weights<Codec, typename Codec::template Adapter<double, Eigen::ColMajor>>(
+          folder, weights, tensor_of, report);
+    else
+      detail::merge_weights<Codec, typename Codec::template Adapter<double, Eigen::RowMajor>>(
+          folder, weights, tensor_of, report);
+  });
 
   SafetensorsWriter out;
   for (const auto& [k, v] : base.metadata()) out.set_metadata(k, v);
