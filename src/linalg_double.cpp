@@ -6,11 +6,5 @@
 #include <peft/linalg/randomized_svd.hpp>
 
 PEFT_NAMESPACE_BEGIN
-namespace detail {
-PEFT_SVD_INSTANTIATIONS(, double);
-}  // namespace detail
-namespace linalg {
-PEFT_RANDOMIZED_SVD_INSTANTIATIONS(, double, Eigen::RowMajor);
-PEFT_RANDOMIZED_SVD_INSTANTIATIONS(, double, Eigen::ColMajor);
-}  // namespace linalg
+PEFT_LINALG_INSTANTIATIONS(double)
 PEFT_NAMESPACE_END

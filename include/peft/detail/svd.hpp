@@ -51,7 +51,7 @@ Matrix<Scalar, Eigen::ColMajor> orthonormal_columns(const Matrix<Scalar, Eigen::
 }
 
 #if PEFT_COMPILED
-// Compiled once, in peft::compiled (src/linalg.cpp): Eigen's SVD and QR are most of the compile
+// Compiled once, in peft::compiled (src/linalg_*.cpp): Eigen's SVD and QR are most of the compile
 // time of any translation unit that uses them.
 #  define PEFT_SVD_INSTANTIATIONS(prefix, Scalar)                                \
     prefix template ThinSvd<Scalar> thin_svd<Matrix<Scalar, Eigen::ColMajor>>(   \

@@ -88,15 +88,28 @@ SvdResult<typename Derived::Scalar> randomized_svd(const Eigen::MatrixBase<Deriv
 }
 
 #if PEFT_COMPILED
-// Compiled once, in peft::compiled (src/linalg.cpp), for dense matrices of either order.
-#  define PEFT_RANDOMIZED_SVD_INSTANTIATIONS(prefix, Scalar, Order)          \
-    prefix template SvdResult<Scalar> randomized_svd<Matrix<Scalar, Order>>( \
-        const Eigen::MatrixBase<Matrix<Scalar, Order>>&, Index, const RandomizedSvdOptions&)
-PEFT_RANDOMIZED_SVD_INSTANTIATIONS(extern, float, Eigen::RowMajor);
-PEFT_RANDOMIZED_SVD_INSTANTIATIONS(extern, float, Eigen::ColMajor);
-PEFT_RANDOMIZED_SVD_INSTANTIATIONS(extern, double, Eigen::RowMajor);
-PEFT_RANDOMIZED_SVD_INSTANTIATIONS(extern, double, Eigen::ColMajor);
+// Compiled once, in peft::compiled (src/linalg_*.cpp), for dense matrices of either order.
+#  define PEFT_RANDOMIZED_SVD_INSTANTIATIONS(prefix, Scalar)                           \
+    prefix template SvdResult<Scalar> randomized_svd<Matrix<Scalar, Eigen::RowMajor>>( \
+        const Eigen::MatrixBase<Matrix<Scalar, Eigen::RowMajor>>&, Index,              \
+        const RandomizedSvdOptions&);                                                  \
+    prefix template SvdResult<Scalar> randomized_svd<Matrix<Scalar, Eigen::ColMajor>>( \
+        const Eigen::MatrixBase<Matrix<Scalar, Eigen::ColMajor>>&, Index,              \
+        const RandomizedSvdOptions&)
+PEFT_RANDOMIZED_SVD_INSTANTIATIONS(extern, float);
+PEFT_RANDOMIZED_SVD_INSTANTIATIONS(extern, double);
 #endif
 
 }  // namespace linalg
+#if PEFT_COMPILED
+/// The SVD helpers and the randomized SVD in `Scalar`: what src/linalg_*.cpp instantiate.
+#  define PEFT_LINALG_INSTANTIATIONS(Scalar)      \
+    namespace detail {                            \
+    PEFT_SVD_INSTANTIATIONS(, Scalar);            \
+    }                                             \
+    namespace linalg {                            \
+    PEFT_RANDOMIZED_SVD_INSTANTIATIONS(, Scalar); \
+    }
+#endif
+
 PEFT_NAMESPACE_END
