@@ -51,18 +51,28 @@ Matrix<Scalar, Eigen::ColMajor> orthonormal_columns(const Matrix<Scalar, Eigen::
 }
 
 #if PEFT_COMPILED
-// Compiled once, in peft::compiled (src/linalg_*.cpp): Eigen's SVD and QR are most of the compile
-// time of any translation unit that uses them.
-#  define PEFT_SVD_INSTANTIATIONS(prefix, Scalar)                                \
+// Compiled once, in peft::compiled: Eigen's SVD and QR are most of the compile time of any
+// translation unit that uses them. The thin SVD (with Eigen's BDCSVD) in src/svd_*.cpp, the QR
+// basis in src/linalg_*.cpp: one file each keeps every compile under 1.5 GB.
+#  define PEFT_THIN_SVD_INSTANTIATIONS(prefix, Scalar)                           \
     prefix template ThinSvd<Scalar> thin_svd<Matrix<Scalar, Eigen::ColMajor>>(   \
         const Eigen::MatrixBase<Matrix<Scalar, Eigen::ColMajor>>&, const char*); \
     prefix template ThinSvd<Scalar> thin_svd<Matrix<Scalar, Eigen::RowMajor>>(   \
-        const Eigen::MatrixBase<Matrix<Scalar, Eigen::RowMajor>>&, const char*); \
+        const Eigen::MatrixBase<Matrix<Scalar, Eigen::RowMajor>>&, const char*)
+#  define PEFT_QR_INSTANTIATIONS(prefix, Scalar)                                 \
     prefix template Matrix<Scalar, Eigen::ColMajor> orthonormal_columns<Scalar>( \
         const Matrix<Scalar, Eigen::ColMajor>&)
-PEFT_SVD_INSTANTIATIONS(extern, float);
-PEFT_SVD_INSTANTIATIONS(extern, double);
+PEFT_THIN_SVD_INSTANTIATIONS(extern, float);
+PEFT_THIN_SVD_INSTANTIATIONS(extern, double);
+PEFT_QR_INSTANTIATIONS(extern, float);
+PEFT_QR_INSTANTIATIONS(extern, double);
 #endif
 
 }  // namespace detail
 PEFT_NAMESPACE_END
+
+#if PEFT_COMPILED && !PEFT_EIGEN5
+// Eigen's BDCSVD itself (Eigen 3.4's spelling), for the thin SVD's other callers.
+extern template class Eigen::BDCSVD<peft::Matrix<float, Eigen::ColMajor>>;
+extern template class Eigen::BDCSVD<peft::Matrix<double, Eigen::ColMajor>>;
+#endif

@@ -102,10 +102,10 @@ PEFT_RANDOMIZED_SVD_INSTANTIATIONS(extern, double);
 
 }  // namespace linalg
 #if PEFT_COMPILED
-/// The SVD helpers and the randomized SVD in `Scalar`: what src/linalg_*.cpp instantiate.
+/// The QR basis and the randomized SVD in `Scalar`: what src/linalg_*.cpp instantiate.
 #  define PEFT_LINALG_INSTANTIATIONS(Scalar)      \
     namespace detail {                            \
-    PEFT_SVD_INSTANTIATIONS(, Scalar);            \
+    PEFT_QR_INSTANTIATIONS(, Scalar);             \
     }                                             \
     namespace linalg {                            \
     PEFT_RANDOMIZED_SVD_INSTANTIATIONS(, Scalar); \
