@@ -1,34 +1,21 @@
 // SPDX-FileCopyrightText: The peft authors
 // SPDX-License-Identifier: Apache-2.0
 // Compares the fine-tuning methods on two tasks, each over several seeds and its own small
-// learning-rate grid, and writes the curves and the runs as CSV (examples/compare_report.py
+// learning-rate grid; writes curves.csv, runs.csv and report.json (examples/compare_report.py
 // turns them into tables and plots).
 //
-//   peft-compare [--quick] [--out DIR] [--cache DIR | --no-cache] [--jobs N] [--check]
-//                [--tasks digits,planted] [--methods lora,vera,...] [--seeds 3] [--steps N]
-//                [--rank 4] [--shared-lr 3e-3] [--planted-ranks 4,2,0] ...
+//   peft-compare [--quick] [--out DIR] [--cache DIR | --no-cache] [--jobs N] [--check] ...
 //
-// Tasks (each pretrains its base model from scratch, or loads it from the cache):
-// - digits:  an MLP 64-128-128-10 (ReLU) trained on upright UCI digits, fine-tuned on the same
-//            digits rotated by 90 degrees (cross-entropy; accuracy on held-out test digits).
-// - planted: an MLP 32-128-128-16 (tanh) trained to imitate a random teacher on anisotropic
-//            inputs; the fine-tuning target is that same network with a planted shift ΔW_l of a
-//            known rank k_l added to each layer (MSE; "accuracy" is the fraction of test inputs
-//            whose largest output is the target's largest).
-// Methods, each on every linear layer through peft::AdapterSet and the library's recipes
-// (peft/train/recipe.hpp): full fine-tuning, LoRA, rsLoRA, LoRA at AdaLoRA's final budget, VeRA,
-// AdaLoRA, LoRA-GA (paper settings, and at LoRA's scale), EVA (ρ = 2, and ρ = 1).
+// Tasks (base models pretrained, or loaded from the cache): digits, an MLP 64-128-128-10 (ReLU)
+// trained on upright UCI digits and fine-tuned on them rotated by 90 degrees; planted, an MLP
+// 32-128-128-16 (tanh) imitating a random teacher, fine-tuned to itself plus a planted shift of a
+// known rank per layer. Methods: full fine-tuning, and LoRA, rsLoRA, VeRA, AdaLoRA, LoRA-GA, EVA
+// on every layer through peft::AdapterSet and the library's recipes (peft/train/recipe.hpp).
 // Every run starts from the same base model and sees, for a given seed, the same batches.
-//
-// Outputs in --out: curves.csv (every curve, byte-identical for the same command), runs.csv (one
-// row per run), report.json (tasks, methods, settings and per-run extras for the report). Exits
-// non-zero if a method's own check fails, a run does not finish, or (with --check) the CSV files
-// are malformed or a method at its best rate does not end below its starting loss.
+// Exits non-zero if a method's own check fails, a run does not finish, or (with --check) the CSV
+// files are malformed or a method at its best rate does not end below its starting loss.
 #include "support/cli.hpp"
-#include "support/digits.hpp"
-#include "support/train.hpp"
-
-#include <peft/io/safetensors.hpp>
+#include "support/tasks.hpp"
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -39,34 +26,19 @@
 #include <limits>
 #include <map>
 #include <optional>
-#include <sstream>
 #include <thread>
-
-#ifndef PEFT_COMPARE_CACHE_DIR
-#  define PEFT_COMPARE_CACHE_DIR "peft-compare-cache"
-#endif
+#include <tuple>
 
 namespace {
 
-using examples::Batch;
-using examples::Data;
-using examples::format;
-using examples::Mat;
-using examples::Mlp;
-using examples::Sampler;
-using examples::seconds_since;
-using examples::Vec;
+using namespace examples;  // NOLINT: this program is built on the examples' support
 using peft::Index;
-using Clock = examples::Clock;
 using Lora = peft::LoraLinear<float>;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
-struct Config {
-  std::string data;   // empty: examples::find_data_file
-  std::string cache;  // empty: examples::default_cache_dir
+struct Config : TaskOptions {
   std::string out = "peft-compare-out";
-  bool no_cache = false;
   bool quick = false;
   bool check = false;
   bool quiet = false;
@@ -74,302 +46,16 @@ struct Config {
   std::vector<std::string> tasks = {"digits", "planted"};
   std::vector<std::string> methods;  // empty: all
   int seeds = 3;
-  bool seeds_given = false;   // --seeds on the command line (else --quick uses 2)
-  std::uint64_t seed = 42;    // base models, data split, planted shift; fine-tuning seeds are 1..n
-  long steps = 0;             // 0: 1500 (--quick: 150)
-  long pretrain_digits = 0;   // 0: 1500 (--quick: 400)
-  long pretrain_planted = 0;  // 0: 3000 (--quick: 600)
-  Index batch = 64;
+  bool seeds_given = false;  // --seeds on the command line (else --quick uses 2)
+  long steps = 0;            // 0: 1500 (--quick: 150)
   Index rank = 4;
   double alpha = 16.0;
   Index vera_rank = 256;
   double shared_lr = 3e-3;
   double target_fraction = 0.03;  // target loss = this x the base model's validation loss
   long calibration_batches = 8;   // LoRA-GA's gradient and the first-step alignment
-  std::vector<Index> planted_ranks = {4, 2, 0};
-  std::string command;  // how the program was called, for the report
+  std::string command;            // how the program was called, for the report
 };
-
-// ---------------------------------------------------------------------------------------------
-// Tasks
-
-/// Fraction of rows whose largest output is where the target row's largest entry is.
-double argmax_agreement(const Mat& out, const Mat& t) {
-  Index same = 0;
-  for (Index i = 0; i < out.rows(); ++i) {
-    Index a = 0, b = 0;
-    out.row(i).maxCoeff(&a);
-    t.row(i).maxCoeff(&b);
-    same += a == b ? 1 : 0;
-  }
-  return out.rows() > 0 ? static_cast<double>(same) / static_cast<double>(out.rows()) : 0.0;
-}
-
-struct Metrics {
-  double loss = 0.0;
-  double accuracy = 0.0;
-};
-
-template <typename Model>
-Metrics evaluate(Model& model, const Data& data) {
-  const Mat out = model.logits(data.x);
-  Mat dout;
-  Metrics m;
-  m.loss = examples::loss_and_gradient(data, out, dout);
-  m.accuracy = data.t.rows() == 0 ? examples::accuracy(out, data.y) : argmax_agreement(out, data.t);
-  return m;
-}
-
-struct Task {
-  std::string name;   // digits | planted
-  std::string title;  // for tables and plots
-  bool classification = true;
-  std::optional<Mlp> base;        // the pretrained model every run starts from
-  Data train, val, test;          // the fine-tuning (shifted) task
-  double initial_val_loss = 0.0;  // the base model on the shifted validation set
-  double initial_test_loss = 0.0;
-  double initial_test_accuracy = 0.0;
-  double target_loss = 0.0;
-  std::vector<Index> planted;  // planted ranks per layer (planted task only)
-  std::string base_note;       // how the base model was obtained
-};
-
-/// AdamW training of a plain Mlp on `sample(batch)`; returns the mean loss of the last 50 steps.
-template <typename Sample>
-double pretrain(Mlp& model, long steps, double lr, double weight_decay, Sample&& sample) {
-  peft::optim::AdamWOptions o;
-  o.weight_decay = weight_decay;
-  peft::optim::AdamW<float> opt(o);
-  model.register_with(opt);
-  examples::NoRecipe none;
-  double recent = 0.0;
-  examples::train_steps(model, none, opt, peft::optim::WarmupCosine(lr, steps / 20, steps), steps,
-                        sample, examples::loss_and_gradient, [&](long step, double loss, double) {
-                          if (step > steps - 50) recent += loss;
-                        });
-  return recent / static_cast<double>(std::min(50L, steps));
-}
-
-/// Anisotropic inputs: x_i ~ N(0, 0.85^i).
-void anisotropic_inputs(peft::Rng& rng, Index n, Index d, Mat& x) {
-  x.resize(n, d);
-  for (Index i = 0; i < n; ++i)
-    for (Index j = 0; j < d; ++j)
-      x(i, j) = static_cast<float>(rng.normal() * std::pow(0.85, 0.5 * static_cast<double>(j)));
-}
-
-// Base-model cache: one safetensors file per base model, named after a hash of its pretraining
-// settings, which the file also holds in full in its metadata. A file whose settings, tensor
-// names, shapes or values do not fit is not trusted: the model is pretrained again.
-
-std::uint64_t fnv1a(const std::string& s) {
-  std::uint64_t h = 1469598103934665603ULL;
-  for (unsigned char c : s) {
-    h ^= c;
-    h *= 1099511628211ULL;
-  }
-  return h;
-}
-
-constexpr const char* kCacheKey = "peft-compare.pretraining";
-
-std::string cache_path(const Config& cfg, const std::string& key) {
-  return (std::filesystem::path(cfg.cache) /
-          format("base-%016llx.safetensors", static_cast<unsigned long long>(fnv1a(key))))
-      .string();
-}
-
-/// The cached model for `key` shaped like `like`, or nothing (with the reason in `note`).
-std::optional<Mlp> load_cached(const Config& cfg, const std::string& key, const Mlp& like,
-                               std::string& note) {
-  const std::string path = cache_path(cfg, key);
-  if (!std::filesystem::exists(path)) {
-    note = "not in the cache yet";
-    return std::nullopt;
-  }
-  try {
-    const peft::io::SafetensorsReader file(path);
-    const auto it = file.metadata().find(kCacheKey);
-    if (it == file.metadata().end() || it->second != key) {
-      note = "the cached file was made with other settings: pretrained again";
-      return std::nullopt;
-    }
-    Mlp model = like;
-    for (std::size_t l = 0; l < model.layers().size(); ++l) {
-      examples::Dense& layer = model.layers()[l];
-      const std::string name = examples::layer_name(l);
-      const Mat w = file.matrix<float>(name + ".weight");
-      const Vec b = file.vector<float>(name + ".bias");
-      if (w.rows() != layer.weight.rows() || w.cols() != layer.weight.cols() ||
-          b.size() != layer.bias.size() || !w.allFinite() || !b.allFinite()) {
-        note = "the cached " + name + " has the wrong shape or non-finite values: pretrained again";
-        return std::nullopt;
-      }
-      layer.weight = w;
-      layer.bias = b;
-    }
-    if (file.names().size() != 2 * model.layers().size()) {
-      note = "the cached file holds other tensors too: pretrained again";
-      return std::nullopt;
-    }
-    note = std::filesystem::path(path).filename().string();
-    return model;
-  } catch (const peft::error& e) {
-    note = "the cached file is unreadable (" + std::string(e.what()) + "): pretrained again";
-    return std::nullopt;
-  }
-}
-
-/// Writes `model` for `key` (atomically); `note` says where, or why not.
-void save_cached(const Config& cfg, const std::string& key, const Mlp& model, std::string& note) {
-  try {
-    std::filesystem::create_directories(cfg.cache);
-    peft::io::SafetensorsWriter file;
-    for (std::size_t l = 0; l < model.layers().size(); ++l) {
-      const std::string name = examples::layer_name(l);
-      file.add(name + ".weight", model.layers()[l].weight);
-      file.add_vector(name + ".bias", model.layers()[l].bias);
-    }
-    file.set_metadata(kCacheKey, key);
-    const std::string path = cache_path(cfg, key);
-    file.save(path);
-    note = "cached as " + std::filesystem::path(path).filename().string();
-  } catch (const std::exception& e) {
-    note = std::string("not cached: ") + e.what();
-  }
-}
-
-/// Pretrains (or loads) `model` keyed by `key`; `train` pretrains it and returns a summary.
-template <typename Train>
-void obtain_base(const Config& cfg, const std::string& key, Mlp& model, Train&& train,
-                 std::string& note) {
-  const auto start = Clock::now();
-  if (!cfg.no_cache) {
-    std::string why;
-    if (auto cached = load_cached(cfg, key, model, why)) {
-      model = std::move(*cached);
-      note = "loaded from the cache (" + why + ")";
-      return;
-    }
-    note = why;
-  }
-  const std::string trained = train();  // before the clock is read
-  note = trained + format(" in %.1f s", seconds_since(start)) + (note.empty() ? "" : "; " + note);
-  if (!cfg.no_cache) {
-    std::string saved;
-    save_cached(cfg, key, model, saved);
-    if (!saved.empty()) note += "; " + saved;
-  }
-}
-
-Task make_digits(const Config& cfg) {
-  Task task;
-  task.name = "digits";
-  task.title = "digits: upright -> rotated 90 degrees";
-  task.classification = true;
-  peft::Rng seeds(cfg.seed);
-  const examples::Digits all = examples::load_digits(cfg.data);
-  const examples::Split outer = examples::train_test_split(all, 0.2, seeds.next());
-  const examples::Split inner = examples::train_test_split(outer.train, 0.2, seeds.next());
-  task.train = examples::from_digits(examples::rotate90(inner.train));
-  task.val = examples::from_digits(examples::rotate90(inner.test));
-  task.test = examples::from_digits(examples::rotate90(outer.test));
-
-  const std::uint64_t init_seed = seeds.next(), batch_seed = seeds.next();
-  task.base.emplace(std::vector<Index>{64, 128, 128, 10}, examples::Activation::relu, init_seed);
-  const Data upright = examples::from_digits(inner.train);
-  const std::string key = format(
-      "digits mlp 64-128-128-10 relu; adamw lr 3e-3 wd 0.01 warmup-cosine; steps %ld batch %ld; "
-      "split 0.2/0.2; seed %llu; data %s",
-      cfg.pretrain_digits, static_cast<long>(cfg.batch), static_cast<unsigned long long>(cfg.seed),
-      cfg.data.c_str());
-  obtain_base(
-      cfg, key, *task.base,
-      [&] {
-        Sampler batches(upright, cfg.batch, batch_seed);
-        const double loss = pretrain(*task.base, cfg.pretrain_digits, 3e-3, 0.01,
-                                     [&](Batch& b) { batches.next(b); });
-        return format("pretrained %ld steps on %ld upright digits (train loss %.4f)",
-                      cfg.pretrain_digits, static_cast<long>(upright.size()), loss);
-      },
-      task.base_note);
-  const double upright_accuracy = evaluate(*task.base, examples::from_digits(outer.test)).accuracy;
-  task.base_note += format("; %ld parameters; upright test accuracy %.1f%%",
-                           static_cast<long>(task.base->num_parameters()), 100 * upright_accuracy);
-  return task;
-}
-
-Task make_planted(const Config& cfg) {
-  Task task;
-  task.name = "planted";
-  task.title = "planted: base + rank-(";
-  for (std::size_t l = 0; l < cfg.planted_ranks.size(); ++l) {
-    task.title += (l ? "," : "") + std::to_string(cfg.planted_ranks[l]);
-  }
-  task.title += ") shift";
-  task.classification = false;
-  task.planted = cfg.planted_ranks;
-  peft::Rng seeds(cfg.seed ^ 0x9e3779b97f4a7c15ULL);
-  const Index d_in = 32, d_out = 16;
-
-  // The teacher: a random tanh MLP with its weights doubled (so the tanh units saturate some).
-  Mlp teacher({d_in, 64, 64, d_out}, examples::Activation::tanh, seeds.next());
-  for (examples::Dense& layer : teacher.layers()) layer.weight *= 2.0f;
-  task.base.emplace(std::vector<Index>{d_in, 128, 128, d_out}, examples::Activation::tanh,
-                    seeds.next());
-  const std::uint64_t stream_seed = seeds.next();
-  const std::string key = format(
-      "planted mlp 32-128-128-16 tanh; teacher 32-64-64-16 x2; inputs N(0, 0.85^i); adamw lr 3e-3 "
-      "wd 0 warmup-cosine; steps %ld batch 128; seed %llu",
-      cfg.pretrain_planted, static_cast<unsigned long long>(cfg.seed));
-  obtain_base(
-      cfg, key, *task.base,
-      [&] {
-        peft::Rng stream(stream_seed);
-        const double loss = pretrain(*task.base, cfg.pretrain_planted, 3e-3, 0.0, [&](Batch& b) {
-          anisotropic_inputs(stream, 128, d_in, b.x);
-          b.t = teacher.logits(b.x);
-        });
-        return format("pretrained %ld steps x 128 fresh inputs to imitate the teacher (MSE %.4g)",
-                      cfg.pretrain_planted, loss);
-      },
-      task.base_note);
-
-  task.base_note += format("; %ld parameters", static_cast<long>(task.base->num_parameters()));
-
-  // The fine-tuning target: the base model plus ΔW_l = U Vᵀ of rank k_l, ‖ΔW_l‖ = 0.5 ‖W_l‖.
-  Mlp shifted = *task.base;
-  if (cfg.planted_ranks.size() != shifted.layers().size()) {
-    PEFT_THROW(peft::config_error(
-        format("--planted-ranks needs %zu values (one per layer)", shifted.layers().size())));
-  }
-  peft::Rng planted_rng(seeds.next());
-  for (std::size_t l = 0; l < shifted.layers().size(); ++l) {
-    examples::Dense& layer = shifted.layers()[l];
-    const Index k = cfg.planted_ranks[l];
-    if (k < 0 || k > std::min(layer.in_features(), layer.out_features())) {
-      PEFT_THROW(peft::config_error(
-          format("--planted-ranks: layer %zu cannot take rank %ld", l, static_cast<long>(k))));
-    }
-    if (k == 0) continue;
-    Mat u(layer.out_features(), k), v(layer.in_features(), k);
-    planted_rng.fill_normal(u, 0.0, 1.0);
-    planted_rng.fill_normal(v, 0.0, 1.0);
-    const Mat delta = u * v.transpose();
-    layer.weight += (0.5f * layer.weight.norm() / delta.norm()) * delta;
-  }
-  peft::Rng data_rng(seeds.next());
-  const auto make = [&](Index n) {
-    Data d;
-    anisotropic_inputs(data_rng, n, d_in, d.x);
-    d.t = shifted.logits(d.x);
-    return d;
-  };
-  task.train = make(4096);
-  task.val = make(512);
-  task.test = make(2048);
-  return task;
-}
 
 // ---------------------------------------------------------------------------------------------
 // Methods
@@ -489,9 +175,9 @@ void train(Model& model, Recipe& recipe, Register&& register_with, const RunCont
     o.weight_decay = 0.0;
     peft::optim::AdamW<float> opt(o);
     register_with(opt);
-    examples::train_steps(
+    train_steps(
         model, recipe, opt, peft::optim::WarmupCosine(ctx.lr, ctx.steps / 20, ctx.steps), ctx.steps,
-        [&](Batch& b) { batches.next(b); }, examples::loss_and_gradient,
+        [&](Batch& b) { batches.next(b); }, loss_and_gradient,
         [&](long step, double loss, double) {
           sum += loss;
           ++count;
@@ -509,26 +195,32 @@ void train(Model& model, Recipe& recipe, Register&& register_with, const RunCont
   out.test_accuracy = m.accuracy;
 }
 
-/// The mean full-weight gradient G_l of every layer over the calibration batches, through the
-/// base model (what LoRA-GA's init estimates).
-std::vector<Mat> full_gradients(const RunContext& ctx) {
-  Mlp model = *ctx.task.base;
-  for (examples::Dense& layer : model.layers()) {
-    layer.weight_grad.setZero();
-    layer.bias_grad.setZero();
-  }
+/// Accumulates `model`'s gradients over the calibration batches (the ones LoRA-GA calibrates on).
+template <typename Model>
+void backward_on_calibration_batches(Model& model, const RunContext& ctx) {
   Sampler batches(ctx.task.train, ctx.cfg.batch, ctx.calibration_seed);
-  examples::Trace trace;
+  Trace trace;
   Batch b;
   Mat d;
   for (long k = 0; k < ctx.cfg.calibration_batches; ++k) {
     batches.next(b);
     model.forward(b.x, trace);
-    examples::loss_and_gradient(b, trace.logits(), d);
+    loss_and_gradient(b, trace.logits(), d);
     model.backward(trace, d);
   }
+}
+
+/// The mean full-weight gradient G_l of every layer over the calibration batches, through the
+/// base model (what LoRA-GA's init estimates).
+std::vector<Mat> full_gradients(const RunContext& ctx) {
+  Mlp model = *ctx.task.base;
+  for (Dense& layer : model.layers()) {
+    layer.weight_grad.setZero();
+    layer.bias_grad.setZero();
+  }
+  backward_on_calibration_batches(model, ctx);
   std::vector<Mat> g;
-  for (const examples::Dense& layer : model.layers()) {
+  for (const Dense& layer : model.layers()) {
     g.push_back(layer.weight_grad / static_cast<float>(ctx.cfg.calibration_batches));
   }
   return g;
@@ -537,19 +229,10 @@ std::vector<Mat> full_gradients(const RunContext& ctx) {
 /// Per layer, the cosine between -G and the first-order change of the effective weight
 /// s (B A) under one plain gradient step of the adapters from their initial values, with the
 /// adapter gradients taken on the same calibration batches as G. NaN for an unadapted layer.
-std::vector<double> first_step_cosines(examples::AdaptedMlp<Lora>& model, const RunContext& ctx) {
+std::vector<double> first_step_cosines(AdaptedMlp<Lora>& model, const RunContext& ctx) {
   const std::vector<Mat> g = full_gradients(ctx);
   model.set.zero_grad();
-  Sampler batches(ctx.task.train, ctx.cfg.batch, ctx.calibration_seed);
-  examples::Trace trace;
-  Batch b;
-  Mat d;
-  for (long k = 0; k < ctx.cfg.calibration_batches; ++k) {
-    batches.next(b);
-    model.forward(b.x, trace);
-    examples::loss_and_gradient(b, trace.logits(), d);
-    model.backward(trace, d);
-  }
+  backward_on_calibration_batches(model, ctx);
   std::vector<double> cosines;
   for (std::size_t l = 0; l < model.num_layers(); ++l) {
     if (!model.set.has_adapter(model.name(l))) {
@@ -571,7 +254,7 @@ RunResult run_full(const RunContext& ctx) {
   RunResult out;
   Mlp model = *ctx.task.base;
   out.trainable = model.num_parameters();
-  examples::NoRecipe none;
+  NoRecipe none;
   train(
       model, none, [&](auto& opt) { model.register_with(opt); }, ctx, out);
   return out;
@@ -583,13 +266,13 @@ template <typename Recipe, typename Measure>
 RunResult run_adapted(const RunContext& ctx, Recipe& recipe, Measure measure) {
   RunResult out;
   Mlp base = *ctx.task.base;
-  examples::AdaptedMlp<typename Recipe::Adapter> model(base);
+  AdaptedMlp<typename Recipe::Adapter> model(base);
   recipe.attach(model.set);
   Sampler calibration(ctx.task.train, ctx.cfg.batch, ctx.calibration_seed);
   const bool lora_ga = ctx.method.kind == Kind::lora_ga;
   const Mat before = lora_ga ? model.logits(ctx.task.val.x) : Mat();  // its init keeps it
-  examples::calibrate(
-      model, recipe, [&](Batch& b) { calibration.next(b); }, examples::loss_and_gradient);
+  calibrate(
+      model, recipe, [&](Batch& b) { calibration.next(b); }, loss_and_gradient);
   if (lora_ga) {
     const double change = (model.logits(ctx.task.val.x) - before).cwiseAbs().maxCoeff();
     const double scale = std::max(1.0, static_cast<double>(before.cwiseAbs().maxCoeff()));
@@ -613,19 +296,8 @@ peft::LoraOptions lora_options(const RunContext& ctx) {
   return o;
 }
 
-/// Caps r per layer at min(in, out) / `divisor` (LoRA-GA needs 2r <= min(in, out)).
-std::map<std::string, Index> rank_caps(const RunContext& ctx, Index divisor) {
-  std::map<std::string, Index> caps;
-  const auto& layers = ctx.task.base->layers();
-  for (std::size_t l = 0; l < layers.size(); ++l) {
-    const Index cap = std::min(layers[l].in_features(), layers[l].out_features()) / divisor;
-    if (cap < ctx.method.rank) caps[examples::layer_name(l)] = cap;
-  }
-  return caps;
-}
-
 RunResult run_method(const RunContext& ctx) {
-  const auto cosines = [&](examples::AdaptedMlp<Lora>& model, RunResult& out) {
+  const auto cosines = [&](AdaptedMlp<Lora>& model, RunResult& out) {
     out.cosines = first_step_cosines(model, ctx);
   };
   switch (ctx.method.kind) {
@@ -634,7 +306,8 @@ RunResult run_method(const RunContext& ctx) {
     case Kind::lora: {
       peft::LoraOptions lora = lora_options(ctx);
       lora.seed = ctx.init_seed;  // one stream for every layer's A
-      peft::train::LoraRecipe<float> recipe({lora, rank_caps(ctx, 1), {}});
+      peft::train::LoraRecipe<float> recipe(
+          {lora, rank_caps(*ctx.task.base, ctx.method.rank, 1), {}});
       return run_adapted(ctx, recipe, cosines);
     }
     case Kind::vera: {
@@ -667,11 +340,11 @@ RunResult run_method(const RunContext& ctx) {
       peft::train::LoraGaRecipeOptions o;
       o.lora = lora_options(ctx);
       o.lora.seed = ctx.init_seed;
-      o.rank_pattern = rank_caps(ctx, 2);
+      o.rank_pattern = rank_caps(*ctx.task.base, ctx.method.rank, 2);
       o.ga.seed = ctx.init_seed;  // ArB2r, stable scale, γ = 16: the paper's
       o.calibration_batches = ctx.cfg.calibration_batches;
       peft::train::LoraGaRecipe<float> recipe(o);
-      return run_adapted(ctx, recipe, [&](examples::AdaptedMlp<Lora>& model, RunResult& out) {
+      return run_adapted(ctx, recipe, [&](AdaptedMlp<Lora>& model, RunResult& out) {
         cosines(model, out);
         const std::vector<Mat> g = full_gradients(ctx);
         for (std::size_t l = 0; l < model.num_layers(); ++l) {
@@ -690,7 +363,7 @@ RunResult run_method(const RunContext& ctx) {
       o.eva.max_iterations = 100;
       o.lora = lora_options(ctx);
       peft::train::EvaRecipe<float> recipe(o);
-      return run_adapted(ctx, recipe, [&](examples::AdaptedMlp<Lora>& model, RunResult& out) {
+      return run_adapted(ctx, recipe, [&](AdaptedMlp<Lora>& model, RunResult& out) {
         for (std::size_t l = 0; l < model.num_layers(); ++l) {
           const bool adapted = model.set.has_adapter(model.name(l));
           out.ranks.push_back(adapted ? recipe.eva().rank(static_cast<Index>(l)) : 0);
@@ -823,59 +496,51 @@ void write_report_json(const Results& r, double wall, const std::string& path) {
   if (!out) PEFT_THROW(peft::io_error("cannot write " + path));
 }
 
+/// Lines of `path` with `commas` commas (-1 if another line has a different count).
+long csv_rows(const std::string& path, long commas) {
+  std::ifstream in(path, std::ios::binary);
+  std::string line;
+  long rows = 0;
+  while (std::getline(in, line)) {
+    if (std::count(line.begin(), line.end(), ',') != commas) return -1;
+    ++rows;
+  }
+  return rows;
+}
+
 /// What is wrong with the CSV files in `dir`, and which method at its best rate (lowest mean
 /// final validation loss) does not end every seed below its starting loss (empty: nothing).
 std::vector<std::string> check_outputs(const Results& r, const std::string& dir) {
   std::vector<std::string> problems;
-  std::ifstream curves((std::filesystem::path(dir) / "curves.csv").string(), std::ios::binary);
-  std::string line;
-  std::getline(curves, line);
-  if (line != "task,method,lr,seed,step,train_loss,val_loss") {
-    problems.push_back("curves.csv: unexpected header '" + line + "'");
+  long expected = 1;  // the header
+  for (const RunResult& res : r.results) expected += static_cast<long>(res.curve.size());
+  const auto path = [&](const char* name) { return (std::filesystem::path(dir) / name).string(); };
+  if (csv_rows(path("curves.csv"), 6) != expected) problems.push_back("curves.csv: malformed");
+  if (csv_rows(path("runs.csv"), 10) != static_cast<long>(r.specs.size()) + 1) {
+    problems.push_back("runs.csv: malformed");
   }
-  std::size_t rows = 0, expected = 0;
-  while (std::getline(curves, line)) {
-    ++rows;
-    if (std::count(line.begin(), line.end(), ',') != 6) {
-      problems.push_back("curves.csv: malformed row '" + line + "'");
-      break;
+  std::map<std::tuple<std::size_t, std::size_t, double>, std::vector<const RunResult*>> groups;
+  for (std::size_t i = 0; i < r.specs.size(); ++i) {
+    groups[{r.specs[i].task, r.specs[i].method, r.specs[i].lr}].push_back(&r.results[i]);
+  }
+  std::map<std::pair<std::size_t, std::size_t>, std::pair<double, double>> best;  // (val, lr)
+  for (const auto& [key, runs] : groups) {
+    double sum = 0.0;
+    for (const RunResult* run : runs) {
+      const double v = run->curve.back().val_loss;
+      sum += std::isfinite(v) ? v : kInf;
     }
+    const auto tm = std::make_pair(std::get<0>(key), std::get<1>(key));
+    const double mean = sum / static_cast<double>(runs.size());
+    if (!best.count(tm) || mean < best[tm].first) best[tm] = {mean, std::get<2>(key)};
   }
-  for (const RunResult& res : r.results) expected += res.curve.size();
-  if (rows == 0 || rows != expected) {
-    problems.push_back(format("curves.csv: %zu rows, expected %zu", rows, expected));
-  }
-  std::ifstream runs((std::filesystem::path(dir) / "runs.csv").string(), std::ios::binary);
-  rows = 0;
-  while (std::getline(runs, line)) rows += std::count(line.begin(), line.end(), ',') == 10;
-  if (rows != r.specs.size() + 1) problems.push_back("runs.csv: malformed");
-  for (std::size_t t = 0; t < r.tasks.size(); ++t) {
-    for (std::size_t m = 0; m < r.methods.size(); ++m) {
-      std::map<double, std::vector<const RunResult*>> by_lr;
-      for (std::size_t i = 0; i < r.specs.size(); ++i) {
-        if (r.specs[i].task == t && r.specs[i].method == m) {
-          by_lr[r.specs[i].lr].push_back(&r.results[i]);
-        }
-      }
-      double best = 0.0, best_val = kInf;
-      for (const auto& [lr, list] : by_lr) {
-        double sum = 0.0;
-        for (const RunResult* run : list) {
-          const double v = run->curve.back().val_loss;
-          sum += std::isfinite(v) ? v : kInf;
-        }
-        if (sum / static_cast<double>(list.size()) < best_val) {
-          best_val = sum / static_cast<double>(list.size());
-          best = lr;
-        }
-      }
-      for (const RunResult* run : by_lr[best]) {
-        if (!(run->curve.back().val_loss < run->curve.front().val_loss)) {
-          problems.push_back(format("%s / %s at lr %g: final loss %s not below the start %s",
-                                    r.tasks[t].name.c_str(), r.methods[m].id.c_str(), best,
-                                    num(run->curve.back().val_loss).c_str(),
-                                    num(run->curve.front().val_loss).c_str()));
-        }
+  for (const auto& [tm, entry] : best) {
+    for (const RunResult* run : groups[{tm.first, tm.second, entry.second}]) {
+      if (!(run->curve.back().val_loss < run->curve.front().val_loss)) {
+        problems.push_back(format("%s / %s at lr %g: final loss %s not below the start %s",
+                                  r.tasks[tm.first].name.c_str(), r.methods[tm.second].id.c_str(),
+                                  entry.second, num(run->curve.back().val_loss).c_str(),
+                                  num(run->curve.front().val_loss).c_str()));
       }
     }
   }
@@ -890,7 +555,7 @@ int run(Config cfg) {
   if (cfg.pretrain_digits <= 0) cfg.pretrain_digits = cfg.quick ? 400 : 1500;
   if (cfg.pretrain_planted <= 0) cfg.pretrain_planted = cfg.quick ? 600 : 3000;
   if (cfg.quick && !cfg.seeds_given) cfg.seeds = 2;
-  if (cfg.cache.empty()) cfg.cache = examples::default_cache_dir("peft-compare-cache");
+  if (cfg.cache.empty()) cfg.cache = default_cache_dir("peft-compare-cache");
   const long eval_every = std::max(1L, cfg.steps / 100);
   std::filesystem::create_directories(cfg.out);
 
@@ -901,7 +566,7 @@ int run(Config cfg) {
   for (const std::string& name : cfg.tasks) {
     note("preparing task " + name);
     if (name == "digits") {
-      if (cfg.data.empty()) cfg.data = examples::find_data_file("digits.csv.gz");
+      if (cfg.data.empty()) cfg.data = find_data_file("digits.csv.gz");
       tasks.push_back(make_digits(cfg));
     } else if (name == "planted") {
       tasks.push_back(make_planted(cfg));
@@ -943,7 +608,7 @@ int run(Config cfg) {
     }
   };
   const long total = static_cast<long>(specs.size()) * cfg.steps;
-  examples::Progress bar(stderr, total, cfg.quiet);
+  Progress bar(stderr, total, cfg.quiet);
   {
     std::vector<std::thread> threads;
     for (unsigned j = 0; j < std::max(1U, cfg.jobs); ++j) threads.emplace_back(worker);
@@ -951,15 +616,14 @@ int run(Config cfg) {
       const long done = std::min(progress.load(), total - 1);  // the last line comes below
       bar.update(done, format("peft-compare: %3.0f%%  %zu/%zu runs  %s elapsed",
                               100.0 * static_cast<double>(done) / static_cast<double>(total),
-                              finished.load(), specs.size(),
-                              examples::clock_string(bar.elapsed()).c_str()));
+                              finished.load(), specs.size(), clock_string(bar.elapsed()).c_str()));
       std::this_thread::sleep_for(std::chrono::milliseconds(250));
     }
     for (std::thread& th : threads) th.join();
   }
   const double wall = seconds_since(start);
-  bar.note(format("peft-compare: %zu runs in %s", specs.size(),
-                  examples::clock_string(bar.elapsed()).c_str()));
+  bar.note(
+      format("peft-compare: %zu runs in %s", specs.size(), clock_string(bar.elapsed()).c_str()));
 
   int status = 0;
   for (std::size_t i = 0; i < specs.size(); ++i) {

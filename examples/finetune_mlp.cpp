@@ -30,16 +30,14 @@
 #include <cctype>
 #include <cstring>
 #include <fstream>
-#include <map>
 
 namespace {
 
-using examples::format;
-using examples::Mat;
+using namespace examples;  // NOLINT: this program is built on the examples' support
 using peft::Index;
 
 struct Config {
-  std::string data;  // empty: examples::find_data_file
+  std::string data;  // empty: find_data_file
   std::string csv = "finetune_loss.csv";
   std::string method = "lora";  // lora, vera, adalora, lora-ga, eva, both (lora, vera) or all
   Index rank = 8;
@@ -80,10 +78,10 @@ struct Config {
 
 struct Setup {
   const Config& cfg;
-  const examples::Mlp& pretrained;
-  const examples::Data& train_rot;
-  const examples::Data& test_rot;
-  const examples::Data& test_up;
+  const Mlp& pretrained;
+  const Data& train_rot;
+  const Data& test_rot;
+  const Data& test_up;
   double pre_rotated;  // pretrained accuracy on the rotated test digits
   std::uint64_t dropout_seed, batch_seed, calibration_seed;
   std::ostream& csv;
@@ -113,15 +111,15 @@ double max_abs(const Mat& m) { return m.size() > 0 ? m.cwiseAbs().maxCoeff() : 0
 /// `phase` steps of AdamW on `data`, one progress line and one CSV row per step.
 template <typename Model, typename Recipe, typename Status>
 void train(Model& model, Recipe& recipe, peft::optim::AdamW<float>& opt, const Config& cfg,
-           std::ostream& csv, const examples::Data& data, double lr, long steps, std::uint64_t seed,
+           std::ostream& csv, const Data& data, double lr, long steps, std::uint64_t seed,
            const char* phase, const std::string& method, Status&& status) {
-  examples::Sampler batches(data, cfg.batch, seed);
-  examples::Progress progress(stdout, steps, cfg.quiet);
+  Sampler batches(data, cfg.batch, seed);
+  Progress progress(stdout, steps, cfg.quiet);
   double sum = 0.0;
   int count = 0;
-  examples::train_steps(
+  train_steps(
       model, recipe, opt, peft::optim::WarmupCosine(lr, steps / 20, steps), steps,
-      [&](examples::Batch& b) { batches.next(b); }, examples::loss_and_gradient,
+      [&](Batch& b) { batches.next(b); }, loss_and_gradient,
       [&](long step, double loss, double rate) {
         csv << step << ',' << loss << ',' << rate << ',' << phase << ',' << method << '\n';
         sum += loss;
@@ -135,10 +133,6 @@ void train(Model& model, Recipe& recipe, peft::optim::AdamW<float>& opt, const C
         }
       });
   if (!csv) PEFT_THROW(peft::io_error("writing the loss curve failed"));
-}
-
-double accuracy(examples::Mlp& model, const examples::Data& d) {
-  return examples::accuracy(model.logits(d.x), d.y);
 }
 
 std::string ranks_of(const std::vector<Index>& r) {
@@ -157,19 +151,18 @@ template <typename Recipe, typename Status>
 Outcome finetune(const Setup& setup, const std::string& method, Recipe& recipe, double lr,
                  double weight_decay, Index calibration_batch, Status&& status) {
   const Config& cfg = setup.cfg;
-  const auto start = examples::Clock::now();
-  examples::Mlp model = setup.pretrained;  // merged into at the end; the original stays intact
-  examples::AdaptedMlp<typename Recipe::Adapter> adapted(model);
+  const auto start = Clock::now();
+  Mlp model = setup.pretrained;  // merged into at the end; the original stays intact
+  AdaptedMlp<typename Recipe::Adapter> adapted(model);
   Outcome out;
   out.method = method;
   out.rotated_before = setup.pre_rotated;
   const Mat& probe = setup.test_rot.x;
   const Mat before = adapted.logits(probe);
   recipe.attach(adapted.set);
-  examples::Sampler calibration(setup.train_rot, calibration_batch, setup.calibration_seed);
-  const long batches = examples::calibrate(
-      adapted, recipe, [&](examples::Batch& b) { calibration.next(b); },
-      examples::loss_and_gradient);
+  Sampler calibration(setup.train_rot, calibration_batch, setup.calibration_seed);
+  const long batches = calibrate(
+      adapted, recipe, [&](Batch& b) { calibration.next(b); }, loss_and_gradient);
   const double init_diff = max_abs(adapted.logits(probe) - before);
   if (!(init_diff <= 1e-3 * std::max(1.0, max_abs(before)))) {
     out.failures.push_back(format("the init changed the logits by %.3g", init_diff));
@@ -205,12 +198,12 @@ Outcome finetune(const Setup& setup, const std::string& method, Recipe& recipe, 
   if (!(finish_diff <= 1e-4 * std::max(1.0, max_abs(trained)))) {
     out.failures.push_back(format("finish() changed the trained model by %.3g", finish_diff));
   }
-  out.rotated_after = examples::accuracy(adapted.logits(probe), setup.test_rot.y);
+  out.rotated_after = evaluate(adapted, setup.test_rot).accuracy;
   const Mat unmerged = adapted.logits(probe);
   adapted.set.merge_all();
   out.merge_diff = max_abs(model.logits(probe) - unmerged);
-  out.upright_after = accuracy(model, setup.test_up);
-  out.seconds = examples::seconds_since(start);
+  out.upright_after = evaluate(model, setup.test_up).accuracy;
+  out.seconds = seconds_since(start);
   return out;
 }
 
@@ -224,18 +217,6 @@ peft::LoraOptions lora_options(const Config& cfg, std::uint64_t seed) {
   o.use_rslora = cfg.rslora;
   o.seed = seed;  // one stream for every layer's A
   return o;
-}
-
-/// r capped at min(in, out) / `divisor` where the layer is smaller (the 10-way head).
-std::map<std::string, Index> rank_caps(const examples::Mlp& mlp, Index r, Index divisor) {
-  std::map<std::string, Index> caps;
-  for (std::size_t l = 0; l < mlp.layers().size(); ++l) {
-    const auto& w = mlp.layers()[l].weight;
-    if (std::min(w.rows(), w.cols()) / divisor < r) {
-      caps[examples::layer_name(l)] = std::min(w.rows(), w.cols()) / divisor;
-    }
-  }
-  return caps;
 }
 
 Outcome finetune_method(const Setup& s, const std::string& method, std::uint64_t init_seed) {
@@ -318,15 +299,15 @@ double percent_of(Index part, Index whole) {
 }
 
 int run(Config cfg) {
-  const auto start = examples::Clock::now();
+  const auto start = Clock::now();
   peft::Rng seeds(cfg.seed);  // one stream per purpose, all from --seed
-  if (cfg.data.empty()) cfg.data = examples::find_data_file("digits.csv.gz");
-  const examples::Digits digits = examples::load_digits(cfg.data);
-  const auto [train_digits, test_digits] = examples::train_test_split(digits, 0.2, seeds.next());
-  const examples::Data train_up = examples::from_digits(train_digits);
-  const examples::Data test_up = examples::from_digits(test_digits);
-  const examples::Data train_rot = examples::from_digits(examples::rotate90(train_digits));
-  const examples::Data test_rot = examples::from_digits(examples::rotate90(test_digits));
+  if (cfg.data.empty()) cfg.data = find_data_file("digits.csv.gz");
+  const Digits digits = load_digits(cfg.data);
+  const auto [train_digits, test_digits] = train_test_split(digits, 0.2, seeds.next());
+  const Data train_up = from_digits(train_digits);
+  const Data test_up = from_digits(test_digits);
+  const Data train_rot = from_digits(rotate90(train_digits));
+  const Data test_rot = from_digits(rotate90(test_digits));
   std::printf("data: %ld digits from %s (train %ld, test %ld); shift: 90-degree rotation\n",
               static_cast<long>(digits.size()), cfg.data.c_str(),
               static_cast<long>(train_up.size()), static_cast<long>(test_up.size()));
@@ -335,16 +316,16 @@ int run(Config cfg) {
   if (!csv) PEFT_THROW(peft::io_error("cannot write " + cfg.csv));
   csv << "step,loss,lr,phase,method\n";
 
-  examples::Mlp model({64, 128, 128, 10}, examples::Activation::relu, seeds.next());
+  Mlp model({64, 128, 128, 10}, Activation::relu, seeds.next());
   {
     peft::optim::AdamW<float> opt;  // lr from the schedule, weight_decay 0.01
     model.register_with(opt);
-    examples::NoRecipe none;
+    NoRecipe none;
     train(model, none, opt, cfg, csv, train_up, cfg.pretrain_lr, cfg.steps_pretrain, seeds.next(),
           "pretrain", "full", no_status);
   }
-  const double pre_upright = accuracy(model, test_up);
-  const double pre_rotated = accuracy(model, test_rot);
+  const double pre_upright = evaluate(model, test_up).accuracy;
+  const double pre_rotated = evaluate(model, test_rot).accuracy;
   std::printf(
       "pretrained MLP 64-128-128-10 (%ld parameters): test accuracy upright %.1f%%, "
       "rotated %.1f%%\n",
@@ -363,7 +344,7 @@ int run(Config cfg) {
       outcomes.push_back(finetune_method(setup, m, init_seed));
     }
   }
-  const double wall = examples::seconds_since(start);
+  const double wall = seconds_since(start);
 
   std::printf("\n%-8s  %9s  %10s  %9s  %23s  %19s  %12s  %10s\n", "method", "trainable",
               "% of total", "kept", "rotated before -> after", "upright after merge",

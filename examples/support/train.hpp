@@ -13,6 +13,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <map>
+#include <string>
 #include <vector>
 
 namespace examples {
@@ -82,6 +84,45 @@ inline double loss_and_gradient(const Batch& b, const Mat& out, Mat& dout) {
   const double loss = dout.cast<double>().squaredNorm() / n;
   dout *= static_cast<float>(2.0 / n);
   return loss;
+}
+
+/// Fraction of rows whose largest output is where the target row's largest entry is.
+inline double argmax_agreement(const Mat& out, const Mat& t) {
+  Index same = 0;
+  for (Index i = 0; i < out.rows(); ++i) {
+    Index a = 0, b = 0;
+    out.row(i).maxCoeff(&a);
+    t.row(i).maxCoeff(&b);
+    same += a == b ? 1 : 0;
+  }
+  return out.rows() > 0 ? static_cast<double>(same) / static_cast<double>(out.rows()) : 0.0;
+}
+
+struct Metrics {
+  double loss = 0.0;
+  double accuracy = 0.0;
+};
+
+template <typename Model>
+Metrics evaluate(Model& model, const Data& data) {
+  const Mat out = model.logits(data.x);
+  Mat dout;
+  Metrics m;
+  m.loss = loss_and_gradient(data, out, dout);
+  m.accuracy = data.t.rows() == 0 ? accuracy(out, data.y) : argmax_agreement(out, data.t);
+  return m;
+}
+
+/// Caps r at min(in, out) / `divisor` for the layers of `mlp` too small for it (a 10-way head;
+/// LoRA-GA's 2r <= min(in, out)): a recipe's rank_pattern.
+inline std::map<std::string, Index> rank_caps(const Mlp& mlp, Index r, Index divisor) {
+  std::map<std::string, Index> caps;
+  for (std::size_t l = 0; l < mlp.layers().size(); ++l) {
+    const auto& w = mlp.layers()[l].weight;
+    const Index cap = std::min(w.rows(), w.cols()) / divisor;
+    if (cap < r) caps[layer_name(l)] = cap;
+  }
+  return caps;
 }
 
 /**
