@@ -1,7 +1,7 @@
 // SPDX-FileCopyrightText: The peft authors
 // SPDX-License-Identifier: Apache-2.0
-// A small float MLP for the examples: full training, and the same network with every linear layer
-// wrapped by a peft adapter over its frozen weight.
+// A small float MLP for the examples: full training, and the same network whose layers take their
+// adapters from a peft::AdapterSet (the one container of adapters).
 #pragma once
 #include <peft/adapter.hpp>
 #include <peft/adapter_set.hpp>
