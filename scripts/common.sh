@@ -21,6 +21,12 @@ peft_elapsed() {  # seconds -> "1m23s"
   printf '%dm%02ds' $((s / 60)) $((s % 60))
 }
 
+# The Python that Debian's python3-* packages install for (a pyenv or venv python3 earlier in
+# PATH would not see python3-matplotlib); any python3 elsewhere.
+peft_python() {
+  if [ -x /usr/bin/python3 ]; then echo /usr/bin/python3; else command -v python3; fi
+}
+
 peft_nproc() {
   nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 2
 }

@@ -9,7 +9,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 peft_banner "Dependencies"
-peft_ensure_deps
+peft_ensure_deps python3-matplotlib  # the comparison's plots (examples/compare_report.py)
 
 peft_banner "Configure (build/release)"
 cmake -S . -B build/release -DCMAKE_BUILD_TYPE=Release -DPEFT_BUILD_EXAMPLES=ON >/dev/null
@@ -22,5 +22,7 @@ peft_banner "Run peft-finetune $*"
 cd "$PEFT_CALLER_PWD"
 "$PEFT_ROOT/build/release/examples/peft-finetune" "$@"
 
-peft_banner "Run peft-compare --quick (every method on both tasks; tables and plots in peft-compare-out/)"
-exec "$PEFT_ROOT/build/release/examples/peft-compare" --quick
+peft_banner "Run peft-compare --quick (every method on both tasks; CSV files in peft-compare-out/)"
+"$PEFT_ROOT/build/release/examples/peft-compare" --quick
+peft_banner "Report: peft-compare-out/results.md and loss_*.svg"
+"$(peft_python)" "$PEFT_ROOT/examples/compare_report.py" peft-compare-out

@@ -1,9 +1,10 @@
 // SPDX-FileCopyrightText: The peft authors
 // SPDX-License-Identifier: Apache-2.0
-// A small float MLP for the examples: full training, and the same network with every linear layer
-// wrapped by a peft adapter over its frozen weight.
+// A small float MLP for the examples: full training, and the same network whose layers take their
+// adapters from a peft::AdapterSet (the one container of adapters).
 #pragma once
 #include <peft/adapter.hpp>
+#include <peft/adapter_set.hpp>
 #include <peft/error.hpp>
 #include <peft/optim/adamw.hpp>
 #include <peft/random.hpp>
@@ -155,161 +156,103 @@ class Mlp {
   Mat delta_, dx_;  // backward scratch
 };
 
-namespace detail {
-// Whether the adapter offers backward(x, dy, grad, ws) without dx (LoRA does): the first layer
-// needs no input gradient.
-template <typename A, typename = void>
-struct has_backward_without_dx : std::false_type {};
-template <typename A>
-struct has_backward_without_dx<A,
-                               std::void_t<decltype(std::declval<const A&>().backward(
-                                   std::declval<const Mat&>(), std::declval<const Mat&>(),
-                                   std::declval<Vec&>(), std::declval<peft::Workspace<float>&>()))>>
-    : std::true_type {};
-}  // namespace detail
+/// Stands in for a recipe where nothing observes the passes (evaluation, plain training).
+struct NoObserver {
+  bool calibrating() const { return false; }
+  bool calibration_needs_gradients() const { return false; }
+  bool wants_input(const std::string&) const { return false; }
+  void observe_input(const std::string&, const ConstMatRef&) {}
+  void observe_gradient(const std::string&, const ConstMatRef&, const ConstMatRef&) {}
+};
+
+/// The name of layer `l` in an AdapterSet over an Mlp ("layers.0", ...).
+inline std::string layer_name(std::size_t l) { return "layers." + std::to_string(l); }
 
 /**
- * The layers of an Mlp, each wrapped by a peft adapter (e.g. peft::LoraLinear<float>) over the
- * layer's frozen weight and bias. Only the adapters train: each keeps one gradient vector laid
- * out like its parameters() and one Workspace (so dropout masks stay per adapter).
- *
- * `base` is viewed, not copied: it must outlive this model, and merge() writes into its weights
- * (after which `base` alone computes the fine-tuned function). Not copyable or movable, since the
- * optimizer and the adapters point into it.
+ * An Mlp whose layers are looked up in a peft::AdapterSet by name ("layers.l"): a layer with an
+ * adapter runs it over the layer's frozen weight and bias, a layer without one (EVA's rank 0, or
+ * before EVA attaches) is the plain layer. The set is the only container of adapters; this class
+ * only runs the network. `base` is viewed (merge_all() writes into its weights) and must outlive
+ * it. During calibration, forward() and backward() report to a recipe what it asks for.
  */
 template <typename Adapter>
 class AdaptedMlp {
-  static_assert(peft::check_adapter<Adapter>());
   static_assert(std::is_same_v<typename Adapter::Scalar, float>, "AdaptedMlp: float adapters only");
 
  public:
-  /// `make(layer, index)` returns the Adapter for `layer` (viewing layer.weight and layer.bias).
-  template <typename MakeAdapter>
-  AdaptedMlp(Mlp& base, MakeAdapter make) : base_(base) {
-    auto& layers = base_.layers();
-    adapters_.reserve(layers.size());
-    for (std::size_t l = 0; l < layers.size(); ++l) {
-      adapters_.push_back(make(layers[l], l));
-      grads_.push_back(Vec::Zero(adapters_.back().num_parameters()));
+  explicit AdaptedMlp(Mlp& base) : base_(base) {
+    for (std::size_t l = 0; l < base_.layers().size(); ++l) {
+      Dense& layer = base_.layers()[l];
+      names_.push_back(layer_name(l));
+      set.add_module(names_.back(), layer.weight, peft::frozen_bias(layer.bias));
     }
-    workspaces_.resize(layers.size());
-    frozen_.assign(layers.size(), false);
   }
   AdaptedMlp(const AdaptedMlp&) = delete;
   AdaptedMlp& operator=(const AdaptedMlp&) = delete;
 
-  std::vector<Adapter>& adapters() noexcept { return adapters_; }
-  const std::vector<Adapter>& adapters() const noexcept { return adapters_; }
   Mlp& base() noexcept { return base_; }
+  const std::string& name(std::size_t l) const { return names_.at(l); }
+  std::size_t num_layers() const noexcept { return names_.size(); }
 
-  /// Trainable parameters: the adapters' (the base layers are frozen), except those of
-  /// adapters frozen with freeze_adapter().
-  peft::Index num_parameters() const {
-    peft::Index total = 0;
-    for (std::size_t l = 0; l < adapters_.size(); ++l)
-      if (!frozen_[l]) total += adapters_[l].num_parameters();
-    return total;
-  }
-
-  /// Leaves adapter `l` out of register_with() and num_parameters(): it still runs in forward,
-  /// backward and merge, but never trains (e.g. a zero stand-in for a layer left unadapted).
-  /// Call before register_with().
-  void freeze_adapter(std::size_t l) { frozen_.at(l) = true; }
-  bool adapter_frozen(std::size_t l) const { return frozen_.at(l); }
-
-  /// One gradient vector per adapter, laid out like its parameters() (what backward() fills;
-  /// e.g. for peft::RankAllocator::add_layer). Sized at construction: an adapter that changes
-  /// its parameter count later (AdaLoRA's shrink()) no longer matches its vector.
-  std::vector<Vec>& gradients() noexcept { return grads_; }
-  /// Sets every adapter gradient to zero (what the optimizer's zero_grad() does once registered).
-  void zero_grad() {
-    for (Vec& g : grads_) g.setZero();
-  }
-
-  /// Registers each adapter's (parameters(), gradient) pair with `opt` (frozen ones excepted).
-  void register_with(peft::optim::AdamW<float>& opt) {
-    for (std::size_t l = 0; l < adapters_.size(); ++l) {
-      if (frozen_[l]) continue;
-      opt.add_parameters(adapters_[l].parameters(), grads_[l]);
-    }
-  }
-
-  /// Training mode: adapters with dropout > 0 draw masks (each workspace from its own stream).
-  void enable_dropout(std::uint64_t seed) {
-    peft::Rng seeds(seed);
-    for (auto& ws : workspaces_) ws.enable_dropout(seeds.next());
-  }
-  /// Inference mode: dropout is the identity.
-  void disable_dropout() {
-    for (auto& ws : workspaces_) ws.disable_dropout();
-  }
-
-  void forward(const ConstMatRef& x, Trace& trace) {
-    trace.h.resize(adapters_.size() + 1);
+  template <typename Observer = NoObserver>
+  void forward(const ConstMatRef& x, Trace& trace, Observer* observer = nullptr) {
+    trace.h.resize(names_.size() + 1);
     trace.h[0] = x;
-    for (std::size_t l = 0; l < adapters_.size(); ++l) {
-      trace.h[l + 1].resize(x.rows(), adapters_[l].out_features());
-      adapters_[l].forward(trace.h[l], trace.h[l + 1], workspaces_[l]);
-      if (l + 1 < adapters_.size()) activate(base_.activation(), trace.h[l + 1]);
+    for (std::size_t l = 0; l < names_.size(); ++l) {
+      if (observer && observer->calibrating() && observer->wants_input(names_[l])) {
+        observer->observe_input(names_[l], trace.h[l]);
+      }
+      trace.h[l + 1].resize(x.rows(), base_.layers()[l].out_features());
+      if (set.has_adapter(names_[l])) {
+        set.adapter(names_[l]).forward(trace.h[l], trace.h[l + 1], set.workspace(names_[l]));
+      } else {
+        base_.layers()[l].forward(trace.h[l], trace.h[l + 1]);
+      }
+      if (l + 1 < names_.size()) activate(base_.activation(), trace.h[l + 1]);
     }
   }
 
-  /// Accumulates the adapters' gradients for `dlogits` (the workspaces must hold the masks
-  /// of the matching forward when dropout is on).
-  void backward(const Trace& trace, const ConstMatRef& dlogits) {
-    backward(trace, dlogits, [](std::size_t, const ConstMatRef&, const ConstMatRef&) {});
-  }
-
-  /// As above, and calls `observe(l, x, dy)` for every layer l, last to first, with the layer's
-  /// input x `[n, in]` and the gradient of the loss with respect to its output dy `[n, out]`,
-  /// just before the layer's own backward (the views are valid during the call only). This is
-  /// what a full-weight gradient dL/dW = dyᵀ x needs, e.g. LoRA-GA's calibration.
-  template <typename LayerObserver>
-  void backward(const Trace& trace, const ConstMatRef& dlogits, LayerObserver&& observe) {
+  /// Accumulates the adapters' gradients into the set for `dlogits` of the traced pass; in
+  /// LoRA-GA's calibration, reports each layer's (x, dy) before its own backward.
+  template <typename Observer = NoObserver>
+  void backward(const Trace& trace, const ConstMatRef& dlogits, Observer* observer = nullptr) {
     delta_ = dlogits;
-    for (std::size_t l = adapters_.size() - 1; l > 0; --l) {
-      observe(l, trace.h[l], delta_);
+    for (std::size_t l = names_.size(); l-- > 0;) {
+      const std::string& name = names_[l];
+      if (observer && observer->calibrating() && observer->calibration_needs_gradients()) {
+        observer->observe_gradient(name, trace.h[l], delta_);
+      }
+      const bool adapted = set.has_adapter(name);
+      if (l == 0) {  // no input gradient for the first layer
+        if (adapted) set.adapter(name).backward(trace.h[0], delta_, set.gradient(name), ws(name));
+        break;
+      }
       dx_.resize(trace.h[l].rows(), trace.h[l].cols());
-      adapters_[l].backward(trace.h[l], delta_, dx_, grads_[l], workspaces_[l]);
+      if (adapted) {
+        set.adapter(name).backward(trace.h[l], delta_, dx_, set.gradient(name), ws(name));
+      } else {
+        dx_.noalias() = delta_ * base_.layers()[l].weight;
+      }
       activation_backward(base_.activation(), trace.h[l], dx_);
       delta_.swap(dx_);
     }
-    observe(std::size_t{0}, trace.h[0], delta_);
-    if constexpr (detail::has_backward_without_dx<Adapter>::value) {
-      adapters_[0].backward(trace.h[0], delta_, grads_[0], workspaces_[0]);
-    } else {
-      dx_.resize(trace.h[0].rows(), trace.h[0].cols());
-      adapters_[0].backward(trace.h[0], delta_, dx_, grads_[0], workspaces_[0]);
-    }
   }
 
-  /// Inference: the logits for `x` (call disable_dropout() first if dropout was on).
+  /// Inference: the logits for `x` (disable dropout first if it was on).
   Mat logits(const ConstMatRef& x) {
     Trace trace;
     forward(x, trace);
     return std::move(trace.h.back());
   }
 
-  /// W += ΔW for every layer, into the base Mlp's weights. Train no further while merged.
-  void merge() {
-    for (std::size_t l = 0; l < adapters_.size(); ++l) {
-      adapters_[l].merge_into(base_.layers()[l].weight);
-    }
-  }
-  /// Undoes merge().
-  void unmerge() {
-    for (std::size_t l = 0; l < adapters_.size(); ++l) {
-      adapters_[l].unmerge_from(base_.layers()[l].weight);
-    }
-  }
+  peft::AdapterSet<Adapter> set;  ///< one module per layer, "layers.0", ...
 
  private:
+  peft::Workspace<float>& ws(const std::string& name) { return set.workspace(name); }
+
   Mlp& base_;
-  std::vector<Adapter> adapters_;
-  std::vector<Vec> grads_;                          // one per adapter, like parameters()
-  std::vector<peft::Workspace<float>> workspaces_;  // one per adapter
-  std::vector<bool> frozen_;                        // adapters left out of training
-  Mat delta_, dx_;                                  // backward scratch
+  std::vector<std::string> names_;
+  Mat delta_, dx_;  // backward scratch
 };
 
 /**

@@ -199,49 +199,6 @@ inline Digits mirror(const Digits& data) {
   return out;
 }
 
-/// Endless minibatches: a fresh seeded permutation per epoch, drawn without replacement.
-/// Views `data`, which must outlive it.
-class Batches {
- public:
-  Batches(const Digits& data, peft::Index batch_size, std::uint64_t seed)
-      : data_(data), batch_size_(batch_size), rng_(seed) {
-    if (batch_size <= 0 || batch_size > data.size()) {
-      PEFT_THROW(peft::config_error("Batches: batch size " + std::to_string(batch_size) +
-                                    " must be in [1, " + std::to_string(data.size()) + "]"));
-    }
-    order_.resize(static_cast<std::size_t>(data.size()));
-    for (std::size_t i = 0; i < order_.size(); ++i) order_[i] = static_cast<peft::Index>(i);
-    next_ = order_.size();  // shuffle on first use
-    x_.resize(batch_size, Digits::num_features);
-    y_.resize(static_cast<std::size_t>(batch_size));
-  }
-
-  /// Fills and returns the next batch (the views stay valid until the next call).
-  std::pair<const peft::RowMatrix<float>&, const std::vector<int>&> next() {
-    for (peft::Index k = 0; k < batch_size_; ++k) {
-      if (next_ == order_.size()) {
-        shuffle(order_, rng_);
-        next_ = 0;
-      }
-      const peft::Index i = order_[next_++];
-      x_.row(k) = data_.x.row(i);
-      y_[static_cast<std::size_t>(k)] = data_.y[static_cast<std::size_t>(i)];
-    }
-    return {x_, y_};
-  }
-
-  peft::Index batch_size() const noexcept { return batch_size_; }
-
- private:
-  const Digits& data_;
-  peft::Index batch_size_;
-  peft::Rng rng_;
-  std::vector<peft::Index> order_;
-  std::size_t next_ = 0;
-  peft::RowMatrix<float> x_;
-  std::vector<int> y_;
-};
-
 }  // namespace examples
 
 #undef PEFT_EXAMPLES_POPEN
