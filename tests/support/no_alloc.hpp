@@ -16,14 +16,6 @@
 #include <iterator>
 #include <string>
 
-#if defined(__SANITIZE_ADDRESS__)
-#  define PEFT_TEST_SANITIZED 1
-#elif defined(__has_feature)
-#  if __has_feature(address_sanitizer)
-#    define PEFT_TEST_SANITIZED 1
-#  endif
-#endif
-
 namespace peft_test {
 struct NoMalloc {
   NoMalloc() { Eigen::internal::set_is_malloc_allowed(false); }

@@ -10,6 +10,16 @@
 #include <cstdint>
 #include <limits>
 
+// PEFT_TEST_SANITIZED: built with AddressSanitizer or ThreadSanitizer, under g++ (which defines
+// __SANITIZE_*__) or clang (__has_feature). Such builds run at -O0 and own the address space.
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#  define PEFT_TEST_SANITIZED 1
+#elif defined(__has_feature)
+#  if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#    define PEFT_TEST_SANITIZED 1
+#  endif
+#endif
+
 namespace peft_test {
 
 using peft::Index;
