@@ -250,7 +250,8 @@ class AdaptedLinears {
 
   void backward(Index layer, int p, const Mat& x, const Mat& dy, Mat* dx) {
     const std::string& name = names_[static_cast<std::size_t>(layer * num_projs + p)];
-    if (observer_ && observer_->calibrating() && observer_->calibration_needs_gradients()) {
+    if (observer_ && observer_->calibrating() && observer_->calibration_needs_gradients() &&
+        set_.has_adapter(name)) {  // LoRA-GA: the modules it adapts
       observer_->observe_gradient(name, x, dy);
     }
     if (set_.has_adapter(name)) {

@@ -1,0 +1,341 @@
+// SPDX-FileCopyrightText: The peft authors
+// SPDX-License-Identifier: Apache-2.0
+// One fine-tuning run of peft-lm's model with any of the six methods, through the library's
+// recipes: attach, calibrate (LoRA-GA, EVA), train with AdamW, finish, evaluate, and optionally
+// write the PEFT adapter folder. Shared by peft-lm finetune and peft-compare's lm task.
+#pragma once
+#include "cli.hpp"
+#include "text.hpp"
+#include "transformer.hpp"
+
+#include <peft/io/adalora.hpp>
+#include <peft/io/adapter_files.hpp>
+#include <peft/io/codecs.hpp>
+#include <peft/io/lora.hpp>
+#include <peft/optim/adamw.hpp>
+#include <peft/optim/schedule.hpp>
+#include <peft/train/recipe.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace examples {
+namespace lm {
+
+/// What a fine-tuning run needs besides the model and the text.
+struct RunOptions {
+  std::string method = "lora";  ///< lora, rslora, vera, adalora, lora-ga, eva
+  std::vector<int> targets = {q_proj, v_proj};
+  long steps = 300;
+  Index batch = 16;
+  Index rank = 8;  ///< LoRA's r, AdaLoRA's init_r (target r/2), VeRA's shared r, EVA's r
+  double alpha = 16.0;
+  double lr = 0.0;  ///< 0: the method's default (default_lr)
+  double weight_decay = 0.0;
+  std::uint64_t seed = 1;  ///< adapter init, projections, batches
+  long calibration_batches = 8;
+  Index eval_bytes = 32768;  ///< held-out bytes per evaluation
+  long eval_every = 0;       ///< also evaluate every this many steps (0: only before and after)
+  std::string out;           ///< adapter folder to write (empty: none)
+  std::string base_name;     ///< base_model_name_or_path in the folder's config
+  bool quiet = false;
+};
+
+/// What a run measured.
+struct RunResult {
+  std::string label;               ///< "LoRA", "rsLoRA", ...
+  double before = 0, after = 0;    ///< held-out bits/char of the base and of the adapted model
+  std::vector<double> train_loss;  ///< per step (nats)
+  std::vector<std::pair<long, double>> held_out;  ///< (step, bits/char), step 0 = the base
+  Index trainable = 0, total = 0;                 ///< adapter and base parameters
+  std::size_t modules = 0;
+  long calibration_batches = 0;
+  double train_seconds = 0, seconds = 0;
+};
+
+/// The peak learning rate a method uses when none is given (picked on the Jargon File; see
+/// docs/lm.md).
+inline double default_lr(const std::string& method) {
+  if (method == "vera") return 1e-2;
+  if (method == "lora-ga") return 5e-4;
+  if (method == "rslora") return 1e-3;
+  return 2e-3;
+}
+
+/// "q_proj,v_proj" (or "all") as projections; config_error naming an unknown module.
+inline std::vector<int> parse_targets(const std::string& list) {
+  std::vector<int> projs;
+  std::stringstream in(list);
+  std::string name;
+  while (std::getline(in, name, ',')) {
+    if (name.empty()) continue;
+    if (name == "all") {
+      for (int p = 0; p < num_projs; ++p)
+        if (std::find(projs.begin(), projs.end(), p) == projs.end()) projs.push_back(p);
+      continue;
+    }
+    int found = -1;
+    for (int p = 0; p < num_projs; ++p)
+      if (proj_short(p) == name) found = p;
+    if (found < 0) {
+      PEFT_THROW(peft::config_error("unknown target module '" + name +
+                                    "' (expected q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                                    "up_proj, down_proj or all)"));
+    }
+    if (std::find(projs.begin(), projs.end(), found) == projs.end()) projs.push_back(found);
+  }
+  if (projs.empty()) PEFT_THROW(peft::config_error("--target names no module"));
+  return projs;
+}
+
+inline std::string targets_string(const std::vector<int>& projs) {
+  std::string s;
+  for (int p : projs) s += (s.empty() ? "" : ",") + proj_short(p);
+  return s;
+}
+
+/// The pretraining mix: every fortune category (examples/data/text), 5% of each held out.
+inline TextSplit fortune_text() {
+  static const char* const categories[] = {"computers",   "definitions", "education", "linux",
+                                           "literature",  "people",      "riddles",   "science",
+                                           "songs-poems", "wisdom",      "work"};
+  TextSplit all;
+  for (const char* category : categories) {
+    const std::string path = find_data_file(std::string("text/fortunes-") + category + ".txt.gz");
+    const TextSplit s = split_text(strip_fortune_separators(read_text(path)), 0.05, path);
+    all.train += s.train;
+    all.held_out += s.held_out;
+  }
+  return all;
+}
+
+/// The fine-tuning text: `path` (default the Jargon File), its last 5% held out.
+inline TextSplit finetune_text(const std::string& path = {}) {
+  const std::string file = path.empty() ? find_data_file("text/jargon-4.4.7.txt.gz") : path;
+  return split_text(read_text(file), 0.05, file);
+}
+
+/// Held-out bits/char of `w` through `lin` (the base, or an adapter set).
+template <typename Linears>
+double held_out_bpc(const Weights<float>& w, Linears& lin, const std::string& text,
+                    Index max_bytes) {
+  Transformer<float> model(w);
+  return bits_per_char<float>(text, w.cfg.context, max_bytes, 16,
+                              [&](const std::vector<int>& in, Index b, Index t, Trace<float>& tr) {
+                                model.forward(in, b, t, tr, lin);
+                              });
+}
+
+inline double base_bpc(const Weights<float>& w, const std::string& text, Index max_bytes) {
+  BaseLinears<float> lin{w, nullptr};
+  return held_out_bpc(w, lin, text, max_bytes);
+}
+
+inline std::string thousands(double v) {
+  std::string s = std::to_string(static_cast<long long>(std::llround(v)));
+  for (int i = static_cast<int>(s.size()) - 3; i > 0; i -= 3)
+    s.insert(static_cast<std::size_t>(i), ",");
+  return s;
+}
+
+namespace detail {
+
+/// A recipe's calibration (LoRA-GA, EVA; nothing for the others) on training windows.
+template <typename Recipe>
+long calibrate(Recipe& recipe, const Weights<float>& w,
+               peft::AdapterSet<typename Recipe::Adapter>& set, Windows& windows, Index batch) {
+  Transformer<float> model(w);
+  AdaptedLinears<typename Recipe::Adapter, Recipe> lin(set, w, &recipe);
+  std::vector<int> in, target;
+  Trace<float> tr;
+  peft::RowMatrix<float> dlogits;
+  long batches = 0;
+  while (recipe.calibrating()) {
+    windows.next(batch, in, target);
+    model.forward(in, batch, w.cfg.context, tr, lin);
+    if (recipe.calibration_needs_gradients()) {
+      cross_entropy(tr.logits, target, &dlogits);
+      model.backward(tr, dlogits, lin);
+    }
+    recipe.end_calibration_batch();
+    ++batches;
+  }
+  return batches;
+}
+
+template <typename Recipe>
+RunResult run(const RunOptions& o, Recipe& recipe, Weights<float>& w, const TextSplit& text,
+              double lr, peft::io::AdapterConfig config, const std::string& label) {
+  using Adapter = typename Recipe::Adapter;
+  const auto start = Clock::now();
+  RunResult r;
+  r.label = label;
+  std::vector<std::string> modules;
+  for (Index l = 0; l < w.cfg.layers; ++l)
+    for (int p : o.targets) modules.push_back(module_name(l, p));
+  r.before = base_bpc(w, text.held_out, o.eval_bytes);
+  r.held_out.emplace_back(0, r.before);
+  peft::AdapterSet<Adapter> set;
+  register_modules(set, w);
+  recipe.attach(set, modules);
+  Windows windows(text.train, w.cfg.context, o.seed + 1);
+  r.calibration_batches = detail::calibrate(recipe, w, set, windows, o.batch);
+  peft::optim::AdamWOptions ao;
+  ao.weight_decay = o.weight_decay;
+  peft::optim::AdamW<float> opt(ao);
+  set.register_with(opt);
+  r.trainable = set.num_parameters();
+  r.total = w.num_parameters();
+  r.modules = set.adapted_modules().size();
+  if (!o.quiet) {
+    std::printf(
+        "%s on %zu modules (%s): %s trainable of %s parameters (%.2f%%)%s\n", label.c_str(),
+        r.modules, targets_string(o.targets).c_str(),
+        thousands(static_cast<double>(r.trainable)).c_str(),
+        thousands(static_cast<double>(r.total + r.trainable)).c_str(),
+        100.0 * static_cast<double>(r.trainable) / static_cast<double>(r.total + r.trainable),
+        r.calibration_batches > 0
+            ? format("; calibrated on %ld batches", r.calibration_batches).c_str()
+            : "");
+    std::printf("held-out bits/char before: %.4f\n", r.before);
+    std::fflush(stdout);
+  }
+
+  Transformer<float> model(w);
+  AdaptedLinears<Adapter> lin(set, w);
+  const peft::optim::WarmupCosine schedule(lr, o.steps / 20, o.steps);
+  Progress progress(stdout, o.steps, o.quiet);
+  std::vector<int> in, target;
+  Trace<float> tr;
+  peft::RowMatrix<float> dlogits;
+  double recent = 0.0;
+  long count = 0;
+  const auto train_start = Clock::now();
+  double eval_seconds = 0.0;
+  for (long step = 1; step <= o.steps; ++step) {
+    windows.next(o.batch, in, target);
+    model.forward(in, o.batch, w.cfg.context, tr, lin);
+    const double loss = cross_entropy(tr.logits, target, &dlogits);
+    if (!std::isfinite(loss)) {
+      PEFT_THROW(peft::state_error(
+          format("%s: the loss is %g at step %ld (try a lower --lr)", label.c_str(), loss, step)));
+    }
+    model.backward(tr, dlogits, lin);
+    recipe.before_optimizer_step();
+    opt.step(schedule(opt.step_count()));
+    recipe.after_optimizer_step(opt.step_count());
+    opt.zero_grad();
+    r.train_loss.push_back(loss);
+    if (o.eval_every > 0 && step % o.eval_every == 0 && step < o.steps) {
+      const auto t0 = Clock::now();
+      r.held_out.emplace_back(step, held_out_bpc(w, lin, text.held_out, o.eval_bytes));
+      eval_seconds += seconds_since(t0);
+    }
+    recent += loss;
+    ++count;
+    const double tokens = static_cast<double>(step * o.batch * w.cfg.context);
+    const double seconds = seconds_since(train_start) - eval_seconds;
+    if (progress.update(
+            step, format("%s step %5ld/%ld  loss %.4f  bits/char %.3f  %s tok/s", label.c_str(),
+                         step, o.steps, recent / count, recent / count / std::log(2.0),
+                         thousands(tokens / std::max(seconds, 1e-9)).c_str()))) {
+      recent = 0.0;
+      count = 0;
+    }
+  }
+  r.train_seconds = seconds_since(train_start) - eval_seconds;
+  recipe.finish();  // AdaLoRA shrinks to its kept ranks; LoRA-GA exports over the original W
+  r.after = held_out_bpc(w, lin, text.held_out, o.eval_bytes);
+  r.held_out.emplace_back(o.steps, r.after);
+  if (!o.out.empty()) {
+    config.base_model_name_or_path = o.base_name;
+    config.extra["task_type"] = "CAUSAL_LM";
+    auto folder = peft::io::to_folder(set, config);
+    // target_modules as a PEFT user writes it for a language model: the short names, which
+    // select exactly the adapted modules of every layer.
+    std::vector<std::string> names;
+    for (int p : o.targets) names.push_back(proj_short(p));
+    folder.config.target_modules = names;
+    folder.template save<peft::io::BuiltinCodecs>(o.out, peft::io::Dtype::f32);
+  }
+  r.seconds = seconds_since(start);
+  return r;
+}
+
+inline peft::LoraOptions lora_options(const RunOptions& o) {
+  peft::LoraOptions l;
+  l.r = o.rank;
+  l.lora_alpha = o.alpha;
+  l.seed = o.seed;
+  return l;
+}
+
+}  // namespace detail
+
+/**
+ * Fine-tunes adapters of `o.method` on `o.targets` of every layer of `w` (merged into nothing:
+ * `w` is unchanged afterwards) on `text.train`, evaluating on `text.held_out`.
+ */
+inline RunResult finetune(const RunOptions& o, Weights<float>& w, const TextSplit& text) {
+  const std::string& m = o.method;
+  const double lr = o.lr > 0 ? o.lr : default_lr(m);
+  if (o.steps < 1 || o.batch < 1 || o.rank < 1) {
+    PEFT_THROW(peft::config_error("steps, batch and rank must be >= 1"));
+  }
+  if (m == "lora" || m == "rslora") {
+    peft::train::LoraRecipeOptions ro;
+    ro.lora = detail::lora_options(o);
+    ro.lora.use_rslora = m == "rslora";
+    peft::train::LoraRecipe<float> recipe(ro);
+    return detail::run(o, recipe, w, text, lr, {}, m == "lora" ? "LoRA" : "rsLoRA");
+  }
+  if (m == "vera") {
+    peft::train::VeraRecipeOptions ro;
+    ro.vera.r = o.rank;
+    ro.projection_prng_key = o.seed;
+    peft::train::VeraRecipe<float> recipe(ro);
+    return detail::run(o, recipe, w, text, lr, {}, "VeRA");
+  }
+  if (m == "adalora") {
+    peft::train::AdaLoraRecipeOptions ro;
+    ro.adalora.init_r = o.rank;
+    ro.adalora.lora_alpha = o.alpha;
+    ro.adalora.seed = o.seed;
+    ro.budget.init_r = o.rank;
+    ro.budget.target_r = std::max<Index>(1, o.rank / 2);
+    ro.budget.total_step = o.steps;
+    ro.budget.tinit = o.steps / 10;
+    ro.budget.tfinal = o.steps / 5;
+    ro.budget.deltaT = std::max(1L, o.steps / 30);
+    peft::train::AdaLoraRecipe<float> recipe(ro);
+    return detail::run(o, recipe, w, text, lr, peft::io::adalora_config(ro.budget), "AdaLoRA");
+  }
+  if (m == "lora-ga") {
+    peft::train::LoraGaRecipeOptions ro;
+    ro.lora = detail::lora_options(o);
+    ro.lora.use_rslora = true;  // the paper's runs
+    ro.ga.seed = o.seed;
+    ro.calibration_batches = o.calibration_batches;
+    peft::train::LoraGaRecipe<float> recipe(ro);
+    return detail::run(o, recipe, w, text, lr, {}, "LoRA-GA");
+  }
+  if (m == "eva") {
+    peft::train::EvaRecipeOptions ro;
+    ro.eva.r = o.rank;
+    ro.eva.lora_alpha = o.alpha;
+    ro.eva.adjust_scaling_factors = true;
+    ro.lora = detail::lora_options(o);
+    peft::train::EvaRecipe<float> recipe(ro);
+    return detail::run(o, recipe, w, text, lr, peft::io::eva_config(ro.eva), "EVA");
+  }
+  PEFT_THROW(peft::config_error("unknown method '" + m +
+                                "' (expected lora, rslora, vera, adalora, lora-ga or eva)"));
+}
+
+}  // namespace lm
+}  // namespace examples
