@@ -405,6 +405,18 @@ def machine():
     return {"model_name": name, "avx512f": "avx512f" in flags}
 
 
+def blas():
+    """The BLAS library torch's GEMMs went to. Debian's torch takes whatever libblas.so.3 the
+    alternatives system points at: the reference BLAS (tens of times slower) unless OpenBLAS,
+    which libtorch only recommends, is installed."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    paths = sorted({line.split()[-1] for line in maps.splitlines() if "blas" in line.split()[-1]})
+    return ", ".join(os.path.realpath(p) for p in paths) or "none loaded"
+
+
 GROUPS = {"base_gemm": "base GEMMs (frozen W, forward and dx)", "attention": "attention",
           "lora": "adapters (LoRA branch and its grads)", "optimizer": "optimizer",
           "other": "other (norms, rotary, elementwise, embedding, loss)"}
@@ -510,7 +522,12 @@ def cmd_step(args):
         "tokens_per_s": round(args.batch * cfg.context / (median / 1e3), 1),
         "torch_version": torch.__version__,
         "machine": machine(),
+        "blas": blas(),
+        "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", ""),
     }
+    if "openblas" not in result["blas"]:
+        print(f"warning: GEMMs run on {result['blas']}, not OpenBLAS; "
+              "apt-get install libopenblas0 for meaningful numbers", file=sys.stderr)
     print(f"{result['case']}  threads {result['threads']}: {median:.2f} ms/step "
           f"(samples {result['step_ms_samples']}), {result['tokens_per_s']:.0f} tokens/s")
     if args.profile:
@@ -527,6 +544,59 @@ def cmd_step(args):
 
 # ---------------------------------------------------------------------------------------------
 # selftest
+
+def naive_logits(weights, heads, adapters, data):
+    """A second, deliberately plain model in float64: one position and one head at a time,
+    rotary as explicit pair rotations. It shares no code with forward(), so a slip in the
+    head layout, the rotation or the mask would show as a difference."""
+    w = {n: t.double() for n, t in weights.items()}
+
+    def lin(x, name):
+        y = w[name + ".weight"] @ x
+        if name in adapters:
+            lora = adapters[name]
+            y = y + lora.scale * (lora.b.double() @ (lora.a.double() @ x))
+        return y
+
+    def norm(x, g):
+        return x / math.sqrt((x * x).mean().item() + NORM_EPS) * g
+
+    def rotate(vec, pos, hd):
+        out = vec.clone()
+        half = hd // 2
+        for h in range(heads):
+            for j in range(half):
+                angle = pos / ROPE_BASE ** (2 * j / hd)
+                x1, x2 = vec[h * hd + j], vec[h * hd + j + half]
+                out[h * hd + j] = x1 * math.cos(angle) - x2 * math.sin(angle)
+                out[h * hd + j + half] = x2 * math.cos(angle) + x1 * math.sin(angle)
+        return out
+
+    xs = [w["model.embed_tokens.weight"][b] for b in data]
+    d = xs[0].shape[0]
+    hd = d // heads
+    layers = sum(1 for n in w if n.endswith(".input_layernorm.weight"))
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        n = [norm(x, w[f"{p}.input_layernorm.weight"]) for x in xs]
+        q = [rotate(lin(v, f"{p}.self_attn.q_proj"), t, hd) for t, v in enumerate(n)]
+        k = [rotate(lin(v, f"{p}.self_attn.k_proj"), t, hd) for t, v in enumerate(n)]
+        v = [lin(v, f"{p}.self_attn.v_proj") for v in n]
+        new = []
+        for t, x in enumerate(xs):
+            out = torch.zeros(d, dtype=torch.float64)
+            for h in range(heads):
+                cols = slice(h * hd, (h + 1) * hd)
+                scores = torch.stack([q[t][cols] @ k[s][cols] for s in range(t + 1)]) / math.sqrt(hd)
+                probs = torch.softmax(scores, dim=0)
+                out[cols] = sum(probs[s] * v[s][cols] for s in range(t + 1))
+            h_ = x + lin(out, f"{p}.self_attn.o_proj")
+            m = norm(h_, w[f"{p}.post_attention_layernorm.weight"])
+            gated = F.silu(lin(m, f"{p}.mlp.gate_proj")) * lin(m, f"{p}.mlp.up_proj")
+            new.append(h_ + lin(gated, f"{p}.mlp.down_proj"))
+        xs = new
+    return torch.stack([lin(norm(x, w["model.norm.weight"]), "lm_head") for x in xs]).float()
+
 
 def selftest(_args):
     cfg = Config(d_model=32, layers=2, heads=2, d_ff=48, context=16)
@@ -594,6 +664,8 @@ def selftest(_args):
         for module, lora in adapters.items():
             merged[module + ".weight"] = weights[module + ".weight"] + lora.scale * lora.b @ lora.a
         close("LoRA logits == merged W + s*B@A", lora_logits, in_memory(merged))
+        close("LoRA logits == naive float64 model", lora_logits,
+              naive_logits(weights, cfg.heads, adapters, tokens), tol=1e-4)
 
         # rsLoRA with BF16 adapter tensors: scale alpha / sqrt(r), values rounded to bf16.
         config.update(use_rslora=True, rank_pattern={}, alpha_pattern={})
