@@ -18,6 +18,13 @@ Run with Debian's interpreter and python3-torch (/usr/bin/python3). Subcommands:
             back through the logits path; checks logits, causal masking and the LoRA merge
               /usr/bin/python3 benchmarks/lm_torch.py selftest
 
+Timing notes. Debian's torch runs its GEMMs on whatever libblas.so.3 is installed: install
+libopenblas0 (libtorch only recommends it), or the reference BLAS makes a step ~20 times slower.
+OpenBLAS keeps its own thread pool, which `step` sizes to --threads as well. An inherited
+OPENBLAS_CORETYPE (e.g. Haswell) pins OpenBLAS to slower kernels; run as benchmarks/bench.sh
+does, with `env -u OPENBLAS_CORETYPE`. The JSON records the BLAS, both variables and the load
+average, since a busy second core ruins the 2-thread numbers.
+
 The model, with Hugging Face Llama names, no biases, lm_head not tied to the embedding:
   x = embed_tokens[bytes]; per layer h = x + o_proj(attn(input_layernorm(x))),
   x = h + down_proj(silu(gate_proj(n)) * up_proj(n)) with n = post_attention_layernorm(h);
@@ -26,6 +33,7 @@ The model, with Hugging Face Llama names, no biases, lm_head not tied to the emb
 """
 import argparse
 import contextlib
+import ctypes
 import functools
 import itertools
 import json
@@ -417,6 +425,22 @@ def blas():
     return ", ".join(os.path.realpath(p) for p in paths) or "none loaded"
 
 
+def set_threads(threads):
+    """torch.set_num_threads only sizes torch's OpenMP pool. Debian's OpenBLAS (pthreads) keeps
+    its own pool, one thread per core, so without this a "1-thread" run does its GEMMs on every
+    core. Returns OpenBLAS's thread count, or None for another BLAS."""
+    torch.set_num_threads(threads)
+    torch.zeros(1) @ torch.zeros(1)  # make sure the BLAS is loaded before looking for it
+    for path in blas().split(", "):
+        try:
+            lib = ctypes.CDLL(path)  # the library already mapped, not a second copy
+            lib.openblas_set_num_threads(threads)
+            return lib.openblas_get_num_threads()
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
 GROUPS = {"base_gemm": "base GEMMs (frozen W, forward and dx)", "attention": "attention",
           "lora": "adapters (LoRA branch and its grads)", "optimizer": "optimizer",
           "other": "other (norms, rotary, elementwise, embedding, loss)"}
@@ -477,7 +501,7 @@ def profile_steps(step, steps):
 
 def cmd_step(args):
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
-    torch.set_num_threads(threads)
+    blas_threads = set_threads(threads)
     cfg = Config(args.d_model, args.layers, args.heads, args.d_ff, args.context)
     if cfg.d_model % cfg.heads or (cfg.d_model // cfg.heads) % 2:
         raise SystemExit("--d-model must be --heads times an even head_dim")
@@ -500,6 +524,7 @@ def cmd_step(args):
             optimizer.zero_grad(set_to_none=True)
         return loss
 
+    load_before = os.getloadavg()[0]
     first_loss = step().item()
     samples = timed(step, args.min_time, args.repetitions, args.warmup)
     median = statistics.median(samples)
@@ -523,11 +548,17 @@ def cmd_step(args):
         "torch_version": torch.__version__,
         "machine": machine(),
         "blas": blas(),
+        "blas_threads": blas_threads,
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE", ""),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        "load_1min_before_after": [load_before, os.getloadavg()[0]],
     }
     if "openblas" not in result["blas"]:
         print(f"warning: GEMMs run on {result['blas']}, not OpenBLAS; "
               "apt-get install libopenblas0 for meaningful numbers", file=sys.stderr)
+    if result["openblas_coretype"]:
+        print(f"warning: OPENBLAS_CORETYPE={result['openblas_coretype']} pins OpenBLAS's kernels",
+              file=sys.stderr)
     print(f"{result['case']}  threads {result['threads']}: {median:.2f} ms/step "
           f"(samples {result['step_ms_samples']}), {result['tokens_per_s']:.0f} tokens/s")
     if args.profile:
@@ -741,7 +772,7 @@ def main():
 
     args = parser.parse_args()
     if args.command != "step":
-        torch.set_num_threads(1)
+        set_threads(1)
     args.run(args)
 
 
