@@ -460,7 +460,16 @@ def forward_region(event):
 
 def group_of(event, region_of_seq):
     """Group of one profiler event. Backward ops inherit the region of the forward op that
-    created their autograd node: both carry the same sequence number."""
+    created their autograd node: both carry the same sequence number. An add in the base
+    GEMMs' backward is autograd summing the dx of an input's several consumers (q, k, v; gate,
+    up; base and LoRA branch): elementwise work, so it goes to "other"."""
+    group = _region_group(event, region_of_seq)
+    if group == "base_gemm" and event.name in ("aten::add", "aten::add_"):
+        return "other"
+    return group
+
+
+def _region_group(event, region_of_seq):
     while event is not None:
         if event.name in GROUPS:
             return event.name
