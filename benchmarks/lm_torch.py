@@ -23,7 +23,8 @@ libopenblas0 (libtorch only recommends it), or the reference BLAS makes a step ~
 OpenBLAS keeps its own thread pool, which `step` sizes to --threads as well. An inherited
 OPENBLAS_CORETYPE (e.g. Haswell) pins OpenBLAS to slower kernels; run as benchmarks/bench.sh
 does, with `env -u OPENBLAS_CORETYPE`. The JSON records the BLAS, both variables and the load
-average, since a busy second core ruins the 2-thread numbers.
+average, since a busy second core ruins the 2-thread numbers. OMP_WAIT_POLICY defaults to
+PASSIVE here (see below).
 
 The model, with Hugging Face Llama names, no biases, lm_head not tied to the embedding:
   x = embed_tokens[bytes]; per layer h = x + o_proj(attn(input_layernorm(x))),
@@ -49,9 +50,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, record_function
+# Before torch loads libgomp, which reads it once. With libgomp's default (spinning) wait, torch's
+# idle OpenMP threads keep a core busy between parallel regions and fight OpenBLAS's own
+# threads for the same two cores: 2-thread steps measured 2-3x slower and erratic. Passive
+# waiting is what benchmarks/analysis.md advises on shared machines; set OMP_WAIT_POLICY to
+# override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.profiler import ProfilerActivity, record_function  # noqa: E402
 
 VOCAB = 256  # one token per byte
 NORM_EPS = 1e-5
