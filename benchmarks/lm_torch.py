@@ -196,7 +196,8 @@ def forward(model, tokens):
         p = f"model.layers.{i}"
         h = x + attention(model, rms_norm(x, w[f"{p}.input_layernorm.weight"]), f"{p}.self_attn")
         n = rms_norm(h, w[f"{p}.post_attention_layernorm.weight"])
-        gated = F.silu(linear(model, n, f"{p}.mlp.gate_proj")) * linear(model, n, f"{p}.mlp.up_proj")
+        gate = F.silu(linear(model, n, f"{p}.mlp.gate_proj"))
+        gated = gate * linear(model, n, f"{p}.mlp.up_proj")
         x = h + linear(model, gated, f"{p}.mlp.down_proj")
     return linear(model, rms_norm(x, w["model.norm.weight"]), "lm_head")
 
@@ -233,7 +234,8 @@ def parse_targets(text):
     targets = list(BLOCK_OF) if text == "all" else [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in targets if t not in BLOCK_OF]
     if unknown or not targets:
-        raise SystemExit(f"--targets: unknown {unknown}; use a comma list of {list(BLOCK_OF)} or all")
+        raise SystemExit(f"--targets: unknown {unknown}; "
+                         f"use a comma list of {list(BLOCK_OF)} or all")
     return targets
 
 
@@ -274,7 +276,8 @@ def read_safetensors(path):
         count = math.prod(shape)
         if end - begin != count * torch.finfo(dtype).bits // 8 or start_of_data + end > len(data):
             raise SystemExit(f"{path}: {name}: data_offsets do not fit shape {shape}")
-        raw = bytearray(data[start_of_data + begin:start_of_data + end])  # frombuffer wants it writable
+        # A copy: torch.frombuffer wants a writable buffer.
+        raw = bytearray(data[start_of_data + begin:start_of_data + end])
         flat = torch.frombuffer(raw, dtype=dtype) if count else torch.empty(0, dtype=dtype)
         # BF16 to fp32 is exact (BF16 is the top half of an fp32); F64 rounds to nearest.
         tensors[name] = flat.reshape(shape).float()
@@ -304,8 +307,10 @@ def model_from_weights(weights, heads):
     embed = weights.get("model.embed_tokens.weight")
     gate = weights.get("model.layers.0.mlp.gate_proj.weight")
     if embed is None or gate is None:
-        raise SystemExit("base: needs model.embed_tokens.weight and model.layers.0.mlp.gate_proj.weight")
-    layers = sum(1 for n in weights if re.fullmatch(r"model\.layers\.\d+\.input_layernorm\.weight", n))
+        raise SystemExit("base: needs model.embed_tokens.weight and "
+                         "model.layers.0.mlp.gate_proj.weight")
+    norm_name = re.compile(r"model\.layers\.\d+\.input_layernorm\.weight")
+    layers = sum(1 for n in weights if norm_name.fullmatch(n))
     cfg = Config(d_model=embed.shape[1], layers=layers, heads=heads, d_ff=gate.shape[0],
                  vocab=embed.shape[0])
     if cfg.vocab != VOCAB or cfg.d_model % heads or (cfg.d_model // heads) % 2:
@@ -635,8 +640,8 @@ def naive_logits(weights, heads, adapters, data):
             out = torch.zeros(d, dtype=torch.float64)
             for h in range(heads):
                 cols = slice(h * hd, (h + 1) * hd)
-                scores = torch.stack([q[t][cols] @ k[s][cols] for s in range(t + 1)]) / math.sqrt(hd)
-                probs = torch.softmax(scores, dim=0)
+                scores = torch.stack([q[t][cols] @ k[s][cols] for s in range(t + 1)])
+                probs = torch.softmax(scores / math.sqrt(hd), dim=0)
                 out[cols] = sum(probs[s] * v[s][cols] for s in range(t + 1))
             h_ = x + lin(out, f"{p}.self_attn.o_proj")
             m = norm(h_, w[f"{p}.post_attention_layernorm.weight"])
@@ -692,7 +697,8 @@ def selftest(_args):
         r, alpha = 4, 8
         adapters = random_adapters(weights, cfg.layers, list(BLOCK_OF), r, alpha, gen, 0.1)
         down1 = module_name(1, "down_proj")
-        adapters[down1] = Lora(adapters[down1].a[:2].clone(), adapters[down1].b[:, :2].clone(), 8 / 2)
+        # rank_pattern {"layers.1.mlp.down_proj": 2}: rank 2, scale 8 / 2
+        adapters[down1] = Lora(adapters[down1].a[:2].clone(), adapters[down1].b[:, :2].clone(), 4.0)
         for i in range(cfg.layers):  # alpha_pattern {"v_proj": 4}: scale 4 / 4
             adapters[module_name(i, "v_proj")].scale = 1.0
         config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
@@ -732,7 +738,8 @@ def selftest(_args):
         first = via_files(tmp / "base-f32.safetensors", folder)
         close(f"causal: positions 0..{t} unchanged when later bytes change", again[:t + 1],
               first[:t + 1], tol=1e-6)
-        check("causal: later positions do change", (again[t + 1:] - first[t + 1:]).abs().max() > 1e-3)
+        later = (again[t + 1:] - first[t + 1:]).abs().max().item()
+        check("causal: later positions do change", later > 1e-3, f"(max |diff| {later:.2e})")
 
         # Input checks of the logits path.
         try:
