@@ -377,8 +377,17 @@ def adapter_tensors(adapters):
 # ---------------------------------------------------------------------------------------------
 # logits
 
+def read_metadata(path):
+    """The __metadata__ strings of a safetensors file ({} if none)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(length)).get("__metadata__", {})
+
+
 def cmd_logits(args):
-    model = model_from_weights(read_safetensors(args.base), args.heads)
+    # peft-lm records the head count in its files' metadata; --heads overrides it.
+    heads = args.heads or int(read_metadata(args.base).get("peft_lm.heads", 4))
+    model = model_from_weights(read_safetensors(args.base), heads)
     if args.adapter:
         model.adapters = load_adapter(args.adapter, model.weights)
     data = Path(args.tokens).read_bytes()
@@ -787,7 +796,8 @@ def main():
     logits.add_argument("--adapter", help="PEFT LoRA adapter folder")
     logits.add_argument("--tokens", required=True, help="file whose raw bytes are the sequence")
     logits.add_argument("--out", required=True, help="raw little-endian float32 [n, 256]")
-    logits.add_argument("--heads", type=int, default=4)
+    logits.add_argument("--heads", type=int, default=None,
+                        help="attention heads (default: the file's peft_lm.heads, else 4)")
     logits.add_argument("--context", type=int, default=128, help="most bytes accepted")
     logits.set_defaults(run=cmd_logits)
 

@@ -35,6 +35,7 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -48,7 +49,7 @@ using Mat = peft::RowMatrix<float>;
 /// Every option of every subcommand (each uses its own).
 struct Options {
   std::string base, out, data, adapter, merged, method = "lora", targets = "q_proj,v_proj";
-  std::string prompt = "The ", dtype = "bf16", json;
+  std::string prompt = "The ", dtype = "bf16", json, tokens;
   Config model;  // pretrain's shape
   long steps = 0;
   Index batch = 16;
@@ -356,6 +357,34 @@ int generate(Options o) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// logits: the raw logits of one sequence, for the cross-check against PyTorch (lm_torch.py)
+
+int logits(Options o) {
+  if (o.base.empty()) o.base = default_base();
+  Weights<float> w = load_weights(o.base);
+  std::ifstream in(o.tokens, std::ios::binary);
+  if (!in) PEFT_THROW(peft::io_error("cannot open " + o.tokens));
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (bytes.empty() || static_cast<Index>(bytes.size()) > w.cfg.context) {
+    PEFT_THROW(peft::config_error(o.tokens + ": " + std::to_string(bytes.size()) +
+                                  " bytes; peft-lm logits takes 1 to " +
+                                  std::to_string(w.cfg.context)));
+  }
+  std::vector<int> tokens;
+  for (const char c : bytes) tokens.push_back(static_cast<unsigned char>(c));
+  Transformer<float> model(w);
+  with_model(w, o.adapter, [&](auto& lin) {
+    Trace<float> tr;
+    model.forward(tokens, 1, static_cast<Index>(tokens.size()), tr, lin);
+    std::ofstream out(o.out, std::ios::binary);
+    out.write(reinterpret_cast<const char*>(tr.logits.data()),
+              static_cast<std::streamsize>(tr.logits.size() * sizeof(float)));
+    if (!out) PEFT_THROW(peft::io_error("cannot write " + o.out));
+  });
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
 // bench-step: one fine-tuning step (forward, backward, AdamW on the adapters), timed
 
 int bench_step(Options o) {
@@ -518,6 +547,13 @@ int main(int argc, char** argv) {
   model_shape(bench);
   common(bench);
 
+  CLI::App* raw =
+      app.add_subcommand("logits", "raw float32 logits of one sequence (a file of bytes)");
+  raw->add_option("--base", o.base, "model file (default: the shipped base)");
+  raw->add_option("--adapter", o.adapter, "adapter folder on the base");
+  raw->add_option("--tokens", o.tokens, "bytes to run (at most the context)")->required();
+  raw->add_option("--out", o.out, "logits file, [n, 256] little-endian float32")->required();
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (*pre) return pretrain(o);
@@ -525,6 +561,7 @@ int main(int argc, char** argv) {
     if (*ev) return evaluate(o);
     if (*gen) return generate(o);
     if (*bench) return bench_step(o);
+    if (*raw) return logits(o);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "peft-lm: %s\n", e.what());
     return 1;
