@@ -16,6 +16,7 @@
 #include <Eigen/Core>
 
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -282,6 +283,13 @@ void register_modules(peft::AdapterSet<Adapter>& set, Weights<typename Adapter::
     for (int p = 0; p < num_projs; ++p) set.add_module(module_name(l, p), weights.proj(l, p));
 }
 
+/// Seconds spent in the model's own work (bench-step --profile): attention (scores, softmax,
+/// weighted values, forward and backward) and the elementwise rest (norms, rotary, SwiGLU).
+struct Profile {
+  double attention = 0.0;
+  double elementwise = 0.0;
+};
+
 /**
  * The forward and backward passes over `weights`, for `batch` sequences of `length` tokens.
  * Holds the rotary tables and the backward scratch, so one object serves one thread.
@@ -309,6 +317,8 @@ class Transformer {
   }
 
   const Weights<Scalar>& weights() const noexcept { return w_; }
+  /// Accumulates where the time goes into `profile` (null: no timing).
+  void set_profile(Profile* profile) noexcept { profile_ = profile; }
 
   /// The logits of `tokens` ([batch * length], each in [0, vocab)) into `tr.logits`.
   template <typename Linears>
@@ -326,20 +336,29 @@ class Transformer {
     for (Index l = 0; l < c.layers; ++l) {
       auto& L = tr.layers[static_cast<std::size_t>(l)];
       const auto& W = w_.layers[static_cast<std::size_t>(l)];
+      auto t = std::chrono::steady_clock::now();
       L.x = x;
       rms_norm(L.x, W.input_norm, L.n1, L.r1);
+      t = lap(&Profile::elementwise, t);
       lin.forward(l, q_proj, L.n1, L.q);
       lin.forward(l, k_proj, L.n1, L.k);
       lin.forward(l, v_proj, L.n1, L.v);
+      t = std::chrono::steady_clock::now();
       rotate(L.q, length, false);
       rotate(L.k, length, false);
+      t = lap(&Profile::elementwise, t);
       attention(L, batch, length);
+      lap(&Profile::attention, t);
       lin.forward(l, o_proj, L.att, tmp);
+      t = std::chrono::steady_clock::now();
       L.h = L.x + tmp;
       rms_norm(L.h, W.post_attention_norm, L.n2, L.r2);
+      lap(&Profile::elementwise, t);
       lin.forward(l, gate_proj, L.n2, L.g);
       lin.forward(l, up_proj, L.n2, L.u);
+      t = std::chrono::steady_clock::now();
       L.a = (L.g.array() / (Scalar(1) + (-L.g.array()).exp()) * L.u.array()).matrix();
+      lap(&Profile::elementwise, t);
       lin.forward(l, down_proj, L.a, tmp);
       x = L.h + tmp;
     }
@@ -375,31 +394,40 @@ class Transformer {
       auto* G = grads ? &grads->layers[static_cast<std::size_t>(l)] : nullptr;
       // x_out = h + down(a): dx_ is dL/dx_out, and dL/dh starts as it.
       lin.backward(l, down_proj, L.a, dx_, &da_);
+      auto t = std::chrono::steady_clock::now();
       const auto sig = (Scalar(1) / (Scalar(1) + (-L.g.array()).exp())).eval();
       dg_ = (da_.array() * L.u.array() * sig * (Scalar(1) + L.g.array() * (Scalar(1) - sig)))
                 .matrix();
       du_ = (da_.array() * L.g.array() * sig).matrix();
+      lap(&Profile::elementwise, t);
       lin.backward(l, gate_proj, L.n2, dg_, &dn_);
       lin.backward(l, up_proj, L.n2, du_, &tmp_);
+      t = std::chrono::steady_clock::now();
       dn_ += tmp_;
       dh_ = dx_;
       rms_norm_backward(L.h, L.r2, W.post_attention_norm, dn_, tmp_,
                         G ? &G->post_attention_norm : nullptr);
       dh_ += tmp_;
+      lap(&Profile::elementwise, t);
       // h = x + o(att).
       lin.backward(l, o_proj, L.att, dh_, &datt_);
+      t = std::chrono::steady_clock::now();
       attention_backward(L, datt_, tr.batch, tr.length);
+      t = lap(&Profile::attention, t);
       rotate(dq_, tr.length, true);
       rotate(dk_, tr.length, true);
+      lap(&Profile::elementwise, t);
       const bool need_dx = grads != nullptr || l > 0;
       if (need_dx) {
         lin.backward(l, q_proj, L.n1, dq_, &dn_);
         lin.backward(l, k_proj, L.n1, dk_, &tmp_);
         dn_ += tmp_;
         lin.backward(l, v_proj, L.n1, dv_, &tmp_);
+        const auto t1 = std::chrono::steady_clock::now();
         dn_ += tmp_;
         rms_norm_backward(L.x, L.r1, W.input_norm, dn_, tmp_, G ? &G->input_norm : nullptr);
         dx_ = dh_ + tmp_;
+        lap(&Profile::elementwise, t1);
       } else {
         lin.backward(l, q_proj, L.n1, dq_, nullptr);
         lin.backward(l, k_proj, L.n1, dk_, nullptr);
@@ -525,7 +553,16 @@ class Transformer {
     }
   }
 
+  /// Adds the seconds since `start` to `slot` when profiling; returns now.
+  std::chrono::steady_clock::time_point lap(double Profile::*slot,
+                                            std::chrono::steady_clock::time_point start) const {
+    const auto now = std::chrono::steady_clock::now();
+    if (profile_) profile_->*slot += std::chrono::duration<double>(now - start).count();
+    return now;
+  }
+
   const Weights<Scalar>& w_;
+  Profile* profile_ = nullptr;
   Mat cos_, sin_;  // [context, head_dim / 2]
   // backward scratch
   Mat dn_, dx_, da_, dg_, du_, dh_, datt_, dq_, dk_, dv_, tmp_;
