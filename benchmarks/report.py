@@ -474,6 +474,19 @@ def build(args):
             w(f"| {label} | " + " | ".join(fmt(v) for v in vals) + " | " +
               " | ".join(fmt(v) for v in tv) + " |")
         w("")
+    # the language model's fine-tuning step (scripts/bench_lm.sh)
+    lm = text_file(os.path.join(args.results, "lm"), "report.md")
+    if lm:
+        w("## Language model step")
+        w("")
+        w("One fine-tuning step of `peft-lm`'s model (docs/lm.md: d_model 256, 4 blocks, d_ff 768, "
+          "16 sequences of 128 bytes, LoRA r = 8 on the targets) — forward, loss, backward, AdamW "
+          "on the adapters — against the same model with PEFT-style LoRA in PyTorch "
+          "(`benchmarks/lm_torch.py`, which `example_lm_torch_logits` checks gives the same "
+          "logits), in rounds that alternate the three (`scripts/bench_lm.sh`).")
+        w("")
+        w(lm.strip())
+        w("")
     # memory
     mem = text_file(args.results, "memory.txt")
     if mem:

@@ -52,6 +52,17 @@ for target in $targets; do
     done
   done
 done
+peft_banner "Profiles (1 thread)"
+for target in $targets; do
+  OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 build/bench-lm/examples/peft-lm bench-step \
+    --target "$target" --repetitions 1 --profile --json "$results/profile-peft-eigen-$target-1t.json"
+  OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 build/bench-lm-blas/examples/peft-lm bench-step \
+    --target "$target" --repetitions 1 --profile --json "$results/profile-peft-blas-$target-1t.json"
+  OMP_NUM_THREADS=1 "$torch_python" benchmarks/lm_torch.py step --threads 1 --targets "$target" \
+    --repetitions 1 --profile --out "$results/profile-torch-$target-1t.json" | tail -1
+done
 uptime >"$results/load_after.txt"
 peft_banner "Report"
 "$(peft_python)" benchmarks/lm_report.py "$results"
+# docs/performance.md is generated from every result; the layer benchmarks' are reused as they are.
+"$(peft_python)" benchmarks/report.py
