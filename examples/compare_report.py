@@ -6,8 +6,8 @@
     python3 examples/compare_report.py DIR [--check]
 
 Reads DIR/runs.csv, DIR/curves.csv and DIR/report.json (what peft-compare writes); for the lm
-task, val_loss is held-out bits/char. The tables need the standard library only; the plots need matplotlib (Debian: python3-matplotlib) and are
-skipped with a note when it is missing. --check fails unless results.md has its tables and every
+task, val_loss is held-out bits/char. The tables need the standard library only; the plots need
+matplotlib (Debian: python3-matplotlib) and are skipped with a note when it is missing. --check fails unless results.md has its tables and every
 plot was written.
 """
 import argparse
@@ -134,7 +134,7 @@ def lm_markdown(res, task):
           f"steps then cosine to 0), adapters on {lm['targets']} of every layer (α = "
           f"{lm['alpha']:g}; VeRA r = {lm['vera_rank']}; AdaLoRA {lm['rank']} -> "
           f"{max(1, lm['rank'] // 2)}; LoRA-GA calibrated on {lm['calibration_batches']} "
-          f"batches), held-out bits/char every {lm['eval_every']} steps; {lm['seeds']} seeds. "
+          f"batches), held-out bits/char every {lm['eval_every']} steps; seeds 1-{lm['seeds']}. "
           f"No full fine-tuning. The best rate is picked on the same held-out bytes it is "
           f"reported on (there is no separate test set).\n"]
     rows = ["| method | trainable | best lr | final held-out bits/char | vs base | s / run |",
@@ -178,25 +178,25 @@ def markdown(res):
             md += lm_markdown(res, task)
         return "\n".join(md) + "\n"
     md += [
-          f"{m['seeds']} seeds; {m['steps']} fine-tuning steps per run (AdamW, weight decay 0, "
-          f"warmup {m['steps'] // 20} steps then cosine to 0; batch {m['batch']}); shared rate "
-          f"{m['shared_lr']:g}; target loss = {m['target_fraction']:g} x the base model's "
-          f"validation loss; wall time {clock(m['wall_seconds'])}.\n",
-          f"Methods (every linear layer adapted; α = {m['alpha']:g}):\n",
-          f"- LoRA r={r}: s = α/r, kaiming-uniform A, B = 0. rsLoRA: s = α/√r. LoRA r={low}: the "
-          f"rank of AdaLoRA's final budget.\n"
-          f"- VeRA r={m['vera_rank']}: projections shared by all layers (sized over them), "
-          f"d_initial 0.1.\n"
-          f"- AdaLoRA: init_r {r + r // 2} on every layer, pruned to a budget of {low} triplets "
-          f"per layer on average (cubic schedule, tinit 10%, tfinal 20% of the steps, orthogonal "
-          f"regulariser 0.5); \"trainable\" counts the parameters at init_r.\n"
-          f"- LoRA-GA r={r}: A, B from the SVD of the full-weight gradient of "
-          f"{m['calibration_batches']} calibration batches (ArB2r, stable scale γ = 16), base "
-          f"weight offset; with rsLoRA's s = α/√r as in the paper, or with LoRA's s = α/r.\n"
-          f"- EVA r={r}: A from the principal directions of each layer's inputs (incremental PCA "
-          f"of shifted training batches through the base model, τ = 0.99), B = 0; ρ = 2 "
-          f"redistributes the {3 * r}-rank budget across layers, ρ = 1 keeps r on every layer.\n"
-          f"- Full fine-tuning: every weight and bias.\n"]
+        f"{m['seeds']} seeds; {m['steps']} fine-tuning steps per run (AdamW, weight decay 0, "
+        f"warmup {m['steps'] // 20} steps then cosine to 0; batch {m['batch']}); shared rate "
+        f"{m['shared_lr']:g}; target loss = {m['target_fraction']:g} x the base model's "
+        f"validation loss; wall time {clock(m['wall_seconds'])}.\n",
+        f"Methods (every linear layer adapted; α = {m['alpha']:g}):\n",
+        f"- LoRA r={r}: s = α/r, kaiming-uniform A, B = 0. rsLoRA: s = α/√r. LoRA r={low}: the "
+        f"rank of AdaLoRA's final budget.\n"
+        f"- VeRA r={m['vera_rank']}: projections shared by all layers (sized over them), "
+        f"d_initial 0.1.\n"
+        f"- AdaLoRA: init_r {r + r // 2} on every layer, pruned to a budget of {low} triplets "
+        f"per layer on average (cubic schedule, tinit 10%, tfinal 20% of the steps, orthogonal "
+        f"regulariser 0.5); \"trainable\" counts the parameters at init_r.\n"
+        f"- LoRA-GA r={r}: A, B from the SVD of the full-weight gradient of "
+        f"{m['calibration_batches']} calibration batches (ArB2r, stable scale γ = 16), base "
+        f"weight offset; with rsLoRA's s = α/√r as in the paper, or with LoRA's s = α/r.\n"
+        f"- EVA r={r}: A from the principal directions of each layer's inputs (incremental PCA "
+        f"of shifted training batches through the base model, τ = 0.99), B = 0; ρ = 2 "
+        f"redistributes the {3 * r}-rank budget across layers, ρ = 1 keeps r on every layer.\n"
+        f"- Full fine-tuning: every weight and bias.\n"]
     for task in m["tasks"]:
         t = task["name"]
         if t == "lm":
