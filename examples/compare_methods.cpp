@@ -1,6 +1,6 @@
 // SPDX-FileCopyrightText: The peft authors
 // SPDX-License-Identifier: Apache-2.0
-// Compares the fine-tuning methods on two tasks, each over several seeds and its own small
+// Compares the fine-tuning methods on three tasks, each over several seeds and its own small
 // learning-rate grid; writes curves.csv, runs.csv and report.json (examples/compare_report.py
 // turns them into tables and plots).
 //
@@ -11,9 +11,13 @@
 // 32-128-128-16 (tanh) imitating a random teacher, fine-tuned to itself plus a planted shift of a
 // known rank per layer. Methods: full fine-tuning, and LoRA, rsLoRA, VeRA, AdaLoRA, LoRA-GA, EVA
 // on every layer through peft::AdapterSet and the library's recipes (peft/train/recipe.hpp).
+// lm (not run by default: --tasks lm), peft-lm's byte-level transformer (the shipped base, or
+// --lm-base) fine-tuned on the Jargon File with LoRA, rsLoRA, VeRA, AdaLoRA, LoRA-GA and EVA on
+// q_proj and v_proj (compare_lm.cpp); its val_loss is held-out bits/char, and it has no test set.
 // Every run starts from the same base model and sees, for a given seed, the same batches.
 // Exits non-zero if a method's own check fails, a run does not finish, or (with --check) the CSV
 // files are malformed or a method at its best rate does not end below its starting loss.
+#include "compare_lm.hpp"
 #include "support/cli.hpp"
 #include "support/tasks.hpp"
 
@@ -25,6 +29,7 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <memory>
 #include <optional>
 #include <thread>
 #include <tuple>
@@ -55,6 +60,11 @@ struct Config : TaskOptions {
   double target_fraction = 0.03;  // target loss = this x the base model's validation loss
   long calibration_batches = 8;   // LoRA-GA's gradient and the first-step alignment
   std::string command;            // how the program was called, for the report
+  // The lm task (0: the default, smaller with --quick).
+  compare_lm::Options lm;
+  long lm_steps = 0, lm_batch = 0, lm_eval_bytes = 0, lm_eval_every = 0;
+  int lm_seeds = 0;
+  int lm_rates = 3;  // rates per method around peft-lm's default (--quick: 1)
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -70,7 +80,26 @@ struct Method {
   Index rank = 0;            // LoRA-type rank
   bool rslora = false;
   double eva_rho = 2.0;
+  std::string task;  // empty: the MLP tasks; "lm": the lm task only
 };
+
+/// `rates` rates of the 1-2-5 ladder centred on `centre` (itself on the ladder).
+std::vector<double> ladder_around(double centre, int rates) {
+  std::vector<double> ladder;
+  for (int e = -6; e <= 0; ++e)
+    for (double k : {1.0, 2.0, 5.0}) ladder.push_back(k * std::pow(10.0, e));
+  std::size_t mid = 0;
+  for (std::size_t i = 0; i < ladder.size(); ++i)
+    if (std::abs(std::log(ladder[i] / centre)) < std::abs(std::log(ladder[mid] / centre))) mid = i;
+  const std::size_t lo = mid >= static_cast<std::size_t>(rates / 2) ? mid - rates / 2 : 0;
+  return std::vector<double>(
+      ladder.begin() + static_cast<long>(lo),
+      ladder.begin() + static_cast<long>(std::min(ladder.size(), lo + rates)));
+}
+
+bool has_task(const Config& cfg, const std::string& name) {
+  return std::find(cfg.tasks.begin(), cfg.tasks.end(), name) != cfg.tasks.end();
+}
 
 std::vector<Method> all_methods(const Config& cfg) {
   const Index r = cfg.rank, low = std::max<Index>(1, cfg.rank / 2);
@@ -81,18 +110,20 @@ std::vector<Method> all_methods(const Config& cfg) {
   const std::vector<double> high_grid = {3e-3, 1e-2, 3e-2, 1e-1, 3e-1};
   const std::string rs = std::to_string(r);
   std::vector<Method> m = {
-      {"full", "full fine-tuning", Kind::full, low_grid, 0, false, 0},
-      {"lora", "LoRA r=" + rs, Kind::lora, lora_grid, r, false, 0},
-      {"rslora", "rsLoRA r=" + rs, Kind::lora, lora_grid, r, true, 0},
+      {"full", "full fine-tuning", Kind::full, low_grid, 0, false, 0, ""},
+      {"lora", "LoRA r=" + rs, Kind::lora, lora_grid, r, false, 0, ""},
+      {"rslora", "rsLoRA r=" + rs, Kind::lora, lora_grid, r, true, 0, ""},
       {"lora-low", "LoRA r=" + std::to_string(low) + " (AdaLoRA's budget)", Kind::lora, lora_grid,
-       low, false, 0},
-      {"vera", "VeRA r=" + std::to_string(cfg.vera_rank), Kind::vera, high_grid, 0, false, 0},
+       low, false, 0, ""},
+      {"vera", "VeRA r=" + std::to_string(cfg.vera_rank), Kind::vera, high_grid, 0, false, 0, ""},
       {"adalora", format("AdaLoRA %ld->%ld", static_cast<long>(r + r / 2), static_cast<long>(low)),
-       Kind::adalora, high_grid, r + r / 2, false, 0},
-      {"lora-ga", "LoRA-GA r=" + rs + " (rsLoRA, stable)", Kind::lora_ga, low_grid, r, true, 0},
-      {"lora-ga-lora", "LoRA-GA r=" + rs + " (LoRA's scale)", Kind::lora_ga, low_grid, r, false, 0},
-      {"eva", "EVA r=" + rs + " rho=2", Kind::eva, lora_grid, r, false, 2.0},
-      {"eva-rho1", "EVA r=" + rs + " rho=1 (LoRA's ranks)", Kind::eva, lora_grid, r, false, 1.0},
+       Kind::adalora, high_grid, r + r / 2, false, 0, ""},
+      {"lora-ga", "LoRA-GA r=" + rs + " (rsLoRA, stable)", Kind::lora_ga, low_grid, r, true, 0, ""},
+      {"lora-ga-lora", "LoRA-GA r=" + rs + " (LoRA's scale)", Kind::lora_ga, low_grid, r, false, 0,
+       ""},
+      {"eva", "EVA r=" + rs + " rho=2", Kind::eva, lora_grid, r, false, 2.0, ""},
+      {"eva-rho1", "EVA r=" + rs + " rho=1 (LoRA's ranks)", Kind::eva, lora_grid, r, false, 1.0,
+       ""},
   };
   for (Method& method : m) {
     if (cfg.quick) {
@@ -107,12 +138,35 @@ std::vector<Method> all_methods(const Config& cfg) {
     }
     std::sort(method.grid.begin(), method.grid.end());
   }
+  const bool mlp = std::any_of(cfg.tasks.begin(), cfg.tasks.end(),
+                               [](const std::string& t) { return t != "lm"; });
+  if (!mlp) m.clear();
+  if (has_task(cfg, "lm")) {
+    // peft-lm's recipes and ranks; each method's rates around the default it was tuned to.
+    const auto lm_rank = std::to_string(cfg.lm.rank);
+    for (const std::string& id : compare_lm::Task::methods()) {
+      const std::string label =
+          id == "lora"      ? "LoRA r=" + lm_rank
+          : id == "rslora"  ? "rsLoRA r=" + lm_rank
+          : id == "vera"    ? "VeRA r=" + std::to_string(cfg.lm.vera_rank)
+          : id == "adalora" ? format("AdaLoRA %ld->%ld", cfg.lm.rank, std::max(1L, cfg.lm.rank / 2))
+          : id == "lora-ga" ? "LoRA-GA r=" + lm_rank + " (rsLoRA, stable)"
+                            : "EVA r=" + lm_rank;
+      Method x{id, label, Kind::lora, {}, 0, false, 0, "lm"};
+      x.grid = ladder_around(compare_lm::Task::default_lr(id), cfg.quick ? 1 : cfg.lm_rates);
+      m.push_back(x);
+    }
+  }
   if (cfg.methods.empty()) return m;
   std::vector<Method> chosen;
   for (const std::string& id : cfg.methods) {
-    auto it = std::find_if(m.begin(), m.end(), [&](const Method& x) { return x.id == id; });
-    if (it == m.end()) PEFT_THROW(peft::config_error("--methods: unknown method " + id));
-    chosen.push_back(*it);
+    bool found = false;
+    for (const Method& x : m) {
+      if (x.id != id) continue;
+      chosen.push_back(x);
+      found = true;
+    }
+    if (!found) PEFT_THROW(peft::config_error("--methods: no task here has a method " + id));
   }
   return chosen;
 }
@@ -375,11 +429,30 @@ RunResult run_method(const RunContext& ctx) {
   return {};
 }
 
-RunResult run_one(const RunContext& ctx) {
+/// One lm run, its curve in the MLP tasks' terms: both losses in bits/char, the training one
+/// averaged over the steps since the previous evaluation.
+RunResult run_lm(const compare_lm::Task& lm, const RunContext& ctx) {
+  const compare_lm::Run run = lm.run(ctx.method.id, ctx.lr, ctx.init_seed);
+  RunResult out;
+  out.trainable = run.trainable;
+  out.test_loss = out.test_accuracy = std::nan("");
+  long previous = 0;
+  for (const auto& [step, bpc] : run.held_out) {
+    double sum = 0.0;
+    for (long k = previous; k < step; ++k) sum += run.train_loss[static_cast<std::size_t>(k)];
+    const double train = step > previous ? sum / static_cast<double>(step - previous) : 0.0;
+    out.curve.push_back({step, step == 0 ? std::nan("") : train / std::log(2.0), bpc});
+    previous = step;
+  }
+  ctx.progress.fetch_add(ctx.steps, std::memory_order_relaxed);  // a run reports when it ends
+  return out;
+}
+
+RunResult run_one(const RunContext& ctx, const compare_lm::Task* lm) {
   const auto start = Clock::now();
   RunResult out;
   try {
-    out = run_method(ctx);
+    out = lm ? run_lm(*lm, ctx) : run_method(ctx);
   } catch (const std::exception& e) {
     out.error = e.what();
   }
@@ -405,6 +478,7 @@ struct Results {
   const std::vector<Method>& methods;
   const std::vector<RunSpec>& specs;
   const std::vector<RunResult>& results;
+  const compare_lm::Task* lm;  // null without the lm task
 };
 
 void write_curves_csv(const Results& r, const std::string& path) {
@@ -471,8 +545,18 @@ void write_report_json(const Results& r, double wall, const std::string& path) {
                           {"target_loss", t.target_loss},
                           {"planted", t.planted}});
   }
+  if (r.lm) {
+    const compare_lm::Options& o = r.lm->options();
+    j["lm"] = {{"steps", o.steps},           {"batch", o.batch},
+               {"seeds", cfg.lm_seeds},      {"rank", o.rank},
+               {"vera_rank", o.vera_rank},   {"alpha", o.alpha},
+               {"targets", o.targets},       {"eval_bytes", o.eval_bytes},
+               {"eval_every", o.eval_every}, {"calibration_batches", o.calibration_batches}};
+  }
   for (const Method& m : r.methods) {
-    j["methods"].push_back({{"id", m.id}, {"label", m.label}, {"grid", m.grid}});
+    nlohmann::json method = {{"id", m.id}, {"label", m.label}, {"grid", m.grid}};
+    if (!m.task.empty()) method["task"] = m.task;  // absent: the MLP tasks
+    j["methods"].push_back(method);
   }
   for (std::size_t i = 0; i < r.specs.size(); ++i) {
     const RunSpec& s = r.specs[i];
@@ -557,14 +641,38 @@ int run(Config cfg) {
   if (cfg.quick && !cfg.seeds_given) cfg.seeds = 2;
   if (cfg.cache.empty()) cfg.cache = default_cache_dir("peft-compare-cache");
   const long eval_every = std::max(1L, cfg.steps / 100);
+  // --quick keeps lm a smoke run: one short run per method at its default rate.
+  cfg.lm.steps = cfg.lm_steps > 0 ? cfg.lm_steps : cfg.quick ? 30 : 200;
+  cfg.lm.batch = cfg.lm_batch > 0 ? cfg.lm_batch : cfg.quick ? 4 : 8;
+  cfg.lm.eval_bytes = cfg.lm_eval_bytes > 0 ? cfg.lm_eval_bytes : cfg.quick ? 4096 : 16384;
+  cfg.lm.eval_every = cfg.lm_eval_every > 0 ? cfg.lm_eval_every
+                      : cfg.quick           ? cfg.lm.steps / 2
+                                            : std::max(1L, cfg.lm.steps / 8);
+  if (cfg.lm_seeds <= 0) cfg.lm_seeds = cfg.quick ? 1 : 2;
   std::filesystem::create_directories(cfg.out);
 
   const auto note = [&](const std::string& s) {
     if (!cfg.quiet) std::fprintf(stderr, "peft-compare: %s\n", s.c_str());
   };
   std::vector<Task> tasks;
+  std::unique_ptr<compare_lm::Task> lm;
   for (const std::string& name : cfg.tasks) {
     note("preparing task " + name);
+    if (name == "lm") {
+      lm = std::make_unique<compare_lm::Task>(cfg.lm);
+      Task task;
+      task.name = "lm";
+      task.title = "lm: byte-level transformer, fortunes -> Jargon File (held-out bits/char)";
+      task.classification = false;
+      task.base_note = lm->note();
+      task.initial_val_loss = lm->base_bits_per_char();
+      task.initial_test_loss = task.initial_test_accuracy = std::nan("");
+      task.target_loss = std::nan("");  // no target: steps_to_target is -1
+      tasks.push_back(std::move(task));
+      note(format("lm: %s; held-out %.4f bits/char", tasks.back().base_note.c_str(),
+                  tasks.back().initial_val_loss));
+      continue;
+    }
     if (name == "digits") {
       if (cfg.data.empty()) cfg.data = find_data_file("digits.csv.gz");
       tasks.push_back(make_digits(cfg));
@@ -583,11 +691,21 @@ int run(Config cfg) {
   }
   const std::vector<Method> methods = all_methods(cfg);
 
+  const auto is_lm = [&](std::size_t t) { return tasks[t].name == "lm"; };
   std::vector<RunSpec> specs;
   for (std::size_t t = 0; t < tasks.size(); ++t)
-    for (std::size_t m = 0; m < methods.size(); ++m)
+    for (std::size_t m = 0; m < methods.size(); ++m) {
+      if ((methods[m].task == "lm") != is_lm(t)) continue;
       for (double lr : methods[m].grid)
-        for (int seed = 1; seed <= cfg.seeds; ++seed) specs.push_back({t, m, lr, seed});
+        for (int seed = 1; seed <= (is_lm(t) ? cfg.lm_seeds : cfg.seeds); ++seed)
+          specs.push_back({t, m, lr, seed});
+    }
+  if (lm &&
+      std::none_of(specs.begin(), specs.end(), [&](const RunSpec& s) { return is_lm(s.task); })) {
+    PEFT_THROW(peft::config_error("--methods selects none of the lm task's methods"));
+  }
+  // peft-compare has no OpenMP (Eigen and the transformer run single-threaded), so --jobs N
+  // uses N cores at most, lm runs included.
 
   // Workers take runs in order; each writes only its own result slot.
   std::vector<RunResult> results(specs.size());
@@ -600,14 +718,16 @@ int run(Config cfg) {
                       static_cast<std::uint64_t>(s.task));
       const std::uint64_t init = seeds.next(), batch = seeds.next(), calib = seeds.next(),
                           proj = seeds.next();
+      const long steps = is_lm(s.task) ? cfg.lm.steps : cfg.steps;
       const RunContext ctx{
-          cfg,   tasks[s.task], methods[s.method], s.lr, cfg.steps, eval_every, init, batch,
+          cfg,   tasks[s.task], methods[s.method], s.lr, steps, eval_every, init, batch,
           calib, proj,          progress};
-      results[i] = run_one(ctx);
+      results[i] = run_one(ctx, is_lm(s.task) ? lm.get() : nullptr);
       ++finished;
     }
   };
-  const long total = static_cast<long>(specs.size()) * cfg.steps;
+  long total = 0;
+  for (const RunSpec& s : specs) total += is_lm(s.task) ? cfg.lm.steps : cfg.steps;
   Progress bar(stderr, total, cfg.quiet);
   {
     std::vector<std::thread> threads;
@@ -639,7 +759,7 @@ int run(Config cfg) {
     }
   }
 
-  const Results r{cfg, tasks, methods, specs, results};
+  const Results r{cfg, tasks, methods, specs, results, lm.get()};
   namespace fs = std::filesystem;
   write_curves_csv(r, (fs::path(cfg.out) / "curves.csv").string());
   write_runs_csv(r, (fs::path(cfg.out) / "runs.csv").string());
@@ -667,11 +787,13 @@ int main(int argc, char** argv) {
   for (int i = 0; i < argc; ++i)
     cfg.command += (i ? " " : "") + std::string(i ? argv[i] : "peft-compare");
   CLI::App app{
-      "Compares full fine-tuning, LoRA, rsLoRA, VeRA, AdaLoRA, LoRA-GA and EVA on two tasks "
-      "(rotated digits, a planted low-rank shift) over seeds and learning-rate grids."};
+      "Compares full fine-tuning, LoRA, rsLoRA, VeRA, AdaLoRA, LoRA-GA and EVA on two MLP tasks "
+      "(rotated digits, a planted low-rank shift) and, with --tasks lm, a byte-level language "
+      "model over seeds and learning-rate grids."};
   app.option_defaults()->always_capture_default();
   app.add_flag("--quick", cfg.quick,
-               "a short run (150 steps, 2 seeds, 2 rates per method; under a minute)");
+               "a short run (150 steps, 2 seeds, 2 rates per method; under a minute; lm: 30 "
+               "steps of batch 4, 1 seed, 1 rate)");
   app.add_option("--out", cfg.out, "output directory (created)");
   app.add_option("--cache", cfg.cache,
                  "directory of cached base models (default: $PEFT_EXAMPLES_CACHE, else "
@@ -686,10 +808,10 @@ int main(int argc, char** argv) {
   app.add_option("--data", cfg.data,
                  "digits.csv.gz to load (default: found through $PEFT_EXAMPLES_DATA, next to the "
                  "program, ./examples/data, then the source tree)");
-  app.add_option("--tasks", cfg.tasks, "digits and/or planted")->delimiter(',');
+  app.add_option("--tasks", cfg.tasks, "digits, planted and/or lm")->delimiter(',');
   app.add_option("--methods", cfg.methods,
                  "subset of: full, lora, rslora, lora-low, vera, adalora, lora-ga, lora-ga-lora, "
-                 "eva, eva-rho1 (default: all)")
+                 "eva, eva-rho1 (lm: lora, rslora, vera, adalora, lora-ga, eva; default: all)")
       ->delimiter(',');
   app.add_option("--seeds", cfg.seeds, "fine-tuning seeds 1..n (--quick: 2 unless set)")
       ->check(CLI::Range(1, 100));
@@ -714,6 +836,25 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--planted-ranks", cfg.planted_ranks, "rank of the planted shift per layer")
       ->delimiter(',');
+  app.add_option("--lm-base", cfg.lm.base,
+                 "lm: the base model (default: the shipped lm/base.safetensors)");
+  app.add_option("--lm-targets", cfg.lm.targets, "lm: adapted projections (peft-lm --target)");
+  app.add_option("--lm-steps", cfg.lm_steps, "lm: steps per run (0: 200, --quick 30)");
+  app.add_option("--lm-batch", cfg.lm_batch, "lm: sequences per step (0: 8, --quick 4)");
+  app.add_option("--lm-seeds", cfg.lm_seeds, "lm: fine-tuning seeds 1..n (0: 2, --quick 1)")
+      ->check(CLI::Range(0, 100));
+  app.add_option("--lm-rates", cfg.lm_rates,
+                 "lm: rates per method, on the 1-2-5 ladder around peft-lm's default")
+      ->check(CLI::Range(1, 9));
+  app.add_option("--lm-rank", cfg.lm.rank, "lm: LoRA-type rank (AdaLoRA: r -> r/2)")
+      ->check(CLI::Range(2, 64));
+  app.add_option("--lm-vera-rank", cfg.lm.vera_rank, "lm: VeRA's shared rank")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--lm-alpha", cfg.lm.alpha, "lm: lora_alpha");
+  app.add_option("--lm-eval-bytes", cfg.lm_eval_bytes,
+                 "lm: held-out bytes per evaluation (0: 16384, --quick 4096)");
+  app.add_option("--lm-eval-every", cfg.lm_eval_every,
+                 "lm: steps between evaluations (0: an eighth of the run, --quick a half)");
   CLI11_PARSE(app, argc, argv);
   cfg.seeds_given = app.count("--seeds") > 0;
 

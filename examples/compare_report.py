@@ -5,9 +5,9 @@
 
     python3 examples/compare_report.py DIR [--check]
 
-Reads DIR/runs.csv, DIR/curves.csv and DIR/report.json (what peft-compare writes). The tables
-need the standard library only; the plots need matplotlib (Debian: python3-matplotlib) and are
-skipped with a note when it is missing. --check fails unless results.md has its tables and every
+Reads DIR/runs.csv, DIR/curves.csv and DIR/report.json (what peft-compare writes); for the lm
+task, val_loss is held-out bits/char. The tables need the standard library only; the plots need
+matplotlib (Debian: python3-matplotlib) and are skipped with a note when it is missing. --check fails unless results.md has its tables and every
 plot was written.
 """
 import argparse
@@ -79,8 +79,13 @@ class Results:
         vals = [v if math.isfinite(v) else math.inf for v in vals]
         return sum(vals) / len(vals) if vals else math.inf
 
+    def methods_for(self, task):
+        """The methods run on `task`: the lm task has its own (same ids, other grids)."""
+        own = "lm" if task == "lm" else None
+        return [m for m in self.meta["methods"] if m.get("task") == own]
+
     def best_lr(self, task, method):
-        grid = next(m["grid"] for m in self.meta["methods"] if m["id"] == method)
+        grid = next(m["grid"] for m in self.methods_for(task) if m["id"] == method)
         best, best_val = grid[0], math.inf
         for lr in grid:
             v = self.mean_val(self.select(task, method, lr))
@@ -118,32 +123,86 @@ def per_layer_mean(runs, key):
     return " / ".join(cells)
 
 
+def lm_markdown(res, task):
+    """The lm task: held-out bits/char per method at its best rate, and the rate sweep."""
+    m, lm, t = res.meta, res.meta["lm"], task["name"]
+    base = task["initial_val_loss"]
+    md = [f"## {task['title']}\n",
+          f"Base model: {task['base_note']}. The base scores {base:.4f} bits/char on the "
+          f"{lm['eval_bytes']} held-out bytes every evaluation reads. Each run: {lm['steps']} "
+          f"steps of {lm['batch']} windows (AdamW, weight decay 0, warmup {lm['steps'] // 20} "
+          f"steps then cosine to 0), adapters on {lm['targets']} of every layer (α = "
+          f"{lm['alpha']:g}; VeRA r = {lm['vera_rank']}; AdaLoRA {lm['rank']} -> "
+          f"{max(1, lm['rank'] // 2)}; LoRA-GA calibrated on {lm['calibration_batches']} "
+          f"batches), held-out bits/char every {lm['eval_every']} steps; seeds 1-{lm['seeds']}. "
+          f"No full fine-tuning. The best rate is picked on the same held-out bytes it is "
+          f"reported on (there is no separate test set).\n"]
+    rows = ["| method | trainable | best lr | final held-out bits/char | vs base | s / run |",
+            "|---|---|---|---|---|---|"]
+    for method in res.methods_for(t):
+        lr = res.best_lr(t, method["id"])
+        runs = res.select(t, method["id"], lr)
+        if not runs:
+            continue
+        bpc = mean_std([num(x["final_val_loss"]) for x in runs])
+        secs = statistics.fmean(x["seconds"] for x in runs)
+        rows.append(f"| {method['label']} | {int(runs[0]['trainable']):,} | {lr:g} | "
+                    f"{bpc[0]:.4f} ± {bpc[1]:.4f} | {100 * (bpc[0] / base - 1):+.1f}% | "
+                    f"{secs:.1f} |")
+    md.append("### At each method's best learning rate (mean ± standard deviation over seeds)\n")
+    md.append("\n".join(rows) + "\n")
+    lrs = sorted({lr for method in res.methods_for(t) for lr in method["grid"]})
+    rows = ["### Learning-rate sweep (mean final held-out bits/char; best in bold)\n",
+            "| method |" + "".join(f" {lr:g} |" for lr in lrs), "|---|" + "---|" * len(lrs)]
+    for method in res.methods_for(t):
+        best = res.best_lr(t, method["id"])
+        cells = []
+        for lr in lrs:
+            runs = res.select(t, method["id"], lr)
+            v = f"{res.mean_val(runs):.4f}" if runs else ""
+            cells.append(f" **{v}** |" if runs and lr == best else f" {v} |")
+        rows.append(f"| {method['label']} |" + "".join(cells))
+    md.append("\n".join(rows) + "\n")
+    md.append(f"![{t} held-out bits/char](loss_{t}.svg)\n")
+    return md
+
+
 def markdown(res):
     m = res.meta
     r, low = m["rank"], max(1, m["rank"] // 2)
-    md = ["# peft-compare results\n", f"Command: `{m['command']}`\n",
-          f"{m['seeds']} seeds; {m['steps']} fine-tuning steps per run (AdamW, weight decay 0, "
-          f"warmup {m['steps'] // 20} steps then cosine to 0; batch {m['batch']}); shared rate "
-          f"{m['shared_lr']:g}; target loss = {m['target_fraction']:g} x the base model's "
-          f"validation loss; wall time {clock(m['wall_seconds'])}.\n",
-          f"Methods (every linear layer adapted; α = {m['alpha']:g}):\n",
-          f"- LoRA r={r}: s = α/r, kaiming-uniform A, B = 0. rsLoRA: s = α/√r. LoRA r={low}: the "
-          f"rank of AdaLoRA's final budget.\n"
-          f"- VeRA r={m['vera_rank']}: projections shared by all layers (sized over them), "
-          f"d_initial 0.1.\n"
-          f"- AdaLoRA: init_r {r + r // 2} on every layer, pruned to a budget of {low} triplets "
-          f"per layer on average (cubic schedule, tinit 10%, tfinal 20% of the steps, orthogonal "
-          f"regulariser 0.5); \"trainable\" counts the parameters at init_r.\n"
-          f"- LoRA-GA r={r}: A, B from the SVD of the full-weight gradient of "
-          f"{m['calibration_batches']} calibration batches (ArB2r, stable scale γ = 16), base "
-          f"weight offset; with rsLoRA's s = α/√r as in the paper, or with LoRA's s = α/r.\n"
-          f"- EVA r={r}: A from the principal directions of each layer's inputs (incremental PCA "
-          f"of shifted training batches through the base model, τ = 0.99), B = 0; ρ = 2 "
-          f"redistributes the {3 * r}-rank budget across layers, ρ = 1 keeps r on every layer.\n"
-          f"- Full fine-tuning: every weight and bias.\n"]
-    methods = m["methods"]
+    mlp_tasks = [task for task in m["tasks"] if task["name"] != "lm"]
+    md = ["# peft-compare results\n", f"Command: `{m['command']}`\n"]
+    if not mlp_tasks:
+        md.append(f"Wall time {clock(m['wall_seconds'])}.\n")
+        for task in m["tasks"]:
+            md += lm_markdown(res, task)
+        return "\n".join(md) + "\n"
+    md += [
+        f"{m['seeds']} seeds; {m['steps']} fine-tuning steps per run (AdamW, weight decay 0, "
+        f"warmup {m['steps'] // 20} steps then cosine to 0; batch {m['batch']}); shared rate "
+        f"{m['shared_lr']:g}; target loss = {m['target_fraction']:g} x the base model's "
+        f"validation loss; wall time {clock(m['wall_seconds'])}.\n",
+        f"Methods (every linear layer adapted; α = {m['alpha']:g}):\n",
+        f"- LoRA r={r}: s = α/r, kaiming-uniform A, B = 0. rsLoRA: s = α/√r. LoRA r={low}: the "
+        f"rank of AdaLoRA's final budget.\n"
+        f"- VeRA r={m['vera_rank']}: projections shared by all layers (sized over them), "
+        f"d_initial 0.1.\n"
+        f"- AdaLoRA: init_r {r + r // 2} on every layer, pruned to a budget of {low} triplets "
+        f"per layer on average (cubic schedule, tinit 10%, tfinal 20% of the steps, orthogonal "
+        f"regulariser 0.5); \"trainable\" counts the parameters at init_r.\n"
+        f"- LoRA-GA r={r}: A, B from the SVD of the full-weight gradient of "
+        f"{m['calibration_batches']} calibration batches (ArB2r, stable scale γ = 16), base "
+        f"weight offset; with rsLoRA's s = α/√r as in the paper, or with LoRA's s = α/r.\n"
+        f"- EVA r={r}: A from the principal directions of each layer's inputs (incremental PCA "
+        f"of shifted training batches through the base model, τ = 0.99), B = 0; ρ = 2 "
+        f"redistributes the {3 * r}-rank budget across layers, ρ = 1 keeps r on every layer.\n"
+        f"- Full fine-tuning: every weight and bias.\n"]
     for task in m["tasks"]:
         t = task["name"]
+        if t == "lm":
+            md += lm_markdown(res, task)
+            continue
+        methods = res.methods_for(t)
         metric = "test accuracy" if task["classification"] else "test argmax agreement"
         md.append(f"## {task['title']}\n")
         md.append(f"Base model: {task['base_note']}. On the shifted task it starts at validation "
@@ -208,7 +267,37 @@ def markdown(res):
     return "\n".join(md) + "\n"
 
 
+def plot_lm(res, task, path):
+    import matplotlib
+    matplotlib.use("svg")
+    matplotlib.rcParams["svg.hashsalt"] = "peft-compare"
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for method in res.methods_for(task["name"]):
+        lr = res.best_lr(task["name"], method["id"])
+        runs = res.select(task["name"], method["id"], lr)
+        if not runs:
+            continue
+        pts = [(s, v) for s, v in res.mean_curve(runs) if math.isfinite(v)]
+        color, dash = STYLE.get(method["id"], ("#7f7f7f", ":"))
+        ax.plot([s for s, _ in pts], [v for _, v in pts], dash, color=color, linewidth=1.4,
+                marker=".", label=f"{method['label']} (lr {lr:g})")
+    ax.set_xlim(0, res.meta["lm"]["steps"])
+    ax.set_xlabel(f"step (held-out bits/char, mean over {res.meta['lm']['seeds']} seeds)")
+    ax.set_ylabel("held-out bits/char")
+    ax.set_title("each method's best learning rate")
+    ax.grid(True, color="#dddddd")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.suptitle(task["title"], fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Date": None})
+    plt.close(fig)
+
+
 def plot(res, task, path):
+    if task["name"] == "lm":
+        return plot_lm(res, task, path)
     import matplotlib
     matplotlib.use("svg")
     matplotlib.rcParams["svg.hashsalt"] = "peft-compare"  # the same file for the same results
@@ -217,7 +306,7 @@ def plot(res, task, path):
     m = res.meta
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.2), sharey=True)
     for k, ax in enumerate(axes):
-        for method in m["methods"]:
+        for method in res.methods_for(task["name"]):
             lr = m["shared_lr"] if k == 0 else res.best_lr(task["name"], method["id"])
             runs = res.select(task["name"], method["id"], lr)
             if not runs:

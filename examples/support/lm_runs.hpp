@@ -277,62 +277,90 @@ inline peft::LoraOptions lora_options(const RunOptions& o) {
 
 }  // namespace detail
 
+// finetune()'s methods one by one, `lr` the peak rate. Templates over the weights' scalar (float)
+// only so that a unit instantiates nothing but the recipes it calls: instantiating all five
+// takes g++ 3.5 GB, and peft-compare's lm task compiles them in separate units.
+
+template <typename Scalar>
+RunResult finetune_lora(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text, double lr,
+                        bool rslora) {
+  peft::train::LoraRecipeOptions ro;
+  ro.lora = detail::lora_options(o);
+  ro.lora.use_rslora = rslora;
+  peft::train::LoraRecipe<Scalar> recipe(ro);
+  return detail::run(o, recipe, w, text, lr, {}, rslora ? "rsLoRA" : "LoRA");
+}
+
+template <typename Scalar>
+RunResult finetune_vera(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text, double lr) {
+  peft::train::VeraRecipeOptions ro;
+  ro.vera.r = o.rank;
+  ro.projection_prng_key = o.seed;
+  peft::train::VeraRecipe<Scalar> recipe(ro);
+  return detail::run(o, recipe, w, text, lr, {}, "VeRA");
+}
+
+template <typename Scalar>
+RunResult finetune_adalora(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text,
+                           double lr) {
+  peft::train::AdaLoraRecipeOptions ro;
+  ro.adalora.init_r = o.rank;
+  ro.adalora.lora_alpha = o.alpha;
+  ro.adalora.seed = o.seed;
+  ro.budget.init_r = o.rank;
+  ro.budget.target_r = std::max<Index>(1, o.rank / 2);
+  ro.budget.total_step = o.steps;
+  ro.budget.tinit = o.steps / 10;
+  ro.budget.tfinal = o.steps / 5;
+  ro.budget.deltaT = std::max(1L, o.steps / 30);
+  peft::train::AdaLoraRecipe<Scalar> recipe(ro);
+  return detail::run(o, recipe, w, text, lr, peft::io::adalora_config(ro.budget), "AdaLoRA");
+}
+
+template <typename Scalar>
+RunResult finetune_lora_ga(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text,
+                           double lr) {
+  peft::train::LoraGaRecipeOptions ro;
+  ro.lora = detail::lora_options(o);
+  ro.lora.use_rslora = true;  // the paper's runs
+  ro.ga.seed = o.seed;
+  ro.calibration_batches = o.calibration_batches;
+  peft::train::LoraGaRecipe<Scalar> recipe(ro);
+  return detail::run(o, recipe, w, text, lr, {}, "LoRA-GA");
+}
+
+template <typename Scalar>
+RunResult finetune_eva(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text, double lr) {
+  peft::train::EvaRecipeOptions ro;
+  ro.eva.r = o.rank;
+  ro.eva.lora_alpha = o.alpha;
+  ro.eva.adjust_scaling_factors = true;
+  ro.lora = detail::lora_options(o);
+  peft::train::EvaRecipe<Scalar> recipe(ro);
+  return detail::run(o, recipe, w, text, lr, peft::io::eva_config(ro.eva), "EVA");
+}
+
+/// config_error unless `o` describes a run (steps, batch and rank >= 1).
+inline void check_run_options(const RunOptions& o) {
+  if (o.steps < 1 || o.batch < 1 || o.rank < 1) {
+    PEFT_THROW(peft::config_error("steps, batch and rank must be >= 1"));
+  }
+}
+
 /**
  * Fine-tunes adapters of `o.method` on `o.targets` of every layer of `w` (merged into nothing:
  * `w` is unchanged afterwards) on `text.train`, evaluating on `text.held_out`.
  */
-inline RunResult finetune(const RunOptions& o, Weights<float>& w, const TextSplit& text) {
+template <typename Scalar>
+RunResult finetune(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text) {
   const std::string& m = o.method;
   const double lr = o.lr > 0 ? o.lr : default_lr(m);
-  if (o.steps < 1 || o.batch < 1 || o.rank < 1) {
-    PEFT_THROW(peft::config_error("steps, batch and rank must be >= 1"));
-  }
-  if (m == "lora" || m == "rslora") {
-    peft::train::LoraRecipeOptions ro;
-    ro.lora = detail::lora_options(o);
-    ro.lora.use_rslora = m == "rslora";
-    peft::train::LoraRecipe<float> recipe(ro);
-    return detail::run(o, recipe, w, text, lr, {}, m == "lora" ? "LoRA" : "rsLoRA");
-  }
-  if (m == "vera") {
-    peft::train::VeraRecipeOptions ro;
-    ro.vera.r = o.rank;
-    ro.projection_prng_key = o.seed;
-    peft::train::VeraRecipe<float> recipe(ro);
-    return detail::run(o, recipe, w, text, lr, {}, "VeRA");
-  }
-  if (m == "adalora") {
-    peft::train::AdaLoraRecipeOptions ro;
-    ro.adalora.init_r = o.rank;
-    ro.adalora.lora_alpha = o.alpha;
-    ro.adalora.seed = o.seed;
-    ro.budget.init_r = o.rank;
-    ro.budget.target_r = std::max<Index>(1, o.rank / 2);
-    ro.budget.total_step = o.steps;
-    ro.budget.tinit = o.steps / 10;
-    ro.budget.tfinal = o.steps / 5;
-    ro.budget.deltaT = std::max(1L, o.steps / 30);
-    peft::train::AdaLoraRecipe<float> recipe(ro);
-    return detail::run(o, recipe, w, text, lr, peft::io::adalora_config(ro.budget), "AdaLoRA");
-  }
-  if (m == "lora-ga") {
-    peft::train::LoraGaRecipeOptions ro;
-    ro.lora = detail::lora_options(o);
-    ro.lora.use_rslora = true;  // the paper's runs
-    ro.ga.seed = o.seed;
-    ro.calibration_batches = o.calibration_batches;
-    peft::train::LoraGaRecipe<float> recipe(ro);
-    return detail::run(o, recipe, w, text, lr, {}, "LoRA-GA");
-  }
-  if (m == "eva") {
-    peft::train::EvaRecipeOptions ro;
-    ro.eva.r = o.rank;
-    ro.eva.lora_alpha = o.alpha;
-    ro.eva.adjust_scaling_factors = true;
-    ro.lora = detail::lora_options(o);
-    peft::train::EvaRecipe<float> recipe(ro);
-    return detail::run(o, recipe, w, text, lr, peft::io::eva_config(ro.eva), "EVA");
-  }
+  check_run_options(o);
+  if (m == "lora" || m == "rslora") return finetune_lora(o, w, text, lr, m == "rslora");
+  if (m == "vera") return finetune_vera(o, w, text, lr);
+  if (m == "adalora") return finetune_adalora(o, w, text, lr);
+  if (m == "lora-ga") return finetune_lora_ga(o, w, text, lr);
+  if (m == "eva") return finetune_eva(o, w, text, lr);
   PEFT_THROW(peft::config_error("unknown method '" + m +
                                 "' (expected lora, rslora, vera, adalora, lora-ga or eva)"));
 }
