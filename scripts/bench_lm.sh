@@ -17,9 +17,9 @@ rounds="${PEFT_BENCH_AB_ROUNDS:-5}"
 targets="${PEFT_LM_TARGETS:-q_proj,v_proj all}"
 torch_python=/usr/bin/python3
 unset OPENBLAS_CORETYPE  # OpenBLAS picks its kernels for the CPU it finds (see bench.sh)
-# Idle OpenMP threads sleep rather than spin, so the BLAS and the OpenMP pools do not fight over
-# two cores (the same setting for every contender).
-export OMP_WAIT_POLICY=PASSIVE
+# Each contender keeps its own OpenMP wait policy: lm_torch.py sets PASSIVE (its OpenMP pool and
+# OpenBLAS's own threads otherwise fight over two cores); peft-lm keeps libgomp's default.
+unset OMP_WAIT_POLICY
 
 peft_banner "Dependencies"
 # libopenblas0 is what Debian's torch finds as libblas.so.3 (without it, the reference BLAS).

@@ -507,7 +507,7 @@ class Transformer {
     const Scalar scale = Scalar(1) / std::sqrt(static_cast<Scalar>(hd));
     L.p.resize(batch * heads * t, t);
     L.att.resize(batch * t, w_.cfg.d_model);
-#ifdef _OPENMP
+#if defined(_OPENMP) && !defined(EIGEN_USE_BLAS)  // a BLAS threads each product itself
 #  pragma omp parallel for schedule(static)
 #endif
     for (Index bh = 0; bh < batch * heads; ++bh) {
@@ -534,7 +534,7 @@ class Transformer {
     dq_.resize(datt.rows(), datt.cols());
     dk_.resize(datt.rows(), datt.cols());
     dv_.resize(datt.rows(), datt.cols());
-#ifdef _OPENMP
+#if defined(_OPENMP) && !defined(EIGEN_USE_BLAS)  // a BLAS threads each product itself
 #  pragma omp parallel for schedule(static)
 #endif
     for (Index bh = 0; bh < batch * heads; ++bh) {
