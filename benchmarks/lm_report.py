@@ -47,7 +47,11 @@ def profiles(results, out):
     out("")
     out("| run | " + " | ".join(name for name, _, _ in PROFILE_PARTS) + " | total |")
     out("|---|" + "---|" * (len(PROFILE_PARTS) + 1))
+    shown = set()
     for rest, ours, theirs in rows:
+        if rest.split("-", 1)[1] in shown:
+            theirs = None  # PyTorch's row once per targets and threads
+        shown.add(rest.split("-", 1)[1])
         out(f"| peft-lm {rest} | " + " | ".join(f"{ours.get(key, 0):.1f}" for _, key, _ in
                                                  PROFILE_PARTS) + f" | {ours['total']:.1f} |")
         if theirs:
