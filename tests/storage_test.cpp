@@ -4,6 +4,7 @@
 // "dequantise all, then Eigen's product" under several cache configurations, refusals, and that W
 // is never written and nothing is allocated once the workspace is warm.
 #include "support/no_alloc.hpp"  // first: arms EIGEN_RUNTIME_NO_MALLOC before Eigen is seen
+#include "support/storage_support.hpp"
 
 #include <peft/io/detail/half.hpp>
 #include <peft/storage.hpp>
@@ -21,6 +22,8 @@ using Catch::Matchers::Contains;
 using peft::Index;
 using peft_test::cache_configs;
 using peft_test::CacheScope;
+using peft_test::random_bf16;
+using peft_test::random_q8;
 
 // Scalar references written apart from the library: the value a bit pattern stands for.
 double reference_half(std::uint16_t h) {
@@ -43,27 +46,6 @@ std::uint32_t float_bits(float f) {
 template <typename Scalar>
 bool same_bits(Scalar a, Scalar b) {
   return std::memcmp(&a, &b, sizeof(Scalar)) == 0;
-}
-
-// Random bf16 weight bytes: normal values rounded to bf16, with a few zeros and negatives zero.
-std::vector<std::uint16_t> random_bf16(Index count, std::uint64_t seed) {
-  peft::Rng rng(seed);
-  std::vector<std::uint16_t> w(static_cast<std::size_t>(count));
-  for (auto& b : w) b = peft::io::detail::double_to_bfloat16(rng.normal() * 0.05);
-  return w;
-}
-
-// Random Q8_0 bytes: scales around GGUF's (max|w| / 127) and int8 quanta over their whole range.
-std::vector<unsigned char> random_q8(Index out, Index in, std::uint64_t seed) {
-  peft::Rng rng(seed);
-  std::vector<unsigned char> bytes(peft::BlockQ8Weight::byte_size(out, in));
-  for (std::size_t at = 0; at < bytes.size(); at += 34) {
-    const std::uint16_t d = peft::io::detail::double_to_half(rng.uniform(1e-4, 2e-3));
-    bytes[at] = static_cast<unsigned char>(d & 0xFF);
-    bytes[at + 1] = static_cast<unsigned char>(d >> 8);
-    for (int j = 0; j < 32; ++j) bytes[at + 2 + j] = static_cast<unsigned char>(rng.next() & 0xFF);
-  }
-  return bytes;
 }
 
 // The value at (r, c) read straight from the bytes (little-endian fp16 scale, two's complement q).

@@ -244,6 +244,9 @@ class BlockQ8Weight {
   Index in_;
 };
 
+/// The Storage of an adapter over a dense weight of its own Scalar (a FrozenWeight): the default.
+struct Dense {};
+
 /// True for the low-precision storage views above (types with rows(), cols() and dequantize()).
 template <typename T>
 inline constexpr bool is_weight_storage_v =
