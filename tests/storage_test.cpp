@@ -342,3 +342,75 @@ TEMPLATE_TEST_CASE("Base products never write W and allocate nothing once warm",
   CHECK(bits == bits_before);
   CHECK(q8 == q8_before);
 }
+
+namespace {
+double bf16_value(std::uint16_t b) { return double(peft::bf16_to_float(b)); }
+/// Half a bf16 unit in the last place of v (8 significant bits).
+double bf16_half_ulp(double v) {
+  int e = 0;
+  std::frexp(v == 0 ? 1e-38 : v, &e);  // v = m · 2^e, m in [0.5, 1)
+  return std::ldexp(1.0, std::max(e, -125) - 9);
+}
+}  // namespace
+
+TEST_CASE("LoRA merges into a bf16 weight rounding each entry once", "[storage][merge]") {
+  const Index out = 45, in = 96;
+  auto bits = random_bf16(out * in, 31);
+  const auto original = bits;
+  const peft::Bf16Weight w(bits.data(), out, in);
+  peft::LoraOptions opts;
+  opts.r = 4;
+  opts.lora_alpha = 8.0;
+  peft::LoraLinear lora(w, opts);
+  peft::Rng rng(2);
+  rng.fill_normal(lora.parameters(), 0.0, 0.05);
+  const peft::RowMatrix<double> delta =
+      lora.b().cast<double>() * lora.a().cast<double>() * (opts.lora_alpha / opts.r);
+  const peft::RowMatrix<double> delta_scale = lora.b().cast<double>().cwiseAbs() *
+                                              lora.a().cast<double>().cwiseAbs() *
+                                              (opts.lora_alpha / opts.r);
+
+  const peft::RowMatrix<float> x = peft_test::random_matrix<float>(5, in, 3);
+  peft::RowMatrix<float> y_unmerged(5, out), y_merged(5, out);
+  peft::Workspace<float> ws;
+  lora.forward(x, y_unmerged, ws);
+
+  const peft::Bf16WeightRef wr(bits.data(), out, in);
+  REQUIRE(lora.merge_into(wr));
+  REQUIRE_FALSE(lora.merge_into(wr));  // already merged
+  Index beyond = 0;
+  for (Index i = 0; i < out; ++i)
+    for (Index j = 0; j < in; ++j) {
+      const double exact = bf16_value(original[std::size_t(i * in + j)]) + delta(i, j);
+      const double merged = bf16_value(bits[std::size_t(i * in + j)]);
+      // Rounded once: half an ulp, plus the fp32 rounding of the rank-r sum.
+      const double allowed =
+          bf16_half_ulp(merged) + 8.0 * std::numeric_limits<float>::epsilon() * delta_scale(i, j);
+      if (std::abs(merged - exact) > allowed) ++beyond;
+    }
+  CHECK(beyond == 0);
+
+  lora.forward(x, y_merged, ws);  // W now holds the delta; the adapter adds nothing
+  CHECK(peft_test::relative_error(y_merged, y_unmerged) < 1e-2);
+
+  const auto merged_bits = bits;
+  REQUIRE(lora.unmerge_from(wr));
+  // Not the identity: each way rounds once, at the ulp of W + ΔW and then of W.
+  Index moved = 0, moved_far = 0;
+  for (std::size_t k = 0; k < bits.size(); ++k) {
+    if (bits[k] == original[k]) continue;
+    ++moved;
+    const double allowed =
+        bf16_half_ulp(bf16_value(merged_bits[k])) + bf16_half_ulp(bf16_value(bits[k])) +
+        16.0 * std::numeric_limits<float>::epsilon() * delta_scale(Index(k) / in, Index(k) % in);
+    if (std::abs(bf16_value(bits[k]) - bf16_value(original[k])) > allowed) ++moved_far;
+  }
+  INFO(moved << " of " << bits.size() << " weights moved by one merge/unmerge cycle");
+  CHECK(moved_far == 0);
+
+  SECTION("merging into another buffer is refused") {
+    auto other = original;
+    REQUIRE_THROWS_AS(lora.merge_into(peft::Bf16WeightRef(other.data(), out, in)),
+                      peft::config_error);
+  }
+}

@@ -114,7 +114,9 @@ class AdapterBase {
   using Weight = std::conditional_t<dense_weight, FrozenWeight<Scalar, WeightOrder>, Storage>;
   using Bias = FrozenBias<Scalar>;
   using WeightMatrix = peft::Matrix<Scalar, WeightOrder>;
-  using WeightRef = Eigen::Ref<WeightMatrix>;
+  /// What merge_into/unmerge_from write: the dense weight, or a Bf16WeightRef over the bf16 one.
+  using WeightRef = std::conditional_t<std::is_same_v<Storage, Bf16Weight>, Bf16WeightRef,
+                                       Eigen::Ref<WeightMatrix>>;
   using GradientRef = Eigen::Ref<Vector<Scalar>>;
 
   Index in_features() const noexcept { return in_; }
@@ -373,9 +375,15 @@ class AdapterBase {
 
   /// Merge/unmerge take the very matrix the adapter views, so the merged flag stays truthful.
   void check_bound_weight(const char* method, const WeightRef& w) const {
-    detail::check_shape(where(method).c_str(), detail::operand("w", w), out_, in_,
+    detail::check_shape(where(method).c_str(), detail::Operand{"w", w.rows(), w.cols()}, out_, in_,
                         weight_operand());
-    if (w.data() != w_data_ || w.outerStride() != w_ld_) {
+    bool same = false;
+    if constexpr (dense_weight) {
+      same = w.data() == w_data_ && w.outerStride() == w_ld_;
+    } else if constexpr (std::is_same_v<Storage, Bf16Weight>) {
+      same = static_cast<const void*>(w.data()) == w_storage_.bytes() && w.ld() == w_storage_.ld();
+    }
+    if (!same) {
       PEFT_THROW(config_error(where(method) +
                               ": w is not the weight this adapter views; pass the same matrix "
                               "(use delta_weight() to build a merged copy elsewhere)"));
@@ -448,28 +456,38 @@ auto AdapterBase<Derived>::delta_weight() const -> WeightMatrix {
 
 template <typename Derived>
 bool AdapterBase<Derived>::merge_into(WeightRef w) {
-  static_assert(dense_weight,
-                "peft adapter: merging into a bf16 or Q8_0 weight is not available yet (issue 18; "
-                "docs/precision.md has the design); merge delta_weight() into a dense copy.");
+  static_assert(!std::is_same_v<Storage, BlockQ8Weight>,
+                "peft adapter: merging into Q8_0 blocks would requantise every block of W, "
+                "changing weights the adapter never touched; it is not available (issue 18, "
+                "docs/precision.md). Merge delta_weight() into a dense or bf16 copy instead.");
   check_bound_weight("merge_into()", w);
   if (merged()) return false;
   check_finite_parameters("merge_into()");
   const auto term = derived().merge_term();
-  detail::add_low_rank_checked<Scalar, WeightOrder>(w, term.left, term.right, term.scale,
-                                                    where("merge_into()"));
+  if constexpr (dense_weight) {
+    detail::add_low_rank_checked<Scalar, WeightOrder>(w, term.left, term.right, term.scale,
+                                                      where("merge_into()"));
+  } else {
+    detail::add_low_rank_bf16<Scalar>(w, term.left, term.right, term.scale, where("merge_into()"));
+  }
   merged_ = true;
   return true;
 }
 
 template <typename Derived>
 bool AdapterBase<Derived>::unmerge_from(WeightRef w) {
-  static_assert(dense_weight,
-                "peft adapter: unmerging from a bf16 or Q8_0 weight is not available yet.");
+  static_assert(!std::is_same_v<Storage, BlockQ8Weight>,
+                "peft adapter: Q8_0 weights cannot be merged, so not unmerged either.");
   check_bound_weight("unmerge_from()", w);
   if (!merged()) return false;
   const auto term = derived().merge_term();
-  detail::add_low_rank_checked<Scalar, WeightOrder>(w, term.left, term.right, -term.scale,
-                                                    where("unmerge_from()"));
+  if constexpr (dense_weight) {
+    detail::add_low_rank_checked<Scalar, WeightOrder>(w, term.left, term.right, -term.scale,
+                                                      where("unmerge_from()"));
+  } else {
+    detail::add_low_rank_bf16<Scalar>(w, term.left, term.right, -term.scale,
+                                      where("unmerge_from()"));
+  }
   merged_ = false;
   return true;
 }

@@ -7,6 +7,7 @@
 #include <peft/detail/checks.hpp>
 #include <peft/detail/storage_gemm.hpp>
 #include <peft/error.hpp>
+#include <peft/io/detail/half.hpp>
 #include <peft/types.hpp>
 #include <peft/workspace.hpp>
 
@@ -158,6 +159,70 @@ class Bf16Weight {
   Index in_;
   Index ld_;
 };
+
+/**
+ * Writable view of the bf16 weight an adapter views, for `merge_into` / `unmerge_from` only (as
+ * `Eigen::Ref<Matrix>` is for a dense weight): the mutation is visible at the call site.
+ */
+class Bf16WeightRef {
+ public:
+  Bf16WeightRef(std::uint16_t* data, Index out, Index in, Index ld = 0)
+      : data_(data), out_(out), in_(in), ld_(ld == 0 ? in : ld) {
+    // The same checks as the read-only view.
+    (void)Bf16Weight(data, out, in, ld_);
+  }
+  Index rows() const noexcept { return out_; }
+  Index cols() const noexcept { return in_; }
+  Index ld() const noexcept { return ld_; }
+  std::uint16_t* data() const noexcept { return data_; }
+
+ private:
+  std::uint16_t* data_;
+  Index out_;
+  Index in_;
+  Index ld_;
+};
+
+namespace detail {
+/**
+ * w += alpha · left · right into a bf16 weight, rounded once per entry: ΔW is formed a panel of
+ * rows at a time in Scalar (each rank-r sum rounded once, as the dense merge kernel does), added
+ * to the widened weight in double (exact unless the exponents are ~29 apart) and rounded to
+ * bf16 to nearest even. A naive merge rounds ΔW to bf16 first and then the sum again. Refuses
+ * (numerical_error, W unchanged) when an entry of the result would not be finite.
+ */
+template <typename Scalar, typename Left, typename Right>
+void add_low_rank_bf16(const Bf16WeightRef& w, const Eigen::MatrixBase<Left>& left,
+                       const Eigen::MatrixBase<Right>& right, Scalar alpha,
+                       const std::string& where) {
+  const Index out = w.rows(), in = w.cols();
+  const Index rows =
+      std::max<Index>(1, default_panel_bytes / std::max<Index>(in * sizeof(Scalar), 1));
+  RowMatrix<Scalar> delta;
+  // Two passes: nothing is written unless every entry stays finite.
+  for (int write = 0; write < 2; ++write) {
+    for (Index r0 = 0; r0 < out; r0 += rows) {
+      const Index p = std::min(rows, out - r0);
+      delta.noalias() = alpha * (left.middleRows(r0, p) * right);
+      for (Index i = 0; i < p; ++i) {
+        std::uint16_t* row = w.data() + (r0 + i) * w.ld();
+        for (Index j = 0; j < in; ++j) {
+          const std::uint16_t merged =
+              io::detail::double_to_bfloat16(double(bf16_to_float(row[j])) + double(delta(i, j)));
+          if (write) {
+            row[j] = merged;
+          } else if ((merged & 0x7F80u) == 0x7F80u) {
+            PEFT_THROW(numerical_error(where + ": W + ΔW is not finite in bf16 at [" +
+                                       std::to_string(r0 + i) + ", " + std::to_string(j) +
+                                       "] of the [" + std::to_string(out) + ", " +
+                                       std::to_string(in) + "] weight; W left unchanged"));
+          }
+        }
+      }
+    }
+  }
+}
+}  // namespace detail
 
 /**
  * Read-only view of a caller-owned `[out, in]` weight in GGUF's Q8_0 layout: each row is in/32
