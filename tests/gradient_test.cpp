@@ -128,6 +128,18 @@ struct StorageMaker<peft::AdaLoraLinear> {
   }
 };
 
+// The dense adapters come from peft::compiled (-O3) and the low-precision ones are compiled here
+// (-O1). With FMA in the instruction set, g++ contracts a·b + c into fused multiply-adds
+// (-ffp-contract=fast, its C++ default) wherever inlining exposes them, differently at the two
+// levels, so the methods' own maths may differ in the last bits between the two builds; the
+// base products are Eigen's explicit kernels and do not. Bit equality is asserted where both
+// sides are one compilation of the same code.
+#if PEFT_COMPILED && defined(__FMA__)
+constexpr bool same_build = false;
+#else
+constexpr bool same_build = true;
+#endif
+
 template <typename Scalar, typename A, typename B>
 bool same_bits(const A& a, const B& b) {
   return a.rows() == b.rows() && a.cols() == b.cols() &&
@@ -162,6 +174,14 @@ void check_adapter_over_storage(const Storage& w, const std::vector<unsigned cha
     low.forward(x, y2, ws_low);
     dense.backward(x, dy, dx1, g1, ws_dense);
     low.backward(x, dy, dx2, g2, ws_low);
+    if (!same_build) {
+      // Same maths, two compilations: equal up to the rounding of a few reassociated terms.
+      const double tol = rtol<Scalar>(w.rows() + w.cols());
+      CHECK(relative_error(y2, y1) <= tol);
+      CHECK(relative_error(g2, g1) <= tol);
+      CHECK(relative_error(dx2, dx1) <= tol);
+      continue;
+    }
     CHECK(same_bits<Scalar>(y2, y1));
     CHECK(same_bits<Scalar>(g2, g1));
     if (peft::detail::storage_products_match_eigen && tokens > 1) {
