@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -413,4 +414,30 @@ TEST_CASE("LoRA merges into a bf16 weight rounding each entry once", "[storage][
     REQUIRE_THROWS_AS(lora.merge_into(peft::Bf16WeightRef(other.data(), out, in)),
                       peft::config_error);
   }
+}
+
+TEST_CASE("LoRA over bf16 and Q8_0 allocates nothing once warm", "[storage][no_alloc]") {
+  const Index out = 300, in = 1056, tokens = 16;
+  const auto bits = random_bf16(out * in, 8);
+  const auto q8 = random_q8(out, in, 9);
+  peft::LoraOptions opts;
+  opts.r = 8;
+  peft::LoraLinear over_bf16(peft::Bf16Weight(bits.data(), out, in), opts);
+  peft::LoraLinear over_q8(peft::BlockQ8Weight(q8.data(), q8.size(), out, in), opts);
+  const peft::RowMatrix<float> x = peft_test::random_matrix<float>(tokens, in, 1);
+  const peft::RowMatrix<float> dy = peft_test::random_matrix<float>(tokens, out, 2);
+  peft::RowMatrix<float> y(tokens, out), dx(tokens, in);
+  peft::Vector<float> grad = peft::Vector<float>::Zero(over_bf16.num_parameters());
+  peft::Workspace<float> ws;
+  ws.reserve(tokens, std::max(in, out));
+  for (int pass = 0; pass < 2; ++pass) {  // the first pass warms the workspace
+    std::optional<peft_test::NoMalloc> guard;
+    if (pass == 1) guard.emplace();
+    over_bf16.forward(x, y, ws);
+    over_bf16.backward(x, dy, dx, grad, ws);
+    over_q8.forward(x, y, ws);
+    over_q8.backward(x, dy, dx, grad, ws);
+  }
+  CHECK(y.allFinite());
+  CHECK(dx.allFinite());
 }
