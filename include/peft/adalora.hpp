@@ -46,9 +46,11 @@ struct AdaLoraOptions {
  *
  * \tparam Scalar_      float or double.
  * \tparam WeightOrder_ storage order of W: Eigen::RowMajor (nn.Linear) or Eigen::ColMajor.
+ * \tparam Storage_     how W is stored: peft::Dense (a FrozenWeight of Scalar), peft::Bf16Weight or
+ *                      peft::BlockQ8Weight (row-major only; docs/precision.md).
  */
-template <typename Scalar_, int WeightOrder_ = Eigen::RowMajor>
-class AdaLoraLinear : public AdapterBase<AdaLoraLinear<Scalar_, WeightOrder_>> {
+template <typename Scalar_, int WeightOrder_ = Eigen::RowMajor, typename Storage_ = Dense>
+class AdaLoraLinear : public AdapterBase<AdaLoraLinear<Scalar_, WeightOrder_, Storage_>> {
  public:
   PEFT_ADAPTER_INTERFACE(AdaLoraLinear, AdaLoraOptions);
   /// Binds W (no copy); P, Q ~ N(0, 0.02²) from `rng` (or from `opts.seed`), Λ = 0 (a no-op at

@@ -12,6 +12,7 @@
 #include <peft/detail/workspace_gemm.hpp>
 #include <peft/error.hpp>
 #include <peft/random.hpp>
+#include <peft/storage.hpp>
 #include <peft/types.hpp>
 #include <peft/workspace.hpp>
 
@@ -25,8 +26,9 @@
 PEFT_NAMESPACE_BEGIN
 
 /**
- * Scalar and weight storage order of an adapter. Read off any class template of the shape
- * `Adapter<Scalar, WeightOrder>`; an adapter of another shape specialises it.
+ * Scalar, weight storage order and weight storage (peft::Dense, Bf16Weight, BlockQ8Weight) of an
+ * adapter. Read off any class template of the shape `Adapter<Scalar, WeightOrder, Storage>` or
+ * `Adapter<Scalar, WeightOrder>` (dense); an adapter of another shape specialises it.
  */
 template <typename Adapter>
 struct adapter_traits;
@@ -34,6 +36,14 @@ template <template <typename, int> class Adapter, typename Scalar_, int WeightOr
 struct adapter_traits<Adapter<Scalar_, WeightOrder_>> {
   using Scalar = Scalar_;
   static constexpr int WeightOrder = WeightOrder_;
+  using Storage = Dense;
+};
+template <template <typename, int, typename> class Adapter, typename Scalar_, int WeightOrder_,
+          typename Storage_>
+struct adapter_traits<Adapter<Scalar_, WeightOrder_, Storage_>> {
+  using Scalar = Scalar_;
+  static constexpr int WeightOrder = WeightOrder_;
+  using Storage = Storage_;
 };
 
 namespace detail {
@@ -46,6 +56,15 @@ struct LowRankTerm {
 };
 /// What parameter_gradients_impl returns when the input gradient reuses none of its products.
 struct NothingSaved {};
+
+/// A weight an adapter of `Scalar` can view: a FrozenWeight of that Scalar (either order; the
+/// shell checks it) or a low-precision storage view.
+template <typename W, typename Scalar>
+struct is_weight_view : std::bool_constant<is_weight_storage_v<W>> {};
+template <typename Scalar, int Order>
+struct is_weight_view<FrozenWeight<Scalar, Order>, Scalar> : std::true_type {};
+template <typename W, typename Scalar>
+using if_weight_view = std::enable_if_t<is_weight_view<W, Scalar>::value, int>;
 }  // namespace detail
 
 /**
@@ -78,14 +97,26 @@ class AdapterBase {
   static_assert(std::is_floating_point_v<Scalar>, "peft adapter: Scalar must be float or double.");
   static_assert(WeightOrder == Eigen::RowMajor || WeightOrder == Eigen::ColMajor,
                 "peft adapter: WeightOrder must be Eigen::RowMajor or Eigen::ColMajor.");
+  /// How W is stored: peft::Dense (a FrozenWeight of Scalar) or a low-precision view.
+  using Storage = typename adapter_traits<Derived>::Storage;
+  static constexpr bool dense_weight = std::is_same_v<Storage, Dense>;
+  static_assert(dense_weight || is_weight_storage_v<Storage>,
+                "peft adapter: Storage must be peft::Dense, peft::Bf16Weight or "
+                "peft::BlockQ8Weight.");
+  static_assert(dense_weight || WeightOrder == Eigen::RowMajor,
+                "peft adapter: bf16 and Q8_0 weights are row-major [out, in]; use "
+                "WeightOrder = Eigen::RowMajor with them.");
 
   using Matrix = RowMatrix<Scalar>;  ///< activations [tokens, features] and factors
   using ConstRef = Eigen::Ref<const Matrix>;
   using Ref = Eigen::Ref<Matrix>;
-  using Weight = FrozenWeight<Scalar, WeightOrder>;
+  /// The view of W: a FrozenWeight, or the low-precision view itself.
+  using Weight = std::conditional_t<dense_weight, FrozenWeight<Scalar, WeightOrder>, Storage>;
   using Bias = FrozenBias<Scalar>;
   using WeightMatrix = peft::Matrix<Scalar, WeightOrder>;
-  using WeightRef = Eigen::Ref<WeightMatrix>;
+  /// What merge_into/unmerge_from write: the dense weight, or a Bf16WeightRef over the bf16 one.
+  using WeightRef = std::conditional_t<std::is_same_v<Storage, Bf16Weight>, Bf16WeightRef,
+                                       Eigen::Ref<WeightMatrix>>;
   using GradientRef = Eigen::Ref<Vector<Scalar>>;
 
   Index in_features() const noexcept { return in_; }
@@ -98,7 +129,13 @@ class AdapterBase {
   const auto& options() const noexcept { return derived().options_; }
 
   /// The frozen weight view (aliases the caller's buffer).
-  Weight weight() const noexcept { return Weight(w_data_, out_, in_, Eigen::OuterStride<>(w_ld_)); }
+  Weight weight() const noexcept {
+    if constexpr (dense_weight) {
+      return Weight(w_data_, out_, in_, Eigen::OuterStride<>(w_ld_));
+    } else {
+      return w_storage_;
+    }
+  }
   bool has_bias() const noexcept { return bias_data_ != nullptr; }
   Bias bias() const noexcept { return Bias(bias_data_, has_bias() ? out_ : 0); }
 
@@ -156,11 +193,24 @@ class AdapterBase {
     static_assert(Order == WeightOrder,
                   "peft adapter: the weight's storage order differs from the adapter's "
                   "WeightOrder; use Adapter<Scalar, Eigen::ColMajor> for column-major weights.");
-    if (bias.data() != nullptr && bias.size() != out_) {
-      PEFT_THROW(dimension_error(constructor_where() + ": bias has " + std::to_string(bias.size()) +
-                                 " entries, expected out_features = " + std::to_string(out_) +
-                                 " (W is " + detail::shape_string(out_, in_) + ")"));
-    }
+    static_assert(dense_weight,
+                  "peft adapter: a dense weight given to an adapter over a low-precision Storage.");
+    check_bias_length(bias);
+  }
+
+  /// Views a low-precision W in place (a Bf16Weight or BlockQ8Weight: the adapter's Storage).
+  template <typename S, std::enable_if_t<is_weight_storage_v<S>, int> = 0>
+  AdapterBase(const S& weight, const Bias& bias)
+      : w_data_(nullptr),
+        w_ld_(0),
+        out_(weight.rows()),
+        in_(weight.cols()),
+        bias_data_(bias.data()),
+        w_storage_(weight) {
+    static_assert(std::is_same_v<S, Storage>,
+                  "peft adapter: the weight's storage differs from the adapter's Storage; use "
+                  "Adapter<float, Eigen::RowMajor, peft::Bf16Weight> (or BlockQ8Weight).");
+    check_bias_length(bias);
   }
 
   /// Lends a temporary stream to the constructor a seeded one delegates to (it lives until that
@@ -170,6 +220,14 @@ class AdapterBase {
   /// "<Class>::<Class>()", where the constructors' messages come from.
   static std::string constructor_where() {
     return std::string(Derived::class_name) + "::" + Derived::class_name + "()";
+  }
+
+  void check_bias_length(const Bias& bias) const {
+    if (bias.data() != nullptr && bias.size() != out_) {
+      PEFT_THROW(dimension_error(constructor_where() + ": bias has " + std::to_string(bias.size()) +
+                                 " entries, expected out_features = " + std::to_string(out_) +
+                                 " (W is " + detail::shape_string(out_, in_) + ")"));
+    }
   }
 
   /// Checks a rank option (`name` = r): 0 < r <= min(out, in).
@@ -251,7 +309,11 @@ class AdapterBase {
   template <typename U, typename Factor>
   void input_gradient(const ConstRef& x, const ConstRef& dy, const U& u, const Factor& factor,
                       Scalar scale, Workspace<Scalar>& ws, Ref dx) const {
-    dx.noalias() = dy * weight();
+    if constexpr (dense_weight) {
+      dx.noalias() = dy * weight();
+    } else {  // panels of W dequantised into ws; bit for bit dy · dequantized(W) (precision.md)
+      detail::storage_input_gradient(weight(), dy, dx, ws, default_panel_bytes);
+    }
     if (u.cols() == 0) return;  // a rank-0 adapter adds nothing
     if (detail::dropout_active(dropout_, ws)) {
       const auto mask =
@@ -313,9 +375,15 @@ class AdapterBase {
 
   /// Merge/unmerge take the very matrix the adapter views, so the merged flag stays truthful.
   void check_bound_weight(const char* method, const WeightRef& w) const {
-    detail::check_shape(where(method).c_str(), detail::operand("w", w), out_, in_,
+    detail::check_shape(where(method).c_str(), detail::Operand{"w", w.rows(), w.cols()}, out_, in_,
                         weight_operand());
-    if (w.data() != w_data_ || w.outerStride() != w_ld_) {
+    bool same = false;
+    if constexpr (dense_weight) {
+      same = w.data() == w_data_ && w.outerStride() == w_ld_;
+    } else if constexpr (std::is_same_v<Storage, Bf16Weight>) {
+      same = static_cast<const void*>(w.data()) == w_storage_.bytes() && w.ld() == w_storage_.ld();
+    }
+    if (!same) {
       PEFT_THROW(config_error(where(method) +
                               ": w is not the weight this adapter views; pass the same matrix "
                               "(use delta_weight() to build a merged copy elsewhere)"));
@@ -334,6 +402,8 @@ class AdapterBase {
   Index out_;
   Index in_;
   const Scalar* bias_data_;
+  /// The low-precision view (an empty placeholder for a dense W, which w_data_ describes).
+  std::conditional_t<dense_weight, Dense, Storage> w_storage_{};
   double dropout_ = 0.0;
   bool merged_ = false;
 };
@@ -345,7 +415,11 @@ class AdapterBase {
 template <typename Derived>
 void AdapterBase<Derived>::forward(const ConstRef& x, Ref y, Workspace<Scalar>& ws) const {
   check_forward("forward()", x, y);
-  y.noalias() = x * weight().transpose();
+  if constexpr (dense_weight) {
+    y.noalias() = x * weight().transpose();
+  } else {  // panels of W dequantised into ws; bit for bit x · dequantized(W)ᵀ (precision.md)
+    detail::storage_forward(weight(), x, y, ws, default_panel_bytes);
+  }
   if (has_bias()) y.rowwise() += bias().transpose();
   if (!merged()) derived().add_delta_impl(x, y, ws);
 }
@@ -382,23 +456,38 @@ auto AdapterBase<Derived>::delta_weight() const -> WeightMatrix {
 
 template <typename Derived>
 bool AdapterBase<Derived>::merge_into(WeightRef w) {
+  static_assert(!std::is_same_v<Storage, BlockQ8Weight>,
+                "peft adapter: merging into Q8_0 blocks would requantise every block of W, "
+                "changing weights the adapter never touched; it is not available (issue 18, "
+                "docs/precision.md). Merge delta_weight() into a dense or bf16 copy instead.");
   check_bound_weight("merge_into()", w);
   if (merged()) return false;
   check_finite_parameters("merge_into()");
   const auto term = derived().merge_term();
-  detail::add_low_rank_checked<Scalar, WeightOrder>(w, term.left, term.right, term.scale,
-                                                    where("merge_into()"));
+  if constexpr (dense_weight) {
+    detail::add_low_rank_checked<Scalar, WeightOrder>(w, term.left, term.right, term.scale,
+                                                      where("merge_into()"));
+  } else {
+    detail::add_low_rank_bf16<Scalar>(w, term.left, term.right, term.scale, where("merge_into()"));
+  }
   merged_ = true;
   return true;
 }
 
 template <typename Derived>
 bool AdapterBase<Derived>::unmerge_from(WeightRef w) {
+  static_assert(!std::is_same_v<Storage, BlockQ8Weight>,
+                "peft adapter: Q8_0 weights cannot be merged, so not unmerged either.");
   check_bound_weight("unmerge_from()", w);
   if (!merged()) return false;
   const auto term = derived().merge_term();
-  detail::add_low_rank_checked<Scalar, WeightOrder>(w, term.left, term.right, -term.scale,
-                                                    where("unmerge_from()"));
+  if constexpr (dense_weight) {
+    detail::add_low_rank_checked<Scalar, WeightOrder>(w, term.left, term.right, -term.scale,
+                                                      where("unmerge_from()"));
+  } else {
+    detail::add_low_rank_bf16<Scalar>(w, term.left, term.right, -term.scale,
+                                      where("unmerge_from()"));
+  }
   merged_ = false;
   return true;
 }
@@ -437,21 +526,20 @@ bool AdapterBase<Derived>::unmerge_from(WeightRef w) {
  * binds W (no copy), stores the options in `options_` and calls the adapter's
  * `initialize(Rng&)`, which validates them, sizes the parameters and draws them.
  */
-#define PEFT_ADAPTER_SEEDED_CONSTRUCTORS(Derived)                                            \
-  template <int Order>                                                                       \
-  Derived(::peft::FrozenWeight<Scalar, Order> weight, const Options& opts)                   \
-      : Derived(weight, ::peft::no_bias<Scalar>(), opts) {}                                  \
-  template <int Order>                                                                       \
-  Derived(::peft::FrozenWeight<Scalar, Order> weight, const Options& opts, ::peft::Rng& rng) \
-      : Derived(weight, ::peft::no_bias<Scalar>(), opts, rng) {}                             \
-  template <int Order>                                                                       \
-  Derived(::peft::FrozenWeight<Scalar, Order> weight, Bias bias, const Options& opts)        \
-      : Derived(weight, bias, opts, Base::seeded_rng(::peft::Rng(opts.seed))) {}             \
-  template <int Order>                                                                       \
-  Derived(::peft::FrozenWeight<Scalar, Order> weight, Bias bias, const Options& opts,        \
-          ::peft::Rng& rng)                                                                  \
-      : Base(weight, bias), options_(opts) {                                                 \
-    initialize(rng);                                                                         \
+#define PEFT_ADAPTER_SEEDED_CONSTRUCTORS(Derived)                                        \
+  template <typename WeightView, ::peft::detail::if_weight_view<WeightView, Scalar> = 0> \
+  Derived(WeightView weight, const Options& opts)                                        \
+      : Derived(weight, ::peft::no_bias<Scalar>(), opts) {}                              \
+  template <typename WeightView, ::peft::detail::if_weight_view<WeightView, Scalar> = 0> \
+  Derived(WeightView weight, const Options& opts, ::peft::Rng& rng)                      \
+      : Derived(weight, ::peft::no_bias<Scalar>(), opts, rng) {}                         \
+  template <typename WeightView, ::peft::detail::if_weight_view<WeightView, Scalar> = 0> \
+  Derived(WeightView weight, Bias bias, const Options& opts)                             \
+      : Derived(weight, bias, opts, Base::seeded_rng(::peft::Rng(opts.seed))) {}         \
+  template <typename WeightView, ::peft::detail::if_weight_view<WeightView, Scalar> = 0> \
+  Derived(WeightView weight, Bias bias, const Options& opts, ::peft::Rng& rng)           \
+      : Base(weight, bias), options_(opts) {                                             \
+    initialize(rng);                                                                     \
   }
 
 /// Class template argument deduction for those four constructors (Scalar and the weight's order
@@ -466,7 +554,16 @@ bool AdapterBase<Derived>::unmerge_from(WeightRef w) {
       -> Derived<Scalar, Order>;                                                        \
   template <typename Scalar, int Order>                                                 \
   Derived(FrozenWeight<Scalar, Order>, FrozenBias<Scalar>, const Options&, Rng&)        \
-      ->Derived<Scalar, Order>
+      -> Derived<Scalar, Order>;                                                        \
+  /* A low-precision weight: float activations (a view cannot say), row-major. */       \
+  template <typename S, std::enable_if_t<is_weight_storage_v<S>, int> = 0>              \
+  Derived(S, const Options&) -> Derived<float, Eigen::RowMajor, S>;                     \
+  template <typename S, std::enable_if_t<is_weight_storage_v<S>, int> = 0>              \
+  Derived(S, const Options&, Rng&) -> Derived<float, Eigen::RowMajor, S>;               \
+  template <typename S, std::enable_if_t<is_weight_storage_v<S>, int> = 0>              \
+  Derived(S, FrozenBias<float>, const Options&) -> Derived<float, Eigen::RowMajor, S>;  \
+  template <typename S, std::enable_if_t<is_weight_storage_v<S>, int> = 0>              \
+  Derived(S, FrozenBias<float>, const Options&, Rng&)->Derived<float, Eigen::RowMajor, S>
 
 /**
  * The explicit instantiations of an adapter class template `Adapter<Scalar, WeightOrder>` (and

@@ -52,9 +52,11 @@ struct LoraOptions {
  *
  * \tparam Scalar_      float or double: type of A, B, the weight, inputs and outputs.
  * \tparam WeightOrder_ storage order of W: Eigen::RowMajor (nn.Linear) or Eigen::ColMajor.
+ * \tparam Storage_     how W is stored: peft::Dense (a FrozenWeight of Scalar), peft::Bf16Weight or
+ *                      peft::BlockQ8Weight (row-major only; docs/precision.md).
  */
-template <typename Scalar_, int WeightOrder_ = Eigen::RowMajor>
-class LoraLinear : public AdapterBase<LoraLinear<Scalar_, WeightOrder_>> {
+template <typename Scalar_, int WeightOrder_ = Eigen::RowMajor, typename Storage_ = Dense>
+class LoraLinear : public AdapterBase<LoraLinear<Scalar_, WeightOrder_, Storage_>> {
  public:
   PEFT_ADAPTER_INTERFACE(LoraLinear, LoraOptions);
   /// Binds (does not copy) W and draws A from `opts.seed` (`LoraLinear<float>(frozen(W), opts)`)

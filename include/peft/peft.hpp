@@ -15,6 +15,7 @@
 #include <peft/optim/adamw.hpp>
 #include <peft/optim/schedule.hpp>
 #include <peft/random.hpp>
+#include <peft/storage.hpp>
 #include <peft/train/recipe.hpp>
 #include <peft/types.hpp>
 #include <peft/vera.hpp>

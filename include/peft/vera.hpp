@@ -147,21 +147,21 @@ class VeraProjections {
  *
  * \tparam Scalar_      float or double.
  * \tparam WeightOrder_ storage order of W: Eigen::RowMajor (nn.Linear) or Eigen::ColMajor.
+ * \tparam Storage_     how W is stored: peft::Dense (a FrozenWeight of Scalar), peft::Bf16Weight or
+ *                      peft::BlockQ8Weight (row-major only; docs/precision.md).
  */
-template <typename Scalar_, int WeightOrder_ = Eigen::RowMajor>
-class VeraLinear : public AdapterBase<VeraLinear<Scalar_, WeightOrder_>> {
+template <typename Scalar_, int WeightOrder_ = Eigen::RowMajor, typename Storage_ = Dense>
+class VeraLinear : public AdapterBase<VeraLinear<Scalar_, WeightOrder_, Storage_>> {
  public:
   PEFT_ADAPTER_INTERFACE(VeraLinear, VeraOptions);
   using Projections = VeraProjections<Scalar>;
 
   /// Binds W (no copy) and the shared projections (no copy of the slices).
-  template <int Order>
-  VeraLinear(FrozenWeight<Scalar, Order> weight, const Projections& projections,
-             const VeraOptions& opts)
+  template <typename WeightView, detail::if_weight_view<WeightView, Scalar> = 0>
+  VeraLinear(WeightView weight, const Projections& projections, const VeraOptions& opts)
       : VeraLinear(weight, no_bias<Scalar>(), projections, opts) {}
-  template <int Order>
-  VeraLinear(FrozenWeight<Scalar, Order> weight, Bias bias, const Projections& projections,
-             const VeraOptions& opts)
+  template <typename WeightView, detail::if_weight_view<WeightView, Scalar> = 0>
+  VeraLinear(WeightView weight, Bias bias, const Projections& projections, const VeraOptions& opts)
       : Base(weight, bias),
         options_(opts),
         a_data_(projections.a().data()),
@@ -173,10 +173,10 @@ class VeraLinear : public AdapterBase<VeraLinear<Scalar_, WeightOrder_>> {
   }
 
   /// Temporary projections would dangle as soon as the statement ends: refused.
-  template <int Order>
-  VeraLinear(FrozenWeight<Scalar, Order>, const Projections&&, const VeraOptions&) = delete;
-  template <int Order>
-  VeraLinear(FrozenWeight<Scalar, Order>, Bias, const Projections&&, const VeraOptions&) = delete;
+  template <typename WeightView, detail::if_weight_view<WeightView, Scalar> = 0>
+  VeraLinear(WeightView, const Projections&&, const VeraOptions&) = delete;
+  template <typename WeightView, detail::if_weight_view<WeightView, Scalar> = 0>
+  VeraLinear(WeightView, Bias, const Projections&&, const VeraOptions&) = delete;
 
   Index rank() const noexcept { return options_.r; }
 
@@ -298,6 +298,12 @@ VeraLinear(FrozenWeight<Scalar, Order>, const VeraProjections<Scalar>&, const Ve
 template <typename Scalar, int Order>
 VeraLinear(FrozenWeight<Scalar, Order>, FrozenBias<Scalar>, const VeraProjections<Scalar>&,
            const VeraOptions&) -> VeraLinear<Scalar, Order>;
+template <typename Scalar, typename S, std::enable_if_t<is_weight_storage_v<S>, int> = 0>
+VeraLinear(S, const VeraProjections<Scalar>&, const VeraOptions&)
+    -> VeraLinear<Scalar, Eigen::RowMajor, S>;
+template <typename Scalar, typename S, std::enable_if_t<is_weight_storage_v<S>, int> = 0>
+VeraLinear(S, FrozenBias<Scalar>, const VeraProjections<Scalar>&, const VeraOptions&)
+    -> VeraLinear<Scalar, Eigen::RowMajor, S>;
 
 using VeraLinearf = VeraLinear<float>;
 using VeraLineard = VeraLinear<double>;

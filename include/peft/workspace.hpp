@@ -75,6 +75,13 @@ class Workspace {
     return packing_.data();
   }
 
+  /// Dequantised panels of a low-precision frozen weight (storage.hpp): at least `size` values,
+  /// apart from the packing memory the panel's GEMM uses at the same time. Grows, never shrinks.
+  Scalar* weight_panel(Index size) {
+    if (panel_.size() < size) panel_.resize(size);
+    return panel_.data();
+  }
+
   /// Training mode: each forward of an adapter with lora_dropout > 0 draws a fresh mask.
   void enable_dropout(std::uint64_t seed) {
     mode_ = DropoutMode::sampled;
@@ -150,6 +157,7 @@ class Workspace {
 
   std::array<Vector<Scalar>, num_slots> slots_;
   Vector<Scalar> packing_;
+  Vector<Scalar> panel_;
   Vector<Scalar> mask_;
   Matrix fixed_keep_;
   Rng rng_{0};
