@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <new>
 #include <optional>
 #include <string>
@@ -405,8 +406,7 @@ MergeReport detail::merge_files_impl(const std::string& base_path, const std::st
     const Dtype d = out_dtype(t);
     entries.push_back({&t.name, d, &t.shape, std::uint64_t(t.numel()) * dtype_size(d)});
   }
-  const auto write_all = [&](auto& set, auto has_twin, std::vector<double>& scratch,
-                             std::vector<std::uint16_t>& bits) {
+  const auto write_all = [&](auto& set, auto has_twin, double* scratch, std::uint16_t* bits) {
     using Set = std::remove_reference_t<decltype(set)>;
     using WeightMatrix = typename Set::WeightMatrix;
     detail::AtomicFileWriter file(out_path);
@@ -422,21 +422,21 @@ MergeReport detail::merge_files_impl(const std::string& base_path, const std::st
         try {
 #endif
           if (in_bf16(t, has_twin)) {
-            base.read_bytes(t.name, 0, bits.data(), 2 * count);  // little-endian, as the host
+            base.read_bytes(t.name, 0, bits, 2 * count);  // little-endian, as the host
             if constexpr (decltype(has_twin)::value) {
               detail::merge_bf16(set, adapter,
-                                 Bf16WeightRef(bits.data(), Index(t.shape[0]), Index(t.shape[1])));
+                                 Bf16WeightRef(bits, Index(t.shape[0]), Index(t.shape[1])));
             }
-            file.write(bits.data(), 2 * count);
+            file.write(bits, 2 * count);
           } else {
-            base.read(t.name, scratch.data(), t.numel());
+            base.read(t.name, scratch, t.numel());
             const Index rows = Index(t.shape[0]), cols = Index(t.shape[1]);
             const bool row_major = Set::WeightOrder == Eigen::RowMajor;
             Eigen::Map<WeightMatrix, Eigen::Unaligned, Eigen::OuterStride<>> view(
-                scratch.data(), row_major ? rows : cols, row_major ? cols : rows,
+                scratch, row_major ? rows : cols, row_major ? cols : rows,
                 Eigen::OuterStride<>(cols));
             adapter.merge_into(view);
-            detail::write_values(file, out_path, t.name, dtype, scratch.data(), count, bytes);
+            detail::write_values(file, out_path, t.name, dtype, scratch, count, bytes);
           }
 #ifndef PEFT_NO_EXCEPTIONS
         } catch (const numerical_error& e) {  // W + ΔW not finite: say which tensor
@@ -468,11 +468,14 @@ MergeReport detail::merge_files_impl(const std::string& base_path, const std::st
         else
           scratch_size = std::max(scratch_size, std::size_t(t->numel()));
       }
-      std::vector<double> scratch(scratch_size);
-      std::vector<std::uint16_t> bits(bits_size);
+      // Left uninitialised: their pages are only touched once the writing starts, after
+      // build_adapters' passing ΔWs are gone, so the peak is the larger of the two, not the sum.
+      const std::unique_ptr<double[]> scratch(new double[scratch_size]);
+      const std::unique_ptr<std::uint16_t[]> bits(
+          new std::uint16_t[std::max<std::size_t>(bits_size, 1)]);
       AdapterSet<Adapter> set;
-      detail::build_adapters<Codec>(folder, set, scratch.data(), tensor_of, report);
-      write_all(set, has_twin, scratch, bits);
+      detail::build_adapters<Codec>(folder, set, scratch.get(), tensor_of, report);
+      write_all(set, has_twin, scratch.get(), bits.get());
     };
     if (transposed)
       run(std::integral_constant<int, Eigen::ColMajor>{});
