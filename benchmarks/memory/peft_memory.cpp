@@ -22,9 +22,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <fstream>
 #include <string>
+#include <type_traits>
 #include <unistd.h>
 #include <vector>
 
