@@ -8,13 +8,17 @@
 
 #include <peft/adapter_set.hpp>
 #include <peft/io/detail/half.hpp>
+#include <peft/optim/adamw.hpp>
 #include <peft/storage.hpp>
+#include <peft/train/recipe.hpp>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -336,6 +340,238 @@ TEST_CASE("AdapterSet over Q8_0 trains and refuses a plain merge, writing nothin
   CHECK_FALSE(set.adapter("w").merged());
   CHECK(q == q0);
   CHECK(set.writable_weight("w").bytes() == q.data());
+}
+
+// ---- recipes over bf16 and Q8_0 ---------------------------------------------------------------
+
+// y = W2 tanh(W1 x + b1) + b2 over frozen weights of any storage (32 → 64 → 32, Q8_0-sized), in
+// double. Unadapted layers (EVA's calibration) run the base products themselves.
+constexpr const char* kLayer[2] = {"fc1", "fc2"};
+using Mat = peft::RowMatrix<double>;
+using Vec = peft::Vector<double>;
+
+template <typename Adapter>
+class StorageModel {
+ public:
+  using Set = peft::AdapterSet<Adapter>;
+  StorageModel(std::array<typename Set::Weight, 2> w, const std::array<Vec, 2>& b) : w_(w), b_(b) {
+    for (int l = 0; l < 2; ++l) set.add_frozen_module(kLayer[l], w_[l], peft::frozen_bias(b_[l]));
+  }
+  StorageModel(const StorageModel&) = delete;  // the set views b_
+
+  template <typename Recipe>
+  const Mat& forward(const Mat& x, Recipe& recipe) {
+    x_ = x;
+    dense(0, x_, z1_, recipe);
+    h1_ = z1_.array().tanh().matrix();
+    dense(1, h1_, out_, recipe);
+    return out_;
+  }
+  void backward(const Mat& dout) {
+    Mat dh1(dout.rows(), w_[1].cols());
+    layer_backward(1, h1_, dout, &dh1);
+    const Mat dz1 = (dh1.array() * (1.0 - h1_.array().square())).matrix();
+    layer_backward(0, x_, dz1, nullptr);
+  }
+
+  Set set;
+
+ private:
+  template <typename Recipe>
+  void dense(int l, const Mat& x, Mat& y, Recipe& recipe) {
+    if (recipe.calibrating() && recipe.wants_input(kLayer[l])) recipe.observe_input(kLayer[l], x);
+    y.resize(x.rows(), w_[l].rows());
+    if (set.has_adapter(kLayer[l])) {
+      set.adapter(kLayer[l]).forward(x, y, set.workspace(kLayer[l]));
+      return;
+    }
+    if constexpr (Set::dense_weight) {
+      y.noalias() = x * w_[l].transpose();
+    } else {
+      peft::base_forward(w_[l], x, y, set.workspace(kLayer[l]));
+    }
+    y.rowwise() += b_[l].transpose();
+  }
+  void layer_backward(int l, const Mat& x, const Mat& dy, Mat* dx) {
+    if (set.has_adapter(kLayer[l])) {
+      auto& a = set.adapter(kLayer[l]);
+      if (dx)
+        a.backward(x, dy, *dx, set.gradient(kLayer[l]), set.workspace(kLayer[l]));
+      else
+        a.backward(x, dy, set.gradient(kLayer[l]), set.workspace(kLayer[l]));
+    } else if (dx) {
+      if constexpr (Set::dense_weight) {
+        dx->noalias() = dy * w_[l];
+      } else {
+        peft::base_input_gradient(w_[l], dy, *dx, set.workspace(kLayer[l]));
+      }
+    }
+  }
+
+  std::array<typename Set::Weight, 2> w_;
+  std::array<Vec, 2> b_;
+  Mat x_, z1_, h1_, out_;
+};
+
+// Batches of 32 rows (well above the 8 of a fused small-n kernel), the same in every run.
+std::pair<Mat, Mat> recipe_batch(long k) {
+  return {random_matrix<double>(32, 32, 100 + std::uint64_t(k)),
+          random_matrix<double>(32, 32, 500 + std::uint64_t(k), 0.5)};
+}
+
+// The generic trainer loop: attach, calibrate while asked, `steps` AdamW steps, finish.
+template <typename Recipe, typename Model>
+void run_recipe(Recipe& recipe, Model& model, long steps) {
+  recipe.attach(model.set);
+  long batch = 0;
+  while (recipe.calibrating()) {
+    model.forward(recipe_batch(batch++).first, recipe);
+    recipe.end_calibration_batch();
+  }
+  peft::optim::AdamWOptions o;
+  o.weight_decay = 0.0;
+  peft::optim::AdamW<double> optimizer(o);
+  model.set.register_with(optimizer);
+  model.set.zero_grad();
+  for (long step = 1; step <= steps; ++step) {
+    const auto [x, y] = recipe_batch(batch++);
+    const Mat dout = (model.forward(x, recipe) - y) / double(x.rows());
+    model.backward(dout);
+    recipe.before_optimizer_step();
+    optimizer.step(1e-2);
+    recipe.after_optimizer_step(optimizer.step_count());
+    optimizer.zero_grad();
+  }
+  recipe.finish();
+}
+
+// The base in bf16 or Q8_0 (through quantize_q8_0), and its dequantised copy for the dense run.
+struct StorageBase {
+  std::array<std::vector<std::uint16_t>, 2> bf16;
+  std::array<std::vector<unsigned char>, 2> q8;
+  std::array<Vec, 2> bias;
+  static constexpr Index out[2] = {64, 32}, in[2] = {32, 64};
+  StorageBase() {
+    for (int l = 0; l < 2; ++l) {
+      bf16[l] = random_bf16(out[l] * in[l], 30 + std::uint64_t(l), 1.0 / std::sqrt(in[l]));
+      q8[l] = peft::quantized_q8_0(
+          random_matrix<float>(out[l], in[l], 60 + std::uint64_t(l), 1.0 / std::sqrt(in[l])));
+      bias[l] = peft_test::random_vector<double>(out[l], 80 + std::uint64_t(l), 0.1);
+    }
+  }
+  template <typename S>
+  S view(int l) const {
+    if constexpr (std::is_same_v<S, peft::Bf16Weight>)
+      return peft::Bf16Weight(bf16[l].data(), out[l], in[l]);
+    else
+      return peft::BlockQ8Weight(q8[l].data(), q8[l].size(), out[l], in[l]);
+  }
+};
+
+/// Trains `LowRecipe` over the storage and `DenseRecipe` over the dequantised weights from the
+/// same options; every adapter ends with the same parameters, bit for bit.
+template <typename S, template <typename, int, typename> class RecipeT, typename Options>
+void check_recipe_over_storage(const Options& options, long steps) {
+  using Low = RecipeT<double, Eigen::RowMajor, S>;
+  using Dense = RecipeT<double, Eigen::RowMajor, peft::Dense>;
+  const StorageBase base;
+  const std::array<S, 2> views{base.view<S>(0), base.view<S>(1)};
+  const std::array<Mat, 2> dq{peft::dequantized<double>(views[0]),
+                              peft::dequantized<double>(views[1])};
+  StorageModel<typename Low::Adapter> low({views[0], views[1]}, base.bias);
+  StorageModel<typename Dense::Adapter> dense({peft::frozen(dq[0]), peft::frozen(dq[1])},
+                                              base.bias);
+  Low low_recipe(options);
+  Dense dense_recipe(options);
+  run_recipe(low_recipe, low, steps);
+  run_recipe(dense_recipe, dense, steps);
+  REQUIRE(low_recipe.optimizer_steps() == steps);
+  REQUIRE(low.set.adapted_modules() == dense.set.adapted_modules());
+  REQUIRE_FALSE(low.set.adapted_modules().empty());
+  for (const auto& name : low.set.adapted_modules()) {
+    INFO(name);
+    const auto& a = low.set.adapter(name);
+    const auto& b = dense.set.adapter(name);
+    REQUIRE(a.num_parameters() == b.num_parameters());
+    CHECK(a.parameters() == b.parameters());  // bit for bit
+    CHECK(a.weight().bytes() == views[name == std::string("fc1") ? 0 : 1].bytes());
+  }
+  // W never written.
+  const StorageBase fresh;
+  CHECK(base.bf16 == fresh.bf16);
+  CHECK(base.q8 == fresh.q8);
+}
+
+peft::train::LoraRecipeOptions lora_recipe_options() {
+  peft::train::LoraRecipeOptions o;
+  o.lora.r = 4;
+  o.lora.lora_alpha = 8;
+  o.lora.seed = 5;
+  o.rank_pattern["fc2"] = 2;
+  return o;
+}
+
+TEMPLATE_TEST_CASE("Recipes over bf16 and Q8_0 train as over the dequantised weights",
+                   "[storage][recipe]", peft::Bf16Weight, peft::BlockQ8Weight) {
+  SECTION("LoRA") {
+    check_recipe_over_storage<TestType, peft::train::LoraRecipe>(lora_recipe_options(), 6);
+  }
+  SECTION("rsLoRA") {
+    auto o = lora_recipe_options();
+    o.lora.use_rslora = true;
+    check_recipe_over_storage<TestType, peft::train::LoraRecipe>(o, 4);
+  }
+  SECTION("VeRA") {
+    peft::train::VeraRecipeOptions o;
+    o.vera.r = 16;
+    o.vera.d_initial = 0.1;
+    o.projection_prng_key = 4;
+    check_recipe_over_storage<TestType, peft::train::VeraRecipe>(o, 6);
+  }
+  SECTION("AdaLoRA, through its rank allocation and final shrink") {
+    peft::train::AdaLoraRecipeOptions o;
+    o.adalora.init_r = 4;
+    o.adalora.lora_alpha = 4;
+    o.adalora.seed = 3;
+    o.budget.init_r = 4;
+    o.budget.target_r = 2;
+    o.budget.total_step = 12;
+    o.budget.tinit = 2;
+    o.budget.tfinal = 4;
+    o.budget.deltaT = 2;
+    o.budget.orth_reg_weight = 0.1;
+    check_recipe_over_storage<TestType, peft::train::AdaLoraRecipe>(o, 12);
+  }
+  SECTION("EVA, calibrating on the layers' inputs") {
+    peft::train::EvaRecipeOptions o;
+    o.eva.r = 2;
+    o.eva.lora_alpha = 4;
+    o.eva.max_iterations = 6;
+    check_recipe_over_storage<TestType, peft::train::EvaRecipe>(o, 4);
+  }
+}
+
+TEST_CASE("BasicRecipe runs over a bf16 set", "[storage][recipe]") {
+  const StorageBase base;
+  StorageModel<peft::LoraLinear<double, Eigen::RowMajor, peft::Bf16Weight>> model(
+      {base.view<peft::Bf16Weight>(0), base.view<peft::Bf16Weight>(1)}, base.bias);
+  peft::LoraOptions o;
+  o.r = 2;
+  peft::train::BasicRecipe<peft::LoraLinear<double, Eigen::RowMajor, peft::Bf16Weight>> recipe(o,
+                                                                                               3);
+  run_recipe(recipe, model, 3);
+  CHECK(model.set.adapter("fc1").b().norm() > 0);  // it trained
+}
+
+TEMPLATE_TEST_CASE("LoraGaRecipe refuses a bf16 or Q8_0 base at construction",
+                   "[storage][recipe][errors]", peft::Bf16Weight, peft::BlockQ8Weight) {
+  using Recipe = peft::train::LoraGaRecipe<float, Eigen::RowMajor, TestType>;
+  REQUIRE_THROWS_AS(Recipe(), peft::config_error);
+  REQUIRE_THROWS_WITH(Recipe(),
+                      Contains("LoraGaRecipe") && Contains("dense") &&
+                          Contains(std::is_same_v<TestType, peft::Bf16Weight> ? "rounded into bf16"
+                                                                              : "requantise"));
+  REQUIRE_NOTHROW(peft::train::LoraGaRecipe<float>());  // dense: unchanged
 }
 
 }  // namespace
