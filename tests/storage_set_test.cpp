@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <iostream>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -194,6 +195,163 @@ TEST_CASE("quantize_q8_0 refuses what Q8_0 cannot hold, writing nothing", "[stor
   REQUIRE_THROWS_AS(peft::quantize_q8_0(m, mb.data(), mb.size() - 1), peft::format_error);
   REQUIRE_THROWS_AS(peft::quantized_q8_0(peft::RowMatrix<float>::Zero(2, 40)),
                     peft::dimension_error);
+}
+
+// ---- merging into Q8_0 ------------------------------------------------------------------------
+
+// A LoRA over a Q8_0 weight quantised from a gaussian, with rows of B zeroed so that some blocks
+// of ΔW are exactly zero (untouched).
+struct Q8Merge {
+  static constexpr Index out = 40, in = 96;
+  std::vector<unsigned char> bytes;
+  peft::RowMatrix<float> w_before;
+  Q8Merge() : bytes(peft::quantized_q8_0(random_matrix<float>(out, in, 8, 0.02))) {
+    w_before = peft::dequantized(view());
+  }
+  peft::BlockQ8Weight view() const { return {bytes.data(), bytes.size(), out, in}; }
+  peft::BlockQ8WeightRef ref() { return {bytes.data(), bytes.size(), out, in}; }
+  LoraQ8 lora(double stddev) const {
+    peft::LoraOptions o;
+    o.r = 4;
+    o.lora_alpha = 8;
+    LoraQ8 l(view(), o);
+    peft::Rng rng(12);
+    rng.fill_normal(l.parameters(), 0.0, stddev);
+    l.b().middleRows(10, 3).setZero();  // ΔW rows 10..12: zero, their blocks untouched
+    return l;
+  }
+};
+
+TEST_CASE("merge_into a Q8_0 weight is refused, writing nothing", "[storage][merge][q8]") {
+  Q8Merge m;
+  LoraQ8 lora = m.lora(0.1);
+  const auto before = m.bytes;
+  REQUIRE_THROWS_AS(lora.merge_into(m.ref()), peft::state_error);
+  REQUIRE_THROWS_WITH(lora.merge_into(m.ref()),
+                      Contains("LoraLinear::merge_into()") && Contains("40x96 Q8_0") &&
+                          Contains("requantise") && Contains("requantize_merge(w)"));
+  CHECK_FALSE(lora.merged());
+  CHECK(m.bytes == before);
+  CHECK_FALSE(lora.unmerge_from(m.ref()));  // not merged: nothing to undo
+  // Another buffer is refused like a dense one.
+  auto other = m.bytes;
+  REQUIRE_THROWS_AS(
+      lora.requantize_merge(peft::BlockQ8WeightRef(other.data(), other.size(), 40, 96)),
+      peft::config_error);
+}
+
+TEST_CASE("requantize_merge requantises the touched blocks and reports the error",
+          "[storage][merge][q8]") {
+  Q8Merge m;
+  LoraQ8 lora = m.lora(0.1);
+  const auto before = m.bytes;
+  const peft::RowMatrix<float> delta = lora.delta_weight();
+  const peft::RequantizationReport report = lora.requantize_merge(m.ref());
+  REQUIRE(report.merged);
+  REQUIRE(lora.merged());
+
+  // Block for block: quantize_q8_0(float(W + ΔW)) where ΔW touches the block, else the old bytes.
+  const Index blocks = Q8Merge::in / 32;
+  Index touched = 0, wrong = 0;
+  for (Index r = 0; r < Q8Merge::out; ++r) {
+    for (Index b = 0; b < blocks; ++b) {
+      const std::size_t at = std::size_t((r * blocks + b) * 34);
+      std::vector<unsigned char> expect(before.begin() + long(at), before.begin() + long(at) + 34);
+      if (!(delta.row(r).segment(b * 32, 32).array() == 0.0f).all()) {
+        ++touched;
+        float target[32];
+        for (Index j = 0; j < 32; ++j)
+          target[j] = float(double(m.w_before(r, b * 32 + j)) + double(delta(r, b * 32 + j)));
+        peft::quantize_q8_0(target, 32, expect.data());
+      }
+      if (!std::equal(expect.begin(), expect.end(), m.bytes.begin() + long(at))) ++wrong;
+    }
+  }
+  CHECK(wrong == 0);
+  CHECK(touched == (Q8Merge::out - 3) * blocks);
+  CHECK(report.blocks_requantized == touched);
+  CHECK(report.blocks_total == Q8Merge::out * blocks);
+  for (Index r = 10; r < 13; ++r)  // untouched rows keep their bytes
+    CHECK(std::equal(before.begin() + r * blocks * 34, before.begin() + (r + 1) * blocks * 34,
+                     m.bytes.begin() + r * blocks * 34));
+
+  // The report against a direct recomputation in double.
+  const peft::RowMatrix<double> exact = m.w_before.cast<double>() + delta.cast<double>();
+  const peft::RowMatrix<double> err = peft::dequantized<double>(m.view()) - exact;
+  CHECK(report.max_abs_error == err.cwiseAbs().maxCoeff());
+  CHECK(report.rms_error ==
+        Approx(std::sqrt(err.squaredNorm() / double(err.size()))).epsilon(1e-12));
+  CHECK(report.error_norm == Approx(err.norm()).epsilon(1e-12));
+  CHECK(report.delta_norm == Approx(delta.cast<double>().norm()).epsilon(1e-12));
+  CHECK(report.relative_error == Approx(err.norm() / delta.cast<double>().norm()).epsilon(1e-12));
+  CHECK(report.max_abs_error > 0);  // requantisation is not exact
+  // Half a step of the largest scale bounds the error (plus fp16's rounding of the scale).
+  double max_d = 0;
+  for (Index r = 0; r < Q8Merge::out; ++r)
+    for (Index b = 0; b < blocks; ++b)
+      max_d = std::max(max_d, double(peft::fp16_to_float(m.view().scale_bits(r, b * 32))));
+  CHECK(report.max_abs_error <= max_d * (0.5 + 127.0 / 2048) * 1.001);
+
+  // The merged forward is x (W + ΔW)ᵀ up to that error.
+  const auto x = random_matrix<float>(12, Q8Merge::in, seed_inputs);
+  peft::RowMatrix<float> y(12, Q8Merge::out);
+  peft::Workspace<float> ws;
+  lora.forward(x, y, ws);
+  const peft::RowMatrix<double> y_exact = x.cast<double>() * exact.transpose();
+  CHECK(peft_test::relative_error(y, y_exact) < 4 * report.error_norm / exact.norm() + 1e-5);
+
+  SECTION("unmerge is refused: the original blocks are gone") {
+    const auto merged_bytes = m.bytes;
+    REQUIRE_THROWS_AS(lora.unmerge_from(m.ref()), peft::state_error);
+    REQUIRE_THROWS_WITH(lora.unmerge_from(m.ref()),
+                        Contains("requantize_merge()") && Contains("cannot be restored"));
+    CHECK(lora.merged());
+    CHECK(m.bytes == merged_bytes);
+  }
+  SECTION("a second requantize_merge does nothing") {
+    const auto merged_bytes = m.bytes;
+    CHECK_FALSE(lora.requantize_merge(m.ref()).merged);
+    CHECK(m.bytes == merged_bytes);
+  }
+}
+
+TEST_CASE("requantize_merge refuses a block it cannot quantise, writing nothing",
+          "[storage][merge][q8]") {
+  Q8Merge m;
+  LoraQ8 lora = m.lora(0.1);
+  lora.b()(Q8Merge::out - 1, 0) = 1e9f;  // the last row's ΔW needs a scale beyond fp16
+  const auto before = m.bytes;
+  REQUIRE_THROWS_AS(lora.requantize_merge(m.ref()), peft::numerical_error);
+  REQUIRE_THROWS_WITH(lora.requantize_merge(m.ref()),
+                      Contains("row 39") && Contains("beyond fp16") && Contains("unchanged"));
+  CHECK(m.bytes == before);  // the earlier rows were not written either
+  CHECK_FALSE(lora.merged());
+  lora.b()(0, 0) = std::numeric_limits<float>::quiet_NaN();
+  REQUIRE_THROWS_AS(lora.requantize_merge(m.ref()), peft::numerical_error);
+  CHECK(m.bytes == before);
+}
+
+// Numbers for docs/precision.md (run by hand: peft_storage_set_test "[.measure]").
+TEST_CASE("Requantisation error of a merge into Q8_0, measured", "[.measure]") {
+  const Index out = 1024, in = 1024;
+  const auto w = random_matrix<float>(out, in, 3, 0.02);
+  for (double size : {1.0, 0.1, 0.01}) {
+    auto bytes = peft::quantized_q8_0(w);
+    const peft::BlockQ8Weight view(bytes.data(), bytes.size(), out, in);
+    peft::LoraOptions o;
+    o.r = 16;
+    o.lora_alpha = 32;
+    LoraQ8 lora(view, o);
+    peft::Rng rng(4);
+    rng.fill_normal(lora.parameters(), 0.0, 1.0);
+    const double wn = peft::dequantized<double>(view).norm();
+    lora.b() *= float(size * wn / lora.delta_weight().cast<double>().norm());
+    const auto rep =
+        lora.requantize_merge(peft::BlockQ8WeightRef(bytes.data(), bytes.size(), out, in));
+    std::cout << "|dW|/|W| = " << size << ": max " << rep.max_abs_error << ", rms " << rep.rms_error
+              << ", |err|/|dW| " << rep.relative_error << ", |err|/|W| " << rep.error_norm / wn
+              << ", blocks " << rep.blocks_requantized << "/" << rep.blocks_total << "\n";
+  }
 }
 
 // ---- AdapterSet over bf16 and Q8_0
