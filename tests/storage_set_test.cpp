@@ -498,6 +498,24 @@ TEST_CASE("AdapterSet over Q8_0 trains and refuses a plain merge, writing nothin
   CHECK_FALSE(set.adapter("w").merged());
   CHECK(q == q0);
   CHECK(set.writable_weight("w").bytes() == q.data());
+
+  SECTION("requantize_merge_all merges every adapter, reporting each") {
+    auto r = random_q8(16, 32, 6);
+    set.add_frozen_module("ro", peft::BlockQ8Weight(r.data(), r.size(), 16, 32));
+    set.attach("ro", set_options());
+    REQUIRE_THROWS_WITH(set.requantize_merge_all(), Contains("'ro'") && Contains("read-only"));
+    CHECK(q == q0);  // checked before anything is written
+    set.detach("ro");
+    const auto reports = set.requantize_merge_all();
+    REQUIRE(reports.size() == 1);
+    CHECK(reports[0].first == "w");
+    CHECK(reports[0].second.merged);
+    CHECK(reports[0].second.blocks_requantized == 24 * 2);
+    CHECK(set.adapter("w").merged());
+    CHECK(q != q0);
+    CHECK_FALSE(set.requantize_merge_all()[0].second.merged);  // merged already
+    REQUIRE_THROWS_AS(set.unmerge_all(), peft::state_error);
+  }
 }
 
 // ---- recipes over bf16 and Q8_0 ---------------------------------------------------------------
