@@ -335,6 +335,14 @@ TEST_CASE("requantize_merge refuses a block it cannot quantise, writing nothing"
 TEST_CASE("Requantisation error of a merge into Q8_0, measured", "[.measure]") {
   const Index out = 1024, in = 1024;
   const auto w = random_matrix<float>(out, in, 3, 0.02);
+  {
+    const auto q = peft::quantized_q8_0(w);
+    const peft::RowMatrix<float> back =
+        peft::dequantized(peft::BlockQ8Weight(q.data(), q.size(), out, in));
+    std::cout << "quantising W itself: |err|/|W| "
+              << (back.cast<double>() - w.cast<double>()).norm() / w.cast<double>().norm()
+              << ", max " << (back - w).cwiseAbs().maxCoeff() << "\n";
+  }
   for (double size : {1.0, 0.1, 0.01}) {
     auto bytes = peft::quantized_q8_0(w);
     const peft::BlockQ8Weight view(bytes.data(), bytes.size(), out, in);
