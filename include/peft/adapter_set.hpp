@@ -369,6 +369,21 @@ class AdapterSet {
 
   std::size_t for_all_writable(const char* what, bool merge) {
     check_all_writable(what);
+    if constexpr (std::is_same_v<Weight, BlockQ8Weight>) {
+      // The adapters refuse too; refusing here names the module and the set's own call.
+      for (const auto& m : modules_) {
+        if (!m->adapter || m->adapter->merged() != !merge) continue;
+        const std::string shape =
+            std::to_string(m->weight.rows()) + "x" + std::to_string(m->weight.cols());
+        PEFT_THROW(state_error(
+            std::string("AdapterSet::") + what + "(): '" + m->name + "' is a " + shape +
+            (merge ? " Q8_0 weight; merging would requantise its blocks, changing weights the "
+                     "adapter never trained, and could not be undone. Call "
+                     "requantize_merge_all() to do it anyway (nothing merged)"
+                   : " Q8_0 weight merged by requantize_merge(), which replaced its original "
+                     "blocks; they cannot be restored (nothing changed)")));
+      }
+    }
     std::size_t n = 0;
     for (auto& m : modules_) {
       if (!m->adapter) continue;
