@@ -531,32 +531,37 @@ TEST_CASE("AdapterSet over Q8_0 trains and refuses a plain merge, writing nothin
 // ---- recipes over bf16 and Q8_0 ---------------------------------------------------------------
 
 // y = W2 tanh(W1 x + b1) + b2 over frozen weights of any storage (32 → 64 → 32, Q8_0-sized), in
-// double. Unadapted layers (EVA's calibration) run the base products themselves.
+// float or double. Unadapted layers (EVA's calibration) run the base products themselves.
 constexpr const char* kLayer[2] = {"fc1", "fc2"};
-using Mat = peft::RowMatrix<double>;
-using Vec = peft::Vector<double>;
+template <typename Scalar>
+using Mat = peft::RowMatrix<Scalar>;
+template <typename Scalar>
+using Vec = peft::Vector<Scalar>;
 
 template <typename Adapter>
 class StorageModel {
  public:
   using Set = peft::AdapterSet<Adapter>;
-  StorageModel(std::array<typename Set::Weight, 2> w, const std::array<Vec, 2>& b) : w_(w), b_(b) {
+  using Scalar = typename Adapter::Scalar;
+  using M = Mat<Scalar>;
+  StorageModel(std::array<typename Set::Weight, 2> w, const std::array<Vec<double>, 2>& b)
+      : w_(w), b_{b[0].cast<Scalar>(), b[1].cast<Scalar>()} {
     for (int l = 0; l < 2; ++l) set.add_frozen_module(kLayer[l], w_[l], peft::frozen_bias(b_[l]));
   }
   StorageModel(const StorageModel&) = delete;  // the set views b_
 
   template <typename Recipe>
-  const Mat& forward(const Mat& x, Recipe& recipe) {
+  const M& forward(const M& x, Recipe& recipe) {
     x_ = x;
     dense(0, x_, z1_, recipe);
     h1_ = z1_.array().tanh().matrix();
     dense(1, h1_, out_, recipe);
     return out_;
   }
-  void backward(const Mat& dout) {
-    Mat dh1(dout.rows(), w_[1].cols());
+  void backward(const M& dout) {
+    M dh1(dout.rows(), w_[1].cols());
     layer_backward(1, h1_, dout, &dh1);
-    const Mat dz1 = (dh1.array() * (1.0 - h1_.array().square())).matrix();
+    const M dz1 = (dh1.array() * (Scalar(1) - h1_.array().square())).matrix();
     layer_backward(0, x_, dz1, nullptr);
   }
 
@@ -564,7 +569,7 @@ class StorageModel {
 
  private:
   template <typename Recipe>
-  void dense(int l, const Mat& x, Mat& y, Recipe& recipe) {
+  void dense(int l, const M& x, M& y, Recipe& recipe) {
     if (recipe.calibrating() && recipe.wants_input(kLayer[l])) recipe.observe_input(kLayer[l], x);
     y.resize(x.rows(), w_[l].rows());
     if (set.has_adapter(kLayer[l])) {
@@ -578,7 +583,7 @@ class StorageModel {
     }
     y.rowwise() += b_[l].transpose();
   }
-  void layer_backward(int l, const Mat& x, const Mat& dy, Mat* dx) {
+  void layer_backward(int l, const M& x, const M& dy, M* dx) {
     if (set.has_adapter(kLayer[l])) {
       auto& a = set.adapter(kLayer[l]);
       if (dx)
@@ -595,33 +600,35 @@ class StorageModel {
   }
 
   std::array<typename Set::Weight, 2> w_;
-  std::array<Vec, 2> b_;
-  Mat x_, z1_, h1_, out_;
+  std::array<Vec<Scalar>, 2> b_;
+  M x_, z1_, h1_, out_;
 };
 
 // Batches of 32 rows (well above the 8 of a fused small-n kernel), the same in every run.
-std::pair<Mat, Mat> recipe_batch(long k) {
-  return {random_matrix<double>(32, 32, 100 + std::uint64_t(k)),
-          random_matrix<double>(32, 32, 500 + std::uint64_t(k), 0.5)};
+template <typename Scalar>
+std::pair<Mat<Scalar>, Mat<Scalar>> recipe_batch(long k) {
+  return {random_matrix<Scalar>(32, 32, 100 + std::uint64_t(k)),
+          random_matrix<Scalar>(32, 32, 500 + std::uint64_t(k), 0.5)};
 }
 
 // The generic trainer loop: attach, calibrate while asked, `steps` AdamW steps, finish.
 template <typename Recipe, typename Model>
 void run_recipe(Recipe& recipe, Model& model, long steps) {
+  using Scalar = typename Model::Scalar;
   recipe.attach(model.set);
   long batch = 0;
   while (recipe.calibrating()) {
-    model.forward(recipe_batch(batch++).first, recipe);
+    model.forward(recipe_batch<Scalar>(batch++).first, recipe);
     recipe.end_calibration_batch();
   }
   peft::optim::AdamWOptions o;
   o.weight_decay = 0.0;
-  peft::optim::AdamW<double> optimizer(o);
+  peft::optim::AdamW<Scalar> optimizer(o);
   model.set.register_with(optimizer);
   model.set.zero_grad();
   for (long step = 1; step <= steps; ++step) {
-    const auto [x, y] = recipe_batch(batch++);
-    const Mat dout = (model.forward(x, recipe) - y) / double(x.rows());
+    const auto [x, y] = recipe_batch<Scalar>(batch++);
+    const Mat<Scalar> dout = (model.forward(x, recipe) - y) / Scalar(x.rows());
     model.backward(dout);
     recipe.before_optimizer_step();
     optimizer.step(1e-2);
@@ -635,7 +642,7 @@ void run_recipe(Recipe& recipe, Model& model, long steps) {
 struct StorageBase {
   std::array<std::vector<std::uint16_t>, 2> bf16;
   std::array<std::vector<unsigned char>, 2> q8;
-  std::array<Vec, 2> bias;
+  std::array<Vec<double>, 2> bias;
   static constexpr Index out[2] = {64, 32}, in[2] = {32, 64};
   StorageBase() {
     for (int l = 0; l < 2; ++l) {
@@ -656,14 +663,16 @@ struct StorageBase {
 
 /// Trains `LowRecipe` over the storage and `DenseRecipe` over the dequantised weights from the
 /// same options; every adapter ends with the same parameters, bit for bit.
-template <typename S, template <typename, int, typename> class RecipeT, typename Options>
+template <typename Scalar, typename S, template <typename, int, typename> class RecipeT,
+          typename Options>
 void check_recipe_over_storage(const Options& options, long steps) {
-  using Low = RecipeT<double, Eigen::RowMajor, S>;
-  using Dense = RecipeT<double, Eigen::RowMajor, peft::Dense>;
+  INFO((std::is_same_v<Scalar, float> ? "float" : "double"));
+  using Low = RecipeT<Scalar, Eigen::RowMajor, S>;
+  using Dense = RecipeT<Scalar, Eigen::RowMajor, peft::Dense>;
   const StorageBase base;
   const std::array<S, 2> views{base.view<S>(0), base.view<S>(1)};
-  const std::array<Mat, 2> dq{peft::dequantized<double>(views[0]),
-                              peft::dequantized<double>(views[1])};
+  const std::array<Mat<Scalar>, 2> dq{peft::dequantized<Scalar>(views[0]),
+                                      peft::dequantized<Scalar>(views[1])};
   StorageModel<typename Low::Adapter> low({views[0], views[1]}, base.bias);
   StorageModel<typename Dense::Adapter> dense({peft::frozen(dq[0]), peft::frozen(dq[1])},
                                               base.bias);
@@ -700,19 +709,22 @@ peft::train::LoraRecipeOptions lora_recipe_options() {
 TEMPLATE_TEST_CASE("Recipes over bf16 and Q8_0 train as over the dequantised weights",
                    "[storage][recipe]", peft::Bf16Weight, peft::BlockQ8Weight) {
   SECTION("LoRA") {
-    check_recipe_over_storage<TestType, peft::train::LoraRecipe>(lora_recipe_options(), 6);
+    check_recipe_over_storage<float, TestType, peft::train::LoraRecipe>(lora_recipe_options(), 6);
+    check_recipe_over_storage<double, TestType, peft::train::LoraRecipe>(lora_recipe_options(), 6);
   }
   SECTION("rsLoRA") {
     auto o = lora_recipe_options();
     o.lora.use_rslora = true;
-    check_recipe_over_storage<TestType, peft::train::LoraRecipe>(o, 4);
+    check_recipe_over_storage<float, TestType, peft::train::LoraRecipe>(o, 4);
+    check_recipe_over_storage<double, TestType, peft::train::LoraRecipe>(o, 4);
   }
   SECTION("VeRA") {
     peft::train::VeraRecipeOptions o;
     o.vera.r = 16;
     o.vera.d_initial = 0.1;
     o.projection_prng_key = 4;
-    check_recipe_over_storage<TestType, peft::train::VeraRecipe>(o, 6);
+    check_recipe_over_storage<float, TestType, peft::train::VeraRecipe>(o, 6);
+    check_recipe_over_storage<double, TestType, peft::train::VeraRecipe>(o, 6);
   }
   SECTION("AdaLoRA, through its rank allocation and final shrink") {
     peft::train::AdaLoraRecipeOptions o;
@@ -726,14 +738,16 @@ TEMPLATE_TEST_CASE("Recipes over bf16 and Q8_0 train as over the dequantised wei
     o.budget.tfinal = 4;
     o.budget.deltaT = 2;
     o.budget.orth_reg_weight = 0.1;
-    check_recipe_over_storage<TestType, peft::train::AdaLoraRecipe>(o, 12);
+    check_recipe_over_storage<float, TestType, peft::train::AdaLoraRecipe>(o, 12);
+    check_recipe_over_storage<double, TestType, peft::train::AdaLoraRecipe>(o, 12);
   }
   SECTION("EVA, calibrating on the layers' inputs") {
     peft::train::EvaRecipeOptions o;
     o.eva.r = 2;
     o.eva.lora_alpha = 4;
     o.eva.max_iterations = 6;
-    check_recipe_over_storage<TestType, peft::train::EvaRecipe>(o, 4);
+    check_recipe_over_storage<float, TestType, peft::train::EvaRecipe>(o, 4);
+    check_recipe_over_storage<double, TestType, peft::train::EvaRecipe>(o, 4);
   }
 }
 
