@@ -147,7 +147,8 @@ TEST_CASE("The fused forward is compiled in where the ISA allows it", "[storage]
 TEST_CASE("Fused bf16 forward: tails, leading dimension, unaligned rows, strided x and y",
           "[storage][kernel]") {
   std::uint64_t seed = 300;
-  for (Index in : {32, 96, 100, 4096 + 32})
+  // 5: no whole vector; 100: a scalar tail; 120: whole vectors after the last 32-value step.
+  for (Index in : {5, 32, 96, 100, 120, 4096 + 32})
     for (Index out : outs)
       for (Index n = 1; n <= 8; ++n) {
         const Index ld = in + 5;  // rows 10 bytes apart beyond the row: no row is aligned

@@ -66,6 +66,7 @@ struct FusedIsa {
   static V load(const float* p) noexcept { return _mm512_loadu_ps(p); }
   static V set1(float v) noexcept { return _mm512_set1_ps(v); }
   static V mul(V a, V b) noexcept { return _mm512_mul_ps(a, b); }
+  static V add(V a, V b) noexcept { return _mm512_add_ps(a, b); }
   static V fma(V a, V b, V c) noexcept { return _mm512_fmadd_ps(a, b, c); }
   static float sum(V a) noexcept {
     const __m512d d = _mm512_castps_pd(a);
@@ -88,11 +89,17 @@ struct FusedIsa {
     return _mm512_maskz_cvtepi32_ps(all, _mm512_maskz_cvtepi8_epi32(all, b));
   }
 };
-// Rows of W per step: enough independent accumulators to hide the FMA latency at one token, and
-// each x load reused across the rows; at most 16 accumulators of 32 registers.
-template <int N>
+// Rows of W per step: each x load then serves them all, which pays once the FMAs, not the memory,
+// limit (3+ tokens); one or two tokens stream one row at a time, which measured 1.5x faster than
+// several rows at once. At most 32 registers: accumulators R·N plus R weight vectors.
+template <int N, bool Q8>
 constexpr int fused_rows() {
-  return N <= 4 ? 4 : 2;
+#    ifdef PEFT_FUSED_ROWS
+  return PEFT_FUSED_ROWS;
+#    endif
+  if (N <= 2) return 1;
+  if (Q8) return 2;
+  return N <= 6 ? 4 : 2;
 }
 #  else
 struct FusedIsa {
@@ -102,6 +109,7 @@ struct FusedIsa {
   static V load(const float* p) noexcept { return _mm256_loadu_ps(p); }
   static V set1(float v) noexcept { return _mm256_set1_ps(v); }
   static V mul(V a, V b) noexcept { return _mm256_mul_ps(a, b); }
+  static V add(V a, V b) noexcept { return _mm256_add_ps(a, b); }
   static V fma(V a, V b, V c) noexcept { return _mm256_fmadd_ps(a, b, c); }
   static float sum(V a) noexcept {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -119,10 +127,27 @@ struct FusedIsa {
   }
 };
 // 16 registers: at most 8 accumulators.
-template <int N>
+template <int N, bool Q8>
 constexpr int fused_rows() {
-  return N == 1 ? 4 : (N <= 4 ? 2 : 1);
+#    ifdef PEFT_FUSED_ROWS
+  return PEFT_FUSED_ROWS;
+#    endif
+  return (N == 3 || N == 4) ? 2 : 1;
 }
+#  endif
+
+/// Accumulators per row and token: as many of the 32/L vectors of a step as fit in 8 in all
+/// (enough to hide the FMA latency at one token).
+template <int N, int R>
+constexpr int fused_splits() {
+  constexpr int most = int(32 / FusedIsa::width), fit = 8 / (N * R);
+  return fit < 1 ? 1 : (fit < most ? fit : most);
+}
+/// How far ahead each row is prefetched into L1 (measured best of 1 to 8 KiB at d = 4096).
+#  ifdef PEFT_FUSED_PREFETCH
+inline constexpr Index fused_prefetch_bytes = PEFT_FUSED_PREFETCH;
+#  else
+inline constexpr Index fused_prefetch_bytes = 8192;
 #  endif
 
 /// The activations: N rows of x (ldx apart) and of y (ldy apart), row-major, float.
@@ -134,27 +159,48 @@ struct FusedOperands {
   Index in;
 };
 
-/// y[:, o0 : o0+R] for R bf16 rows starting at `w` (`row_bytes` apart).
-template <int N, int R>
+/// Hints the row's bytes `fused_prefetch_bytes` ahead into L1: with several rows streamed at once,
+/// the hardware prefetchers alone leave the loads waiting on memory.
+inline void fused_prefetch(const unsigned char* p) noexcept {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + fused_prefetch_bytes, _MM_HINT_T0);
+}
+
+/// y[:, o0 : o0+R] for R bf16 rows starting at `w` (`row_bytes` apart). U accumulators per row
+/// and token (consecutive vectors of a 32-value step) hide the FMA latency.
+template <int N, int R, int U>
 void fused_bf16_rows(const unsigned char* w, Index row_bytes, const FusedOperands& a, Index o0) {
   using V = FusedIsa::V;
   constexpr Index L = FusedIsa::width;
-  V acc[R][N];
-  PEFT_UNROLL for (int r = 0; r < R; ++r) PEFT_UNROLL for (int t = 0; t < N; ++t) acc[r][t] =
-      FusedIsa::zero();
-  const Index vec_end = a.in / L * L;
-  for (Index c = 0; c < vec_end; c += L) {
-    V wv[R];
-    PEFT_UNROLL for (int r = 0; r < R; ++r) wv[r] = FusedIsa::bf16(w + r * row_bytes + 2 * c);
-    PEFT_UNROLL for (int t = 0; t < N; ++t) {
-      const V xv = FusedIsa::load(a.x + t * a.ldx + c);
-      PEFT_UNROLL for (int r = 0; r < R; ++r) acc[r][t] = FusedIsa::fma(wv[r], xv, acc[r][t]);
+  V acc[U][R][N];
+  PEFT_UNROLL for (int u = 0; u < U; ++u) PEFT_UNROLL for (int r = 0; r < R; ++r)
+      PEFT_UNROLL for (int t = 0; t < N; ++t) acc[u][r][t] = FusedIsa::zero();
+  const Index step_end = a.in / (L * U) * (L * U), vec_end = a.in / L * L;
+  for (Index c = 0; c < step_end; c += L * U) {
+    PEFT_UNROLL for (int r = 0; r < R; ++r) fused_prefetch(w + r * row_bytes + 2 * c);
+    PEFT_UNROLL for (int u = 0; u < U; ++u) {
+      V wv[R];
+      PEFT_UNROLL for (int r = 0; r < R; ++r) wv[r] =
+          FusedIsa::bf16(w + r * row_bytes + 2 * (c + u * L));
+      PEFT_UNROLL for (int t = 0; t < N; ++t) {
+        const V xv = FusedIsa::load(a.x + t * a.ldx + c + u * L);
+        PEFT_UNROLL for (int r = 0; r < R; ++r) acc[u][r][t] =
+            FusedIsa::fma(wv[r], xv, acc[u][r][t]);
+      }
+    }
+  }
+  for (Index c = step_end; c < vec_end; c += L) {  // whole vectors left after the last step
+    PEFT_UNROLL for (int r = 0; r < R; ++r) {
+      const V wv = FusedIsa::bf16(w + r * row_bytes + 2 * c);
+      PEFT_UNROLL for (int t = 0; t < N; ++t) acc[0][r][t] =
+          FusedIsa::fma(wv, FusedIsa::load(a.x + t * a.ldx + c), acc[0][r][t]);
     }
   }
   PEFT_UNROLL for (int r = 0; r < R; ++r) {
     const unsigned char* row = w + r * row_bytes;
     PEFT_UNROLL for (int t = 0; t < N; ++t) {
-      float s = FusedIsa::sum(acc[r][t]);
+      V v = acc[0][r][t];
+      PEFT_UNROLL for (int u = 1; u < U; ++u) v = FusedIsa::add(v, acc[u][r][t]);
+      float s = FusedIsa::sum(v);
       const float* xt = a.x + t * a.ldx;
       for (Index c = vec_end; c < a.in; ++c)  // the tail of a row that is not whole vectors
         s += bf16_to_float(load_u16(row + 2 * c)) * xt[c];
@@ -163,51 +209,58 @@ void fused_bf16_rows(const unsigned char* w, Index row_bytes, const FusedOperand
   }
 }
 
-/// y[:, o0 : o0+R] for R Q8_0 rows starting at `w` (`row_bytes` apart); in is whole blocks.
-template <int N, int R>
+/// y[:, o0 : o0+R] for R Q8_0 rows starting at `w` (`row_bytes` apart); in is whole blocks. The
+/// 32/L vectors of a block go to U accumulators in turn.
+template <int N, int R, int U>
 void fused_q8_rows(const unsigned char* w, Index row_bytes, const FusedOperands& a, Index o0) {
   using V = FusedIsa::V;
   constexpr Index L = FusedIsa::width;
-  V acc[R][N];
-  PEFT_UNROLL for (int r = 0; r < R; ++r) PEFT_UNROLL for (int t = 0; t < N; ++t) acc[r][t] =
-      FusedIsa::zero();
+  V acc[U][R][N];
+  PEFT_UNROLL for (int u = 0; u < U; ++u) PEFT_UNROLL for (int r = 0; r < R; ++r)
+      PEFT_UNROLL for (int t = 0; t < N; ++t) acc[u][r][t] = FusedIsa::zero();
   const Index blocks = a.in / 32;
   for (Index b = 0; b < blocks; ++b) {
     const unsigned char* blk[R];
     V d[R];
     PEFT_UNROLL for (int r = 0; r < R; ++r) {
       blk[r] = w + r * row_bytes + b * 34;
+      fused_prefetch(blk[r]);
       d[r] = FusedIsa::set1(fp16_to_float(load_u16(blk[r])));
     }
-    PEFT_UNROLL for (Index k = 0; k < 32; k += L) {
+    PEFT_UNROLL for (int k = 0; k < int(32 / L); ++k) {
       V wv[R];  // d · q: an 11-bit times an 8-bit integer, exact in float
       PEFT_UNROLL for (int r = 0; r < R; ++r) wv[r] =
-          FusedIsa::mul(FusedIsa::q8(blk[r] + 2 + k), d[r]);
+          FusedIsa::mul(FusedIsa::q8(blk[r] + 2 + k * L), d[r]);
       PEFT_UNROLL for (int t = 0; t < N; ++t) {
-        const V xv = FusedIsa::load(a.x + t * a.ldx + b * 32 + k);
-        PEFT_UNROLL for (int r = 0; r < R; ++r) acc[r][t] = FusedIsa::fma(wv[r], xv, acc[r][t]);
+        const V xv = FusedIsa::load(a.x + t * a.ldx + b * 32 + k * L);
+        PEFT_UNROLL for (int r = 0; r < R; ++r) acc[k % U][r][t] =
+            FusedIsa::fma(wv[r], xv, acc[k % U][r][t]);
       }
     }
   }
-  PEFT_UNROLL for (int r = 0; r < R; ++r) PEFT_UNROLL for (int t = 0; t < N; ++t)
-      a.y[t * a.ldy + o0 + r] = FusedIsa::sum(acc[r][t]);
+  PEFT_UNROLL for (int r = 0; r < R; ++r) PEFT_UNROLL for (int t = 0; t < N; ++t) {
+    V v = acc[0][r][t];
+    PEFT_UNROLL for (int u = 1; u < U; ++u) v = FusedIsa::add(v, acc[u][r][t]);
+    a.y[t * a.ldy + o0 + r] = FusedIsa::sum(v);
+  }
 }
 
 template <int N, bool Q8>
 void fused_forward_n(const unsigned char* w, Index row_bytes, Index out, const FusedOperands& a) {
-  constexpr int R = fused_rows<N>();
+  constexpr int R = fused_rows<N, Q8>();
+  constexpr int U = fused_splits<N, R>();
   Index o = 0;
   for (; o + R <= out; o += R) {
     if constexpr (Q8)
-      fused_q8_rows<N, R>(w + o * row_bytes, row_bytes, a, o);
+      fused_q8_rows<N, R, U>(w + o * row_bytes, row_bytes, a, o);
     else
-      fused_bf16_rows<N, R>(w + o * row_bytes, row_bytes, a, o);
+      fused_bf16_rows<N, R, U>(w + o * row_bytes, row_bytes, a, o);
   }
   for (; o < out; ++o) {
     if constexpr (Q8)
-      fused_q8_rows<N, 1>(w + o * row_bytes, row_bytes, a, o);
+      fused_q8_rows<N, 1, fused_splits<N, 1>()>(w + o * row_bytes, row_bytes, a, o);
     else
-      fused_bf16_rows<N, 1>(w + o * row_bytes, row_bytes, a, o);
+      fused_bf16_rows<N, 1, fused_splits<N, 1>()>(w + o * row_bytes, row_bytes, a, o);
   }
 }
 
