@@ -257,6 +257,15 @@ TEST_CASE("Fused forward propagates NaN and inf from W and from x", "[storage][k
     block(6, 2)[2 + 9] = 0;
     block(8, 0)[0] = 0x00;  // NaN scale
     block(8, 0)[1] = 0x7E;
+    // Subnormal scales (m · 2⁻²⁴), of either sign, and the largest finite one: exact products.
+    const std::uint16_t scales[][3] = {
+        {10, 0, 0x0001}, {12, 1, 0x03FF}, {13, 2, 0x8001}, {14, 1, 0x7BFF}, {15, 0, 0x0000}};
+    for (const auto& [r, b, h] : scales) {
+      for (Index other = 0; other < in / 32; ++other)  // the row's only non-zero block
+        block(r, other)[0] = block(r, other)[1] = 0;
+      block(r, b)[0] = static_cast<unsigned char>(h & 0xFF);
+      block(r, b)[1] = static_cast<unsigned char>(h >> 8);
+    }
     const peft::BlockQ8Weight w(q8.data(), q8.size(), out, in);
     const MD wd = decode_q8(q8.data(), out, in);
     M x = peft_test::random_matrix<float>(n, in, 53).cwiseAbs().array() + 0.5f;
@@ -270,6 +279,9 @@ TEST_CASE("Fused forward propagates NaN and inf from W and from x", "[storage][k
     CHECK(std::isnan(y(0, 6)));
     CHECK(std::isnan(y(0, 8)));
     CHECK(std::isfinite(y(0, 0)));
+    CHECK(std::isfinite(y(0, 14)));
+    CHECK(y(0, 10) != 0.0f);  // subnormal scales are not flushed
+    CHECK(y(0, 15) == 0.0f);
     CHECK_FALSE(std::isfinite(y(1, 0)));
   }
 }

@@ -150,6 +150,15 @@ inline constexpr Index fused_prefetch_bytes = PEFT_FUSED_PREFETCH;
 inline constexpr Index fused_prefetch_bytes = 8192;
 #  endif
 
+/// A Q8_0 block's fp16 scale as a float, exactly (F16C's conversion where the build has it).
+inline float fused_scale(std::uint16_t bits) noexcept {
+#  if defined(__F16C__)
+  return _cvtsh_ss(bits);
+#  else
+  return fp16_to_float(bits);
+#  endif
+}
+
 /// The activations: N rows of x (ldx apart) and of y (ldy apart), row-major, float.
 struct FusedOperands {
   const float* x;
@@ -225,7 +234,7 @@ void fused_q8_rows(const unsigned char* w, Index row_bytes, const FusedOperands&
     PEFT_UNROLL for (int r = 0; r < R; ++r) {
       blk[r] = w + r * row_bytes + b * 34;
       fused_prefetch(blk[r]);
-      d[r] = FusedIsa::set1(fp16_to_float(load_u16(blk[r])));
+      d[r] = FusedIsa::set1(fused_scale(load_u16(blk[r])));
     }
     PEFT_UNROLL for (int k = 0; k < int(32 / L); ++k) {
       V wv[R];  // d · q: an 11-bit times an 8-bit integer, exact in float
