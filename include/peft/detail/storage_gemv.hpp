@@ -132,7 +132,7 @@ constexpr int fused_rows() {
 #    ifdef PEFT_FUSED_ROWS
   return PEFT_FUSED_ROWS;
 #    endif
-  return (N == 3 || N == 4) ? 2 : 1;
+  return (N == 3 || N == 4 || (Q8 && N == 5)) ? 2 : 1;
 }
 #  endif
 
