@@ -182,7 +182,19 @@ void check_adapter_over_storage(const Storage& w, const std::vector<unsigned cha
       CHECK(relative_error(dx2, dx1) <= tol);
       continue;
     }
-    CHECK(same_bits<Scalar>(y2, y1));
+    if (peft::detail::fused_decode_compiled && std::is_same_v<Scalar, float> &&
+        tokens <= peft::detail::fused_decode_max_tokens) {
+      // The fused base product (AVX2/AVX-512 builds) sums in another order: within
+      // 2·in·ε·(|x||W|) of Eigen's, plus one rounding of the adapter's terms added to it.
+      const M scale = x.cwiseAbs() * wd.cwiseAbs().transpose();
+      const double eps = std::numeric_limits<Scalar>::epsilon();
+      const auto err = (y2 - y1).cwiseAbs().template cast<double>().array();
+      const auto bound = 2.0 * double(w.cols()) * eps * scale.template cast<double>().array() +
+                         2.0 * eps * y1.cwiseAbs().template cast<double>().array();
+      CHECK((err <= bound).all());
+    } else {
+      CHECK(same_bits<Scalar>(y2, y1));
+    }
     CHECK(same_bits<Scalar>(g2, g1));
     if (peft::detail::storage_products_match_eigen && tokens > 1) {
       CHECK(same_bits<Scalar>(dx2, dx1));

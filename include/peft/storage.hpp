@@ -86,9 +86,12 @@ inline std::uint16_t float_to_fp16(float f) noexcept {
   return static_cast<std::uint16_t>(sign | h);
 }
 
-/// Default size of one dequantised panel of W: half of the smallest L2 (512 KiB) of the
-/// project's machines, leaving the other half to the GEMM's packed operands.
-inline constexpr Index default_panel_bytes = 256 * 1024;
+
+/// Default size of one dequantised panel of W. Each tile of dx = dy W re-packs its block of dy,
+/// so small tiles cost: LoRA forward + backward at 512 tokens, d = 4096 measured 1.15-1.2x the
+/// fp32 base with 256 KiB panels, 1.09-1.15x with 1 MiB and 1.00-1.07x with 2 MiB (AVX-512
+/// EPYC; docs/precision.md). The panel then lives in L3, which the packing reads it from anyway.
+inline constexpr Index default_panel_bytes = 2 * 1024 * 1024;
 
 namespace detail {
 /// Keeps Scalar deduced from the workspace only, so plain matrices bind to the Ref arguments.

@@ -18,11 +18,13 @@
 //   across `in` (a column block of dx) the way rows of W are cut for y.
 // Exceptions, documented in docs/precision.md: the single-token dx (a GEMV, whose depth blocks
 // depend on the operand's stride) is within a bound, and so is everything under EIGEN_USE_BLAS
-// (the reference is then the BLAS's product).
+// (the reference is then the BLAS's product). In AVX2 and AVX-512 builds, y = x Wᵀ for 1 to 8
+// float tokens takes the fused kernel of storage_gemv.hpp instead, also within a bound.
 #pragma once
 #ifndef PEFT_CONFIG_HPP
 #  error "include <peft/peft.hpp> or a public peft header instead of a detail header"
 #endif
+#include <peft/detail/storage_gemv.hpp>
 #include <peft/detail/workspace_gemm.hpp>
 #include <peft/types.hpp>
 #include <peft/workspace.hpp>
@@ -31,6 +33,8 @@
 
 #include <algorithm>
 #include <numeric>
+#include <type_traits>
+#include <utility>
 
 PEFT_NAMESPACE_BEGIN
 namespace detail {
@@ -113,6 +117,25 @@ inline bool tiny_product(Index depth, Index rows, Index cols) {
   return depth + rows + cols < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD;
 }
 
+/// True for a storage in Q8_0 blocks (it has row_bytes()), false for bf16.
+template <typename Storage, typename = void>
+inline constexpr bool q8_blocks = false;
+template <typename Storage>
+inline constexpr bool
+    q8_blocks<Storage, std::void_t<decltype(std::declval<const Storage&>().row_bytes())>> = true;
+
+/// Whether y = x Wᵀ takes the fused kernel: compiled in, float row-major operands, 1..8 tokens.
+template <typename Scalar, typename X, typename Y>
+bool takes_fused_forward(Index n) {
+  if constexpr (fused_decode_compiled && std::is_same_v<Scalar, float> && X::IsRowMajor &&
+                Y::IsRowMajor && X::InnerStrideAtCompileTime == 1 &&
+                Y::InnerStrideAtCompileTime == 1) {
+    return n <= fused_decode_max_tokens;
+  } else {
+    return false;
+  }
+}
+
 /// y = x Wᵀ over a storage W [out, in]; x [n, in], y [n, out] row-major.
 template <typename Storage, typename Scalar, typename X, typename Y>
 void storage_forward(const Storage& w, const X& x, Y& y, Workspace<Scalar>& ws, Index panel_bytes) {
@@ -122,6 +145,18 @@ void storage_forward(const Storage& w, const X& x, Y& y, Workspace<Scalar>& ws, 
     y.setZero();
     return;
   }
+#if defined(PEFT_FUSED_DECODE_AVX512) || defined(PEFT_FUSED_DECODE_AVX2)
+  if (takes_fused_forward<Scalar, X, Y>(n)) {  // decoding: W streamed once, no panel
+    if constexpr (std::is_same_v<Scalar, float>) {
+      const FusedOperands a{x.data(), x.outerStride(), y.data(), y.outerStride(), in};
+      if constexpr (q8_blocks<Storage>)
+        fused_forward<true>(w.bytes(), w.row_bytes(), out, n, a);
+      else
+        fused_forward<false>(w.bytes(), 2 * w.ld(), out, n, a);
+      return;
+    }
+  }
+#endif
   using Panel = Eigen::Map<const RowMatrix<Scalar>>;
   if (tiny_product(in, n, out)) {
     Scalar* buffer = ws.weight_panel(out * in);
