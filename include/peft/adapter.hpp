@@ -49,10 +49,28 @@ PEFT_DETAIL_DETECT(has_backward_without_dx, std::declval<const T&>().backward(
                                                 std::declval<const adapter_matrix_t<T>&>(),
                                                 std::declval<Vector<typename T::Scalar>&>(),
                                                 std::declval<Workspace<typename T::Scalar>&>()));
+/// What merge_into/unmerge_from are probed with: the adapter's own mutable weight type
+/// (`WeightRef`: Eigen::Ref<WeightMatrix>, Bf16WeightRef, BlockQ8WeightRef), or a WeightMatrix
+/// lvalue for an adapter that declares none. No `type` (so no match) when it has neither.
+template <typename T, typename = void>
+struct mutable_weight_matrix {};
+template <typename T>
+struct mutable_weight_matrix<T, std::void_t<typename T::WeightMatrix>> {
+  using type = typename T::WeightMatrix&;
+};
+template <typename T, typename = void>
+struct mutable_weight : mutable_weight_matrix<T> {};
+template <typename T>
+struct mutable_weight<T, std::void_t<typename T::WeightRef>> {
+  using type = typename T::WeightRef;
+};
+template <typename T>
+using mutable_weight_t = typename mutable_weight<T>::type;
+
 PEFT_DETAIL_DETECT(has_merge_into,
-                   std::declval<T&>().merge_into(std::declval<typename T::WeightMatrix&>()));
+                   std::declval<T&>().merge_into(std::declval<mutable_weight_t<T>>()));
 PEFT_DETAIL_DETECT(has_unmerge_from,
-                   std::declval<T&>().unmerge_from(std::declval<typename T::WeightMatrix&>()));
+                   std::declval<T&>().unmerge_from(std::declval<mutable_weight_t<T>>()));
 PEFT_DETAIL_DETECT(has_delta_weight, std::declval<const T&>().delta_weight());
 
 #undef PEFT_DETAIL_DETECT

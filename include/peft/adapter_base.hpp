@@ -114,9 +114,11 @@ class AdapterBase {
   using Weight = std::conditional_t<dense_weight, FrozenWeight<Scalar, WeightOrder>, Storage>;
   using Bias = FrozenBias<Scalar>;
   using WeightMatrix = peft::Matrix<Scalar, WeightOrder>;
-  /// What merge_into/unmerge_from write: the dense weight, or a Bf16WeightRef over the bf16 one.
-  using WeightRef = std::conditional_t<std::is_same_v<Storage, Bf16Weight>, Bf16WeightRef,
-                                       Eigen::Ref<WeightMatrix>>;
+  /// What merge_into/unmerge_from write: the dense weight, or a Bf16WeightRef / BlockQ8WeightRef
+  /// over the same bytes as the low-precision view.
+  using WeightRef = std::conditional_t<
+      dense_weight, Eigen::Ref<WeightMatrix>,
+      std::conditional_t<std::is_same_v<Storage, Bf16Weight>, Bf16WeightRef, BlockQ8WeightRef>>;
   using GradientRef = Eigen::Ref<Vector<Scalar>>;
 
   Index in_features() const noexcept { return in_; }
@@ -382,6 +384,8 @@ class AdapterBase {
       same = w.data() == w_data_ && w.outerStride() == w_ld_;
     } else if constexpr (std::is_same_v<Storage, Bf16Weight>) {
       same = static_cast<const void*>(w.data()) == w_storage_.bytes() && w.ld() == w_storage_.ld();
+    } else {
+      same = w.bytes() == w_storage_.bytes();
     }
     if (!same) {
       PEFT_THROW(config_error(where(method) +
@@ -456,40 +460,52 @@ auto AdapterBase<Derived>::delta_weight() const -> WeightMatrix {
 
 template <typename Derived>
 bool AdapterBase<Derived>::merge_into(WeightRef w) {
-  static_assert(!std::is_same_v<Storage, BlockQ8Weight>,
-                "peft adapter: merging into Q8_0 blocks would requantise every block of W, "
-                "changing weights the adapter never touched; it is not available (issue 18, "
-                "docs/precision.md). Merge delta_weight() into a dense or bf16 copy instead.");
   check_bound_weight("merge_into()", w);
   if (merged()) return false;
   check_finite_parameters("merge_into()");
-  const auto term = derived().merge_term();
-  if constexpr (dense_weight) {
-    detail::add_low_rank_checked<Scalar, WeightOrder>(w, term.left, term.right, term.scale,
-                                                      where("merge_into()"));
+  if constexpr (std::is_same_v<Storage, BlockQ8Weight>) {
+    PEFT_THROW(state_error(
+        where("merge_into()") + ": W is a " + detail::shape_string(out_, in_) +
+        " Q8_0 weight; merging would requantise every block ΔW touches and change weights the "
+        "adapter never trained, and it could not be undone. Call requantize_merge(w) to do it "
+        "anyway (it reports the error it introduces), or merge delta_weight() into a dense or "
+        "bf16 copy (W left unchanged)"));
   } else {
-    detail::add_low_rank_bf16<Scalar>(w, term.left, term.right, term.scale, where("merge_into()"));
+    const auto term = derived().merge_term();
+    if constexpr (dense_weight) {
+      detail::add_low_rank_checked<Scalar, WeightOrder>(w, term.left, term.right, term.scale,
+                                                        where("merge_into()"));
+    } else {
+      detail::add_low_rank_bf16<Scalar>(w, term.left, term.right, term.scale,
+                                        where("merge_into()"));
+    }
+    merged_ = true;
+    return true;
   }
-  merged_ = true;
-  return true;
 }
 
 template <typename Derived>
 bool AdapterBase<Derived>::unmerge_from(WeightRef w) {
-  static_assert(!std::is_same_v<Storage, BlockQ8Weight>,
-                "peft adapter: Q8_0 weights cannot be merged, so not unmerged either.");
   check_bound_weight("unmerge_from()", w);
   if (!merged()) return false;
-  const auto term = derived().merge_term();
-  if constexpr (dense_weight) {
-    detail::add_low_rank_checked<Scalar, WeightOrder>(w, term.left, term.right, -term.scale,
-                                                      where("unmerge_from()"));
+  if constexpr (std::is_same_v<Storage, BlockQ8Weight>) {
+    PEFT_THROW(
+        state_error(where("unmerge_from()") +
+                    ": the adapter was merged into the Q8_0 weight by requantize_merge(), "
+                    "which replaced the original blocks; they cannot be restored (re-read "
+                    "W from its file, and keep the adapter's parameters; W left unchanged)"));
   } else {
-    detail::add_low_rank_bf16<Scalar>(w, term.left, term.right, -term.scale,
-                                      where("unmerge_from()"));
+    const auto term = derived().merge_term();
+    if constexpr (dense_weight) {
+      detail::add_low_rank_checked<Scalar, WeightOrder>(w, term.left, term.right, -term.scale,
+                                                        where("unmerge_from()"));
+    } else {
+      detail::add_low_rank_bf16<Scalar>(w, term.left, term.right, -term.scale,
+                                        where("unmerge_from()"));
+    }
+    merged_ = false;
+    return true;
   }
-  merged_ = false;
-  return true;
 }
 
 /**

@@ -5,6 +5,7 @@
 #pragma once
 #include <peft/config.hpp>
 #include <peft/error.hpp>
+#include <peft/storage.hpp>
 #include <peft/types.hpp>
 #include <peft/vera.hpp>
 #include <peft/workspace.hpp>
@@ -24,6 +25,20 @@ template <typename A, typename = void>
 struct has_projections : std::false_type {};
 template <typename A>
 struct has_projections<A, std::void_t<typename A::Projections>> : std::true_type {};
+
+/// The weight view and mutable weight of an adapter's set: the adapter's own `Weight` and
+/// `WeightRef` (a FrozenWeight and Eigen::Ref for a dense one, Bf16Weight / Bf16WeightRef,
+/// BlockQ8Weight / BlockQ8WeightRef), or the dense pair for an adapter that names neither.
+template <typename A, typename = void>
+struct set_weight_types {
+  using Weight = FrozenWeight<typename A::Scalar, A::WeightOrder>;
+  using WeightRef = Eigen::Ref<Matrix<typename A::Scalar, A::WeightOrder>>;
+};
+template <typename A>
+struct set_weight_types<A, std::void_t<typename A::Weight, typename A::WeightRef>> {
+  using Weight = typename A::Weight;
+  using WeightRef = typename A::WeightRef;
+};
 }  // namespace detail
 
 /**
@@ -43,7 +58,15 @@ class AdapterSet {
   using Scalar = typename Adapter::Scalar;
   static constexpr int WeightOrder = Adapter::WeightOrder;
   using WeightMatrix = Matrix<Scalar, WeightOrder>;
-  using Weight = FrozenWeight<Scalar, WeightOrder>;
+  /// The view of a module's weight: FrozenWeight (dense), Bf16Weight or BlockQ8Weight.
+  using Weight = typename detail::set_weight_types<Adapter>::Weight;
+  /// What add_module takes and merge_all writes: Eigen::Ref<WeightMatrix> (dense),
+  /// Bf16WeightRef or BlockQ8WeightRef.
+  using WeightRef = typename detail::set_weight_types<Adapter>::WeightRef;
+  static constexpr bool dense_weight = std::is_same_v<Weight, FrozenWeight<Scalar, WeightOrder>>;
+  /// What writable_weight returns: a Map of the dense weight, or the low-precision WeightRef.
+  using WritableWeight = std::conditional_t<
+      dense_weight, Eigen::Map<WeightMatrix, Eigen::Unaligned, Eigen::OuterStride<>>, WeightRef>;
   using Bias = FrozenBias<Scalar>;
   static constexpr bool uses_projections = detail::has_projections<Adapter>::value;
 
@@ -51,7 +74,8 @@ class AdapterSet {
   struct Module {
     std::string name;
     Weight weight;
-    Scalar* writable = nullptr;  ///< the weight's data when registered mutable
+    /// The weight's data (dense) or bytes (low precision) when registered mutable.
+    std::conditional_t<dense_weight, Scalar*, void*> writable = nullptr;
     Bias bias;
     std::unique_ptr<Adapter> adapter;  ///< null until attached
     Vector<Scalar> grad;               ///< sized with the adapter
@@ -64,12 +88,21 @@ class AdapterSet {
   AdapterSet(AdapterSet&&) noexcept = default;
   AdapterSet& operator=(AdapterSet&&) noexcept = default;
 
-  /// Registers a caller-owned weight `[out, in]` that merge_all() may write.
-  void add_module(const std::string& name, Eigen::Ref<WeightMatrix> w,
-                  Bias bias = no_bias<Scalar>()) {
-    auto& m = insert(
-        name, Weight(w.data(), w.rows(), w.cols(), Eigen::OuterStride<>(w.outerStride())), bias);
-    m.writable = w.data();
+  /// Registers a caller-owned weight `[out, in]` that merge_all() may write: a dense matrix, or
+  /// a Bf16WeightRef / BlockQ8WeightRef over a low-precision one (whichever WeightRef is).
+  void add_module(const std::string& name, WeightRef w, Bias bias = no_bias<Scalar>()) {
+    if constexpr (dense_weight) {
+      auto& m = insert(
+          name, Weight(w.data(), w.rows(), w.cols(), Eigen::OuterStride<>(w.outerStride())), bias);
+      m.writable = w.data();
+    } else {
+      auto& m = insert(name, w.view(), bias);
+      if constexpr (std::is_same_v<Weight, Bf16Weight>) {
+        m.writable = w.data();
+      } else {
+        m.writable = w.bytes();
+      }
+    }
   }
 
   /// Registers a read-only weight: adapters train on it, but it cannot be merged into.
@@ -113,7 +146,7 @@ class AdapterSet {
   /// Installs a ready-made adapter on `name` (it must view that module's weight).
   Adapter& attach_adapter(const std::string& name, std::unique_ptr<Adapter> adapter) {
     Module& m = *modules_[locate(name)];
-    if (!adapter || adapter->weight().data() != m.weight.data() ||
+    if (!adapter || !same_weight(adapter->weight(), m.weight) ||
         adapter->in_features() != m.weight.cols() || adapter->out_features() != m.weight.rows()) {
       PEFT_THROW(config_error(
           "AdapterSet::attach_adapter(): the adapter does not view the weight of '" + name + "'"));
@@ -213,13 +246,22 @@ class AdapterSet {
   /// Undoes merge_all(); returns how many were unmerged now.
   std::size_t unmerge_all() { return for_all_writable("unmerge_all", false); }
 
-  /// The mutable view of a module's weight (state_error if registered read-only).
-  Eigen::Map<WeightMatrix, Eigen::Unaligned, Eigen::OuterStride<>> writable_weight(
-      const std::string& name) {
+  /// The mutable view of a module's weight (state_error if registered read-only): a Map of a
+  /// dense weight, or a Bf16WeightRef / BlockQ8WeightRef.
+  WritableWeight writable_weight(const std::string& name) {
     Module& m = *modules_[locate(name)];
     if (!m.writable) PEFT_THROW(state_error("AdapterSet: '" + name + "' was registered read-only"));
-    return {m.writable, m.weight.rows(), m.weight.cols(),
-            Eigen::OuterStride<>(m.weight.outerStride())};
+    if constexpr (dense_weight) {
+      return {m.writable, m.weight.rows(), m.weight.cols(),
+              Eigen::OuterStride<>(m.weight.outerStride())};
+    } else if constexpr (std::is_same_v<Weight, Bf16Weight>) {
+      return Bf16WeightRef(static_cast<std::uint16_t*>(m.writable), m.weight.rows(),
+                           m.weight.cols(), m.weight.ld());
+    } else {
+      return BlockQ8WeightRef(m.writable,
+                              BlockQ8Weight::byte_size(m.weight.rows(), m.weight.cols()),
+                              m.weight.rows(), m.weight.cols());
+    }
   }
 
   // ---- VeRA: the shared projections ---------------------------------------------------------
@@ -269,6 +311,19 @@ class AdapterSet {
     return it->second;
   }
 
+  /// Whether two views show the same memory with the same shape and stride.
+  static bool same_weight(const Weight& a, const Weight& b) {
+    if constexpr (dense_weight) {
+      return a.data() == b.data() && a.rows() == b.rows() && a.cols() == b.cols() &&
+             a.outerStride() == b.outerStride();
+    } else if constexpr (std::is_same_v<Weight, Bf16Weight>) {
+      return a.bytes() == b.bytes() && a.rows() == b.rows() && a.cols() == b.cols() &&
+             a.ld() == b.ld();
+    } else {
+      return a.bytes() == b.bytes() && a.rows() == b.rows() && a.cols() == b.cols();
+    }
+  }
+
   static Adapter& checked_adapter(const Module& m) {
     if (!m.adapter) PEFT_THROW(state_error("AdapterSet: module '" + m.name + "' has no adapter"));
     return *m.adapter;
@@ -297,7 +352,7 @@ class AdapterSet {
     for (auto& m : modules_) {
       if (!m->adapter) continue;
       auto w = writable_weight(m->name);
-      Eigen::Ref<WeightMatrix> ref(w);
+      WeightRef ref(w);
       n += merge ? m->adapter->merge_into(ref) : m->adapter->unmerge_from(ref);
     }
     return n;

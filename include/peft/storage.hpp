@@ -14,12 +14,14 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 #if defined(__BYTE_ORDER__) && defined(__ORDER_BIG_ENDIAN__) && \
     __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
@@ -50,6 +52,38 @@ inline float fp16_to_float(std::uint16_t bits) noexcept {
   float f;
   std::memcpy(&f, &word, sizeof f);
   return f;
+}
+
+/**
+ * float → IEEE binary16 bits, rounded to nearest even: overflow gives ±inf, NaN keeps its sign and
+ * the top 10 bits of its payload (a payload only in the low bits becomes a quiet NaN). The exact
+ * inverse of fp16_to_float on every value binary16 can hold.
+ */
+inline std::uint16_t float_to_fp16(float f) noexcept {
+  std::uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const auto sign = static_cast<std::uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7FFFFFFFu;
+  if (x > 0x7F800000u) {  // NaN
+    const std::uint32_t payload = (x >> 13) & 0x3FFu;
+    return static_cast<std::uint16_t>(sign | 0x7C00u | (payload ? payload : 0x200u));
+  }
+  if (x >= 0x477FF000u) return static_cast<std::uint16_t>(sign | 0x7C00u);  // ≥ 65520: inf
+  if (x >= 0x38800000u) {  // normal in binary16 (≥ 2^-14)
+    std::uint32_t h = ((x >> 23) - 112) << 10 | ((x >> 13) & 0x3FFu);
+    const std::uint32_t rest = x & 0x1FFFu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // a carry moves the exponent up
+    return static_cast<std::uint16_t>(sign | h);
+  }
+  const std::uint32_t e = x >> 23;
+  if (e < 102) return sign;  // below 2^-25: rounds to ±0
+  // Subnormal in binary16: the value in units of 2^-24 is m >> (126 - e).
+  const std::uint32_t m = (x & 0x7FFFFFu) | 0x800000u;
+  const std::uint32_t shift = 126 - e;
+  std::uint32_t h = m >> shift;
+  const std::uint32_t rest = m & ((1u << shift) - 1u), half = 1u << (shift - 1);
+  if (rest > half || (rest == half && (h & 1u))) ++h;  // 1024 is the smallest normal: right
+  return static_cast<std::uint16_t>(sign | h);
 }
 
 /// Default size of one dequantised panel of W: half of the smallest L2 (512 KiB) of the
@@ -175,6 +209,8 @@ class Bf16WeightRef {
   Index cols() const noexcept { return in_; }
   Index ld() const noexcept { return ld_; }
   std::uint16_t* data() const noexcept { return data_; }
+  /// The read-only view of the same values.
+  Bf16Weight view() const { return Bf16Weight(data_, out_, in_, ld_); }
 
  private:
   std::uint16_t* data_;
@@ -308,6 +344,130 @@ class BlockQ8Weight {
   Index out_;
   Index in_;
 };
+
+/**
+ * Writable view of a caller-owned Q8_0 weight (the same bytes and checks as BlockQ8Weight), for
+ * `requantize_merge` only: the mutation is visible at the call site.
+ */
+class BlockQ8WeightRef {
+ public:
+  BlockQ8WeightRef(void* bytes, std::size_t size, Index out, Index in, std::string_view name = {})
+      : bytes_(static_cast<unsigned char*>(bytes)), out_(out), in_(in) {
+    (void)BlockQ8Weight(bytes, size, out, in, name);  // the same checks as the read-only view
+  }
+  Index rows() const noexcept { return out_; }
+  Index cols() const noexcept { return in_; }
+  unsigned char* bytes() const noexcept { return bytes_; }
+  Index row_bytes() const noexcept {
+    return in_ / BlockQ8Weight::block_size * BlockQ8Weight::block_bytes;
+  }
+  std::size_t size() const noexcept { return BlockQ8Weight::byte_size(out_, in_); }
+  /// The read-only view of the same bytes.
+  BlockQ8Weight view() const { return BlockQ8Weight(bytes_, size(), out_, in_); }
+
+ private:
+  unsigned char* bytes_;
+  Index out_;
+  Index in_;
+};
+
+namespace detail {
+/// One Q8_0 block as GGUF's quantize_row_q8_0 forms it: d = max|w| / 127 in float, q = round(w /
+/// d) half away from zero through d's reciprocal (not through fp16(d)), d stored as fp16. A
+/// zero block gets d = 0 and q = 0. The caller has checked that the values are finite and that d
+/// fits fp16.
+inline void quantize_block_q8_0(const float* w, unsigned char* dst) noexcept {
+  float amax = 0.0f;
+  for (Index j = 0; j < BlockQ8Weight::block_size; ++j) amax = std::max(amax, std::abs(w[j]));
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  const std::uint16_t d16 = float_to_fp16(d);
+  dst[0] = static_cast<unsigned char>(d16 & 0xFFu);
+  dst[1] = static_cast<unsigned char>(d16 >> 8);
+  for (Index j = 0; j < BlockQ8Weight::block_size; ++j) {
+    const int q = static_cast<int>(std::round(w[j] * id));
+    dst[2 + j] = static_cast<unsigned char>(static_cast<signed char>(q));
+  }
+}
+/// The reason a block of these values cannot be quantised (empty: it can): a value that is not
+/// finite, or a scale max|w| / 127 beyond fp16's range.
+inline std::string q8_0_block_problem(const float* w) {
+  float amax = 0.0f;
+  for (Index j = 0; j < BlockQ8Weight::block_size; ++j) {
+    if (!std::isfinite(w[j])) return "value " + std::to_string(w[j]) + " is not finite";
+    amax = std::max(amax, std::abs(w[j]));
+  }
+  if ((float_to_fp16(amax / 127.0f) & 0x7C00u) == 0x7C00u) {
+    return "max |w| = " + std::to_string(amax) + " needs a scale beyond fp16 (max |w| <= 8.3e6)";
+  }
+  return {};
+}
+}  // namespace detail
+
+/**
+ * Quantises `n` floats (a multiple of 32) into n/32 GGUF Q8_0 blocks at `dst` (34 bytes each), as
+ * llama.cpp's quantize_row_q8_0 does: per block d = max|w| / 127 stored as fp16, q = round(w/d);
+ * an all-zero block gets d = 0 and q = 0. Throws dimension_error for a bad n, numerical_error
+ * for a value that is not finite or a block whose scale overflows fp16; `dst` is then untouched.
+ */
+inline void quantize_q8_0(const float* src, Index n, unsigned char* dst) {
+  constexpr Index bs = BlockQ8Weight::block_size;
+  if (n < 0 || n % bs != 0) {
+    PEFT_THROW(dimension_error("peft::quantize_q8_0(): n = " + std::to_string(n) +
+                               " is not a non-negative multiple of the block size 32"));
+  }
+  for (Index b = 0; b < n / bs; ++b) {  // check all before writing anything
+    const std::string problem = detail::q8_0_block_problem(src + b * bs);
+    if (!problem.empty()) {
+      PEFT_THROW(numerical_error("peft::quantize_q8_0(): block " + std::to_string(b) + " (values " +
+                                 std::to_string(b * bs) + ".." + std::to_string(b * bs + bs - 1) +
+                                 "): " + problem + "; nothing written"));
+    }
+  }
+  for (Index b = 0; b < n / bs; ++b)
+    detail::quantize_block_q8_0(src + b * bs, dst + b * BlockQ8Weight::block_bytes);
+}
+
+/**
+ * Quantises a row-major float matrix `[out, in]` (in a multiple of 32) into `size` bytes at `dst`,
+ * GGUF Q8_0 rows back to back (BlockQ8Weight's layout). Refuses a wrong `size` (format_error), a
+ * bad `in` (dimension_error) and values quantize_q8_0 refuses (numerical_error, naming the row),
+ * before writing anything.
+ */
+inline void quantize_q8_0(const Eigen::Ref<const RowMatrix<float>>& w, unsigned char* dst,
+                          std::size_t size, std::string_view name = {}) {
+  const std::string label = detail::weight_label("quantize_q8_0", name);
+  const Index out = w.rows(), in = w.cols();
+  if (in % BlockQ8Weight::block_size != 0) {
+    PEFT_THROW(dimension_error(label + ": in = " + std::to_string(in) +
+                               " is not a multiple of the block size 32 (a " + std::to_string(out) +
+                               "x" + std::to_string(in) + " weight)"));
+  }
+  detail::check_byte_size(label, size, BlockQ8Weight::byte_size(out, in), out, in, "Q8_0");
+  for (Index r = 0; r < out; ++r) {
+    for (Index b = 0; b < in / BlockQ8Weight::block_size; ++b) {
+      const std::string problem =
+          detail::q8_0_block_problem(w.row(r).data() + b * BlockQ8Weight::block_size);
+      if (!problem.empty()) {
+        PEFT_THROW(numerical_error(label + ": row " + std::to_string(r) + ", block " +
+                                   std::to_string(b) + " of the " + std::to_string(out) + "x" +
+                                   std::to_string(in) + " weight: " + problem +
+                                   "; nothing written"));
+      }
+    }
+  }
+  const Index row_bytes = in / BlockQ8Weight::block_size * BlockQ8Weight::block_bytes;
+  for (Index r = 0; r < out; ++r) quantize_q8_0(w.row(r).data(), in, dst + r * row_bytes);
+}
+
+/// The matrix quantised into a new Q8_0 byte buffer (view it with BlockQ8Weight).
+inline std::vector<unsigned char> quantized_q8_0(const Eigen::Ref<const RowMatrix<float>>& w,
+                                                 std::string_view name = {}) {
+  std::vector<unsigned char> bytes(
+      w.cols() % BlockQ8Weight::block_size == 0 ? BlockQ8Weight::byte_size(w.rows(), w.cols()) : 0);
+  quantize_q8_0(w, bytes.data(), bytes.size(), name);
+  return bytes;
+}
 
 /// The Storage of an adapter over a dense weight of its own Scalar (a FrozenWeight): the default.
 struct Dense {};
