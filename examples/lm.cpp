@@ -53,7 +53,7 @@ struct Options {
   std::string base, out, data, adapter, merged, method = "lora", targets = "q_proj,v_proj";
   std::string prompt = "The ", dtype = "bf16", json, tokens;
   std::string base_storage = "f32";  // finetune: the frozen projections' storage
-  Config model;  // pretrain's shape
+  Config model;                      // pretrain's shape
   long steps = 0;
   Index batch = 16;
   Index rank = 8;
@@ -198,7 +198,7 @@ int finetune(Options o) {
   r.base_name = std::filesystem::path(o.base).filename().string();
   r.quiet = o.quiet;
   const TextSplit text = finetune_text(o);
-  const RunResult res = dense                        ? examples::lm::finetune(r, w, text)
+  const RunResult res = dense                      ? examples::lm::finetune(r, w, text)
                         : o.base_storage == "bf16" ? finetune_bf16(r, w, o.base, text)
                                                    : finetune_q8_0(r, w, o.base, text);
   std::printf("held-out bits/char after:  %.4f (%+.1f%% against the base)\n", res.after,

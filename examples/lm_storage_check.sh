@@ -10,12 +10,12 @@ set -euo pipefail
 lm=$1 work=$2
 rm -rf "$work" && mkdir -p "$work"
 base="$work/base-f32.safetensors"
-"$lm" pretrain --out "$base" --dtype f32 --steps 30 --batch 4 --d-model 32 --layers 2 --heads 2 \
+"$lm" pretrain --out "$base" --dtype f32 --steps 300 --batch 8 --d-model 32 --layers 2 --heads 2 \
   --d-ff 64 --context 32 --eval-bytes 4096 --quiet >/dev/null
 for method in lora vera adalora eva; do
   for storage in f32 bf16 q8_0; do
     log="$work/$method-$storage.txt"
-    "$lm" finetune --base "$base" --method "$method" --target all --steps 30 --batch 4 \
+    "$lm" finetune --base "$base" --method "$method" --target all --steps 40 --batch 4 \
       --eval-bytes 4096 --base-storage "$storage" --out "$work/$method-$storage" >"$log"
   done
   for storage in bf16 q8_0; do

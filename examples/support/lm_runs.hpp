@@ -319,8 +319,8 @@ RunResult finetune_vera(const RunOptions& o, Weights<Scalar>& w, const TextSplit
 }
 
 template <typename Scalar, typename Storage = peft::Dense>
-RunResult finetune_adalora(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text, double lr,
-                        const StoredProjections<Storage>& stored = {}) {
+RunResult finetune_adalora(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text,
+                           double lr, const StoredProjections<Storage>& stored = {}) {
   peft::train::AdaLoraRecipeOptions ro;
   ro.adalora.init_r = o.rank;
   ro.adalora.lora_alpha = o.alpha;
@@ -332,12 +332,13 @@ RunResult finetune_adalora(const RunOptions& o, Weights<Scalar>& w, const TextSp
   ro.budget.tfinal = o.steps / 5;
   ro.budget.deltaT = std::max(1L, o.steps / 30);
   peft::train::AdaLoraRecipe<Scalar, Eigen::RowMajor, Storage> recipe(ro);
-  return detail::run(o, recipe, w, stored, text, lr, peft::io::adalora_config(ro.budget), "AdaLoRA");
+  return detail::run(o, recipe, w, stored, text, lr, peft::io::adalora_config(ro.budget),
+                     "AdaLoRA");
 }
 
 template <typename Scalar, typename Storage = peft::Dense>
-RunResult finetune_lora_ga(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text, double lr,
-                        const StoredProjections<Storage>& stored = {}) {
+RunResult finetune_lora_ga(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text,
+                           double lr, const StoredProjections<Storage>& stored = {}) {
   peft::train::LoraGaRecipeOptions ro;
   ro.lora = detail::lora_options(o);
   ro.lora.use_rslora = true;  // the paper's runs
@@ -349,7 +350,7 @@ RunResult finetune_lora_ga(const RunOptions& o, Weights<Scalar>& w, const TextSp
 
 template <typename Scalar, typename Storage = peft::Dense>
 RunResult finetune_eva(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text, double lr,
-                        const StoredProjections<Storage>& stored = {}) {
+                       const StoredProjections<Storage>& stored = {}) {
   peft::train::EvaRecipeOptions ro;
   ro.eva.r = o.rank;
   ro.eva.lora_alpha = o.alpha;

@@ -14,11 +14,11 @@
 #include <peft/io/safetensors.hpp>
 #include <peft/storage.hpp>
 
+#include <sys/resource.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
-
-#include <sys/resource.h>
 
 namespace examples {
 namespace lm {
@@ -34,8 +34,8 @@ constexpr const char* storage_name() {
 /// config_error unless `name` is one of the storages above.
 inline void check_storage_name(const std::string& name) {
   if (name != "f32" && name != "bf16" && name != "q8_0") {
-    PEFT_THROW(peft::config_error("unknown --base-storage '" + name +
-                                  "' (expected f32, bf16 or q8_0)"));
+    PEFT_THROW(
+        peft::config_error("unknown --base-storage '" + name + "' (expected f32, bf16 or q8_0)"));
   }
 }
 
@@ -58,12 +58,12 @@ class StoredProjections {
         const auto& info = file.info(name + ".weight");
         if (info.shape.size() != 2 || info.shape[0] != out || info.shape[1] != in) {
           PEFT_THROW(peft::format_error(path + ": " + name + ".weight has shape " +
-                                        info.shape_string() + ", expected [" +
-                                        std::to_string(out) + ", " + std::to_string(in) + "]"));
+                                        info.shape_string() + ", expected [" + std::to_string(out) +
+                                        ", " + std::to_string(in) + "]"));
         }
         staging.resize(out, in);
         file.read(name + ".weight", staging.data(), staging.size());
-        buffers_.push_back(encode(staging));
+        buffers_.push_back(encode(staging, name));
         const std::vector<unsigned char>& b = buffers_.back();
         if constexpr (std::is_same_v<Storage, peft::Bf16Weight>) {
           views_.push_back(peft::Bf16Weight::from_bytes(b.data(), b.size(), out, in, name));
@@ -94,9 +94,11 @@ class StoredProjections {
   }
 
  private:
-  static std::vector<unsigned char> encode(const peft::RowMatrix<float>& w) {
+  static std::vector<unsigned char> encode(const peft::RowMatrix<float>& w,
+                                           const std::string& name) {
     if constexpr (std::is_same_v<Storage, peft::Bf16Weight>) {
       std::vector<unsigned char> b(static_cast<std::size_t>(w.size()) * 2);
+      (void)name;
       for (Index i = 0; i < w.size(); ++i) {
         const std::uint16_t bits = peft::io::detail::double_to_bfloat16(double(w.data()[i]));
         b[std::size_t(2 * i)] = static_cast<unsigned char>(bits & 0xff);
@@ -105,7 +107,7 @@ class StoredProjections {
       return b;
     } else {
       std::vector<unsigned char> b(peft::BlockQ8Weight::byte_size(w.rows(), w.cols()));
-      peft::quantize_q8_0(w.data(), w.size(), b.data());
+      peft::quantize_q8_0(w, b.data(), b.size(), name);
       return b;
     }
   }

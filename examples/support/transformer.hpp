@@ -224,8 +224,9 @@ struct NoObserver {
 /**
  * The projections through a peft::AdapterSet over the frozen weights: a module with an adapter
  * runs it (over its frozen weight), one without is the plain layer. The frozen weights are the
- * Weights' float matrices, or bf16 / Q8_0 views registered with the set (lm_storage.hpp). In a recipe's calibration
- * the observer (the recipe) sees each layer's input (EVA) or input and output gradient (LoRA-GA).
+ * Weights' float matrices, or bf16 / Q8_0 views registered with the set (lm_storage.hpp). In a
+ * recipe's calibration the observer (the recipe) sees each layer's input (EVA) or input and output
+ * gradient (LoRA-GA).
  */
 template <typename Adapter, typename Observer = NoObserver>
 class AdaptedLinears {
@@ -253,7 +254,7 @@ class AdaptedLinears {
     } else {  // a bf16 or Q8_0 projection, read in place
       const auto& w = set_.module(name).weight;
       y.resize(x.rows(), w.rows());
-      peft::base_forward(w, x, y, set_.workspace(name));
+      peft::base_forward(w, x, y, scratch_);
     }
   }
 
@@ -276,13 +277,16 @@ class AdaptedLinears {
         dx->noalias() = dy * weights_.proj(layer, p);
       } else {
         dx->resize(dy.rows(), x.cols());
-        peft::base_input_gradient(set_.module(name).weight, dy, *dx, set_.workspace(name));
+        peft::base_input_gradient(set_.module(name).weight, dy, *dx, scratch_);
       }
     }
   }
 
  private:
   static constexpr bool dense = std::is_same_v<typename Adapter::Storage, peft::Dense>;
+  // The plain low-precision layers' panels and packing, shared: a workspace per module would
+  // keep a copy of that scratch for every layer of the model.
+  peft::Workspace<Scalar> scratch_;
   peft::AdapterSet<Adapter>& set_;
   const Weights<Scalar>& weights_;
   Observer* observer_;
