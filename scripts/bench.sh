@@ -162,8 +162,11 @@ if [ "$have_torch" = 1 ]; then
 fi
 
 if [ "$quick" = 0 ]; then
-  peft_banner "peft-memory (16 layers of 4096² fp32 = 1 GiB frozen)"
-  OMP_NUM_THREADS=2 build/bench/benchmarks/peft-memory | tee "$results/memory.txt"
+  # Each storage (fp32, bf16, Q8_0) in a child process of its own, at 128 and at 32 tokens.
+  peft_banner "peft-memory (16 layers of 4096², 1 GiB in fp32; fp32, bf16 and Q8_0)"
+  OMP_NUM_THREADS=2 build/bench/benchmarks/peft-memory 16 4096 128 16 2 all | tee "$results/memory.txt"
+  OMP_NUM_THREADS=2 build/bench/benchmarks/peft-memory 16 4096 32 16 2 all |
+    tee "$results/memory_tokens32.txt"
 fi
 uptime >"$results/load_after.txt"
 

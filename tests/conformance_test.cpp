@@ -2,6 +2,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // The adapter property battery over every adapter type, scalar and weight layout.
 #include "support/adapter_battery.hpp"
+#include "support/storage_battery.hpp"
 
 #include <atomic>
 
@@ -252,6 +253,183 @@ TEMPLATE_LIST_TEST_CASE("Forward from 8 threads with separate workspaces equals 
     pool.emplace_back([&, t] {
       peft::Workspace<Scalar> ws;
       for (int repeat = 0; repeat < 20; ++repeat) adapter.forward(inputs[t], parallel[t], ws);
+    });
+  }
+  for (auto& thread : pool) thread.join();
+  for (int t = 0; t < threads; ++t) REQUIRE(parallel[t] == serial[t]);
+}
+
+// ---- The storage axis: every method over bf16 and Q8_0 weights (issue 18) --------------------
+
+template <typename Scalar, typename S>
+using StorageTriple = std::tuple<peft::LoraLinear<Scalar, Eigen::RowMajor, S>,
+                                 peft::VeraLinear<Scalar, Eigen::RowMajor, S>,
+                                 peft::AdaLoraLinear<Scalar, Eigen::RowMajor, S>>;
+using StorageAdapterTypes =
+    decltype(std::tuple_cat(std::declval<StorageTriple<float, peft::Bf16Weight>>(),
+                            std::declval<StorageTriple<double, peft::Bf16Weight>>(),
+                            std::declval<StorageTriple<float, peft::BlockQ8Weight>>(),
+                            std::declval<StorageTriple<double, peft::BlockQ8Weight>>()));
+
+namespace {
+constexpr Index sb_out = storage_battery_out, sb_in = storage_battery_in;
+}  // namespace
+
+TEMPLATE_LIST_TEST_CASE("Storage: the adapter models the contract", "[conformance][storage][trait]",
+                        StorageAdapterTypes) {
+  STATIC_REQUIRE(peft::is_adapter_v<TestType>);
+  STATIC_REQUIRE(peft::check_adapter<TestType>());
+}
+
+TEMPLATE_LIST_TEST_CASE("Storage: no-op at init, forward and add_delta equal the reference",
+                        "[conformance][storage][init]", StorageAdapterTypes) {
+  using Scalar = typename TestType::Scalar;
+  const auto x = random_matrix<Scalar>(battery_tokens, sb_in, seed_inputs);
+  peft::RowMatrix<Scalar> y(battery_tokens, sb_out), base(battery_tokens, sb_out);
+  peft::Workspace<Scalar> ws;
+  {
+    StorageLayer<TestType> layer(sb_out, sb_in, /*perturbed=*/false);
+    layer.adapter->forward(x, y, ws);
+    peft::base_forward(layer.view(), x, base, ws);
+    base.rowwise() += layer.bias.transpose();
+    REQUIRE((y - base).cwiseAbs().maxCoeff() == Scalar(0));  // every method is a no-op at init
+    REQUIRE(layer.adapter->delta_weight().norm() == Scalar(0));
+  }
+  StorageLayer<TestType> layer(sb_out, sb_in);
+  layer.adapter->forward(x, y, ws);
+  REQUIRE(relative_error(y, layer.reference_forward(x)) <= rtol<Scalar>(sb_in));
+  peft::base_forward(layer.view(), x, base, ws);
+  base.rowwise() += layer.bias.transpose();
+  layer.adapter->add_delta(x, base, ws);
+  REQUIRE(relative_error(base, y) <= rtol<Scalar>(sb_in));
+}
+
+TEMPLATE_LIST_TEST_CASE("Storage: merging writes W + ΔW within the storage's rounding",
+                        "[conformance][storage][merge]", StorageAdapterTypes) {
+  using Scalar = typename TestType::Scalar;
+  StorageLayer<TestType> layer(sb_out, sb_in);
+  const auto original = layer.bytes;
+  const peft::RowMatrix<double> exact =
+      layer.dense() + layer.adapter->delta_weight().template cast<double>();
+  const auto x = random_matrix<Scalar>(battery_tokens, sb_in, seed_inputs);
+  peft::RowMatrix<Scalar> unmerged(battery_tokens, sb_out), merged(battery_tokens, sb_out);
+  peft::Workspace<Scalar> ws;
+  layer.adapter->forward(x, unmerged, ws);
+  double max_error = 0;  // entrywise |W_merged − (W + ΔW)|, allowed by the storage
+  if constexpr (StorageLayer<TestType>::bf16) {
+    REQUIRE(layer.adapter->merge_into(layer.ref()));
+    const auto once = layer.bytes;
+    REQUIRE_FALSE(layer.adapter->merge_into(layer.ref()));  // never twice
+    REQUIRE(layer.bytes == once);
+    // Half a bf16 ulp of each merged entry, plus the Scalar rounding of ΔW.
+    const auto err = (layer.dense() - exact).cwiseAbs().eval();
+    REQUIRE((err.array() <= exact.cwiseAbs().array() * (std::ldexp(1.0, -8) + 1e-6)).all());
+    max_error = err.maxCoeff();
+  } else {
+    REQUIRE_THROWS_AS(layer.adapter->merge_into(layer.ref()), peft::state_error);
+    REQUIRE(layer.bytes == original);
+    const peft::RequantizationReport report = layer.adapter->requantize_merge(layer.ref());
+    REQUIRE(report.merged);
+    max_error = (layer.dense() - exact).cwiseAbs().maxCoeff();
+    REQUIRE(report.max_abs_error == max_error);
+  }
+  REQUIRE(layer.adapter->merged());
+  layer.adapter->forward(x, merged, ws);
+  // ‖y_merged − y_unmerged‖ <= ‖x‖ ‖W_merged − (W + ΔW)‖ (both Frobenius), with rounding room.
+  const double bound =
+      x.template cast<double>().norm() * max_error * std::sqrt(double(sb_out * sb_in)) +
+      rtol<Scalar>(sb_in) * unmerged.template cast<double>().norm();
+  REQUIRE((merged - unmerged).template cast<double>().norm() <= bound);
+
+  if constexpr (StorageLayer<TestType>::bf16) {
+    REQUIRE(layer.adapter->unmerge_from(layer.ref()));
+    REQUIRE_FALSE(layer.adapter->merged());
+    // Two bf16 roundings per entry (precision.md: a bf16 merge is never exactly undone).
+    const peft::RowMatrix<double> w0 = peft::dequantized<double>(
+        peft::Bf16Weight(reinterpret_cast<const std::uint16_t*>(original.data()), sb_out, sb_in));
+    REQUIRE(((layer.dense() - w0).cwiseAbs().array() <=
+             (exact.cwiseAbs() + w0.cwiseAbs()).array() * (std::ldexp(1.0, -8) + 1e-6))
+                .all());
+  } else {
+    const auto merged_bytes = layer.bytes;
+    REQUIRE_THROWS_AS(layer.adapter->unmerge_from(layer.ref()), peft::state_error);
+    REQUIRE(layer.bytes == merged_bytes);
+  }
+}
+
+TEMPLATE_LIST_TEST_CASE("Storage: the adapter views the bytes in place and never writes them",
+                        "[conformance][storage][ownership]", StorageAdapterTypes) {
+  using Scalar = typename TestType::Scalar;
+  StorageLayer<TestType> layer(sb_out, sb_in);
+  const auto* bytes = reinterpret_cast<const unsigned char*>(layer.bytes.data());
+  REQUIRE(layer.adapter->weight().bytes() == bytes);
+  REQUIRE(layer.adapter->bias().data() == layer.bias.data());
+  const auto before = layer.bytes;
+  const auto x = random_matrix<Scalar>(battery_tokens, sb_in, seed_inputs);
+  const auto dy = random_matrix<Scalar>(battery_tokens, sb_out, seed_inputs + 1);
+  peft::RowMatrix<Scalar> y(battery_tokens, sb_out), dx(battery_tokens, sb_in);
+  peft::Vector<Scalar> grad = peft::Vector<Scalar>::Zero(layer.adapter->num_parameters());
+  peft::Workspace<Scalar> ws;
+  layer.adapter->forward(x, y, ws);
+  layer.adapter->backward(x, dy, dx, grad, ws);
+  REQUIRE(layer.bytes == before);
+
+  // Copies own their parameters and keep viewing the same bytes.
+  TestType copy = *layer.adapter;
+  REQUIRE(copy.weight().bytes() == bytes);
+  REQUIRE(copy.parameters().data() != layer.adapter->parameters().data());
+  copy.parameters().setZero();
+  REQUIRE(copy.delta_weight().norm() == Scalar(0));  // the flat view aliases the shaped ones
+  REQUIRE(layer.adapter->parameters().norm() > 0);
+  TestType moved = std::move(copy);
+  REQUIRE(moved.weight().bytes() == bytes);
+}
+
+TEMPLATE_LIST_TEST_CASE("Storage: bad shapes throw dimension_error naming the operands",
+                        "[conformance][storage][errors]", StorageAdapterTypes) {
+  using Scalar = typename TestType::Scalar;
+  using Catch::Matchers::Contains;
+  StorageLayer<TestType> layer(sb_out, sb_in);
+  peft::Workspace<Scalar> ws;
+  const auto x_bad = random_matrix<Scalar>(battery_tokens, sb_in + 1, seed_inputs);
+  peft::RowMatrix<Scalar> y(battery_tokens, sb_out);
+  REQUIRE_THROWS_AS(layer.adapter->forward(x_bad, y, ws), peft::dimension_error);
+  REQUIRE_THROWS_WITH(layer.adapter->forward(x_bad, y, ws),
+                      Contains("x has 65 columns") && Contains("expected in_features = 64") &&
+                          Contains("W is 13x64"));
+  // A merge target of another shape is refused before anything is written.
+  auto other = layer.bytes;
+  other.resize(other.size() / sb_out * (sb_out - 1));
+  if constexpr (StorageLayer<TestType>::bf16) {
+    REQUIRE_THROWS_AS(
+        layer.adapter->merge_into(peft::Bf16WeightRef(other.data(), sb_out - 1, sb_in)),
+        peft::dimension_error);
+  } else {
+    REQUIRE_THROWS_AS(layer.adapter->requantize_merge(
+                          peft::BlockQ8WeightRef(other.data(), other.size(), sb_out - 1, sb_in)),
+                      peft::dimension_error);
+  }
+}
+
+TEMPLATE_LIST_TEST_CASE("Storage: forward from 8 threads equals the serial result",
+                        "[conformance][storage][threads]", StorageAdapterTypes) {
+  using Scalar = typename TestType::Scalar;
+  StorageLayer<TestType> layer(sb_out * 4, sb_in * 2);
+  const TestType& adapter = *layer.adapter;
+  constexpr int threads = 8;
+  std::vector<peft::RowMatrix<Scalar>> inputs, serial, parallel;
+  for (int t = 0; t < threads; ++t) {
+    inputs.push_back(random_matrix<Scalar>(33, adapter.in_features(), 100 + t));
+    serial.emplace_back(33, adapter.out_features());
+    parallel.emplace_back(33, adapter.out_features());
+    peft::Workspace<Scalar> ws;
+    adapter.forward(inputs[t], serial[t], ws);
+  }
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      peft::Workspace<Scalar> ws;
+      for (int repeat = 0; repeat < 5; ++repeat) adapter.forward(inputs[t], parallel[t], ws);
     });
   }
   for (auto& thread : pool) thread.join();

@@ -173,3 +173,37 @@ TEST_CASE("safetensors: a failed save leaves the previous file and no temporary 
   next.save(path);
   CHECK(io::SafetensorsReader(path).matrix<float>("w").rows() == 3);
 }
+
+TEST_CASE("safetensors: read_bytes gives a tensor's stored bytes, in range only",
+          "[io][safetensors]") {
+  io::SafetensorsWriter w;
+  const RowMatrix<float> m = peft_test::random_matrix<float>(3, 5, 21);
+  w.add("a", m, io::Dtype::bf16);
+  w.add("b", m, io::Dtype::f32);
+  const fs::path path = temp_dir("read_bytes") / "t.safetensors";
+  w.save(path.string());
+  const std::string file = read_bytes(path);
+  for (const bool from_file : {true, false}) {
+    CAPTURE(from_file);
+    const io::SafetensorsReader r =
+        from_file ? io::SafetensorsReader(path.string()) : io::SafetensorsReader::from_buffer(file);
+    // The data section follows the 8-byte length and the header; "b" follows "a".
+    const std::size_t data = file.size() - 30 - 60;
+    std::string a(30, '\0'), b_tail(20, '\0');
+    r.read_bytes("a", 0, &a[0], a.size());
+    CHECK(a == file.substr(data, 30));
+    r.read_bytes("b", 40, &b_tail[0], b_tail.size());
+    CHECK(b_tail == file.substr(data + 30 + 40, 20));
+    // Decoding the raw bf16 bytes gives what read() converts.
+    RowMatrix<float> via_read(3, 5);
+    r.read("a", via_read.data(), 15);
+    for (Index i = 0; i < 15; ++i) {
+      const auto lo = static_cast<unsigned char>(a[std::size_t(2 * i)]),
+                 hi = static_cast<unsigned char>(a[std::size_t(2 * i + 1)]);
+      CHECK(io::detail::bfloat16_to_float(std::uint16_t(lo | hi << 8)) == via_read.data()[i]);
+    }
+    CHECK_THROWS_AS(r.read_bytes("a", 20, &a[0], 11), format_error);  // past its 30 bytes
+    CHECK_THROWS_WITH(r.read_bytes("a", 31, &a[0], 0), Catch::Matchers::Contains("'a'"));
+    CHECK_THROWS_AS(r.read_bytes("c", 0, &a[0], 1), format_error);
+  }
+}

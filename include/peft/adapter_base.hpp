@@ -183,6 +183,26 @@ class AdapterBase {
   /// W -= ΔW, undoing merge_into. Returns false and changes nothing if not merged.
   bool unmerge_from(WeightRef w);
 
+  /**
+   * Q8_0 only: W += ΔW into the Q8_0 weight this adapter views by requantising every block ΔW
+   * touches (dequantise, add ΔW in double, quantise as quantize_q8_0). merge_into refuses this,
+   * because it changes the block's other weights too and cannot be undone: afterwards
+   * unmerge_from throws state_error. Returns the error it introduced (`merged` false and nothing
+   * changed if already merged). Throws numerical_error before writing anything if a parameter or
+   * a block of W + ΔW cannot be represented.
+   */
+  template <typename S = Storage, std::enable_if_t<std::is_same_v<S, BlockQ8Weight>, int> = 0>
+  RequantizationReport requantize_merge(BlockQ8WeightRef w) {
+    check_bound_weight("requantize_merge()", w);
+    if (merged()) return {};
+    check_finite_parameters("requantize_merge()");
+    const auto term = derived().merge_term();
+    const RequantizationReport report = detail::requantize_low_rank_q8<Scalar>(
+        w, term.left, term.right, term.scale, where("requantize_merge()"));
+    merged_ = true;
+    return report;
+  }
+
  protected:
   /// Views W (no copy) and the bias (null: none); the weight's order must be WeightOrder.
   template <int Order>

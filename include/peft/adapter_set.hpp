@@ -246,6 +246,23 @@ class AdapterSet {
   /// Undoes merge_all(); returns how many were unmerged now.
   std::size_t unmerge_all() { return for_all_writable("unmerge_all", false); }
 
+  /**
+   * Q8_0 sets only (merge_all refuses them): requantize_merge() of every adapter into its weight,
+   * which cannot be undone (docs/precision.md). Returns each adapter's report, registration
+   * order; an adapter merged already reports `merged = false`. Checks first that every adapted
+   * weight is writable; a numerical_error stops at that module, the earlier ones merged.
+   */
+  template <typename W = Weight, std::enable_if_t<std::is_same_v<W, BlockQ8Weight>, int> = 0>
+  std::vector<std::pair<std::string, RequantizationReport>> requantize_merge_all() {
+    check_all_writable("requantize_merge_all");
+    std::vector<std::pair<std::string, RequantizationReport>> reports;
+    for (auto& m : modules_) {
+      if (m->adapter)
+        reports.emplace_back(m->name, m->adapter->requantize_merge(writable_weight(m->name)));
+    }
+    return reports;
+  }
+
   /// The mutable view of a module's weight (state_error if registered read-only): a Map of a
   /// dense weight, or a Bf16WeightRef / BlockQ8WeightRef.
   WritableWeight writable_weight(const std::string& name) {
@@ -341,11 +358,30 @@ class AdapterSet {
     }
   }
 
-  std::size_t for_all_writable(const char* what, bool merge) {
+  void check_all_writable(const char* what) const {
     for (const auto& m : modules_) {
       if (m->adapter && !m->writable) {
         PEFT_THROW(state_error(std::string("AdapterSet::") + what + "(): '" + m->name +
                                "' was registered read-only (add_frozen_module)"));
+      }
+    }
+  }
+
+  std::size_t for_all_writable(const char* what, bool merge) {
+    check_all_writable(what);
+    if constexpr (std::is_same_v<Weight, BlockQ8Weight>) {
+      // The adapters refuse too; refusing here names the module and the set's own call.
+      for (const auto& m : modules_) {
+        if (!m->adapter || m->adapter->merged() != !merge) continue;
+        const std::string shape =
+            std::to_string(m->weight.rows()) + "x" + std::to_string(m->weight.cols());
+        PEFT_THROW(state_error(
+            std::string("AdapterSet::") + what + "(): '" + m->name + "' is a " + shape +
+            (merge ? " Q8_0 weight; merging would requantise its blocks, changing weights the "
+                     "adapter never trained, and could not be undone. Call "
+                     "requantize_merge_all() to do it anyway (nothing merged)"
+                   : " Q8_0 weight merged by requantize_merge(), which replaced its original "
+                     "blocks; they cannot be restored (nothing changed)")));
       }
     }
     std::size_t n = 0;

@@ -45,11 +45,12 @@ struct RankAllocatorOptions {
  *   optimizer.step() → update_and_allocate(step) → zero the gradients.
  * With gradient accumulation, count optimizer steps, not micro-batches, everywhere.
  */
-template <typename Scalar_, int WeightOrder_ = Eigen::RowMajor>
+template <typename Scalar_, int WeightOrder_ = Eigen::RowMajor, typename Storage_ = Dense>
 class RankAllocator {
  public:
   using Scalar = Scalar_;
-  using Layer = AdaLoraLinear<Scalar, WeightOrder_>;
+  /// The layers it allocates over (Storage_: how their frozen W is stored; it reads none of it).
+  using Layer = AdaLoraLinear<Scalar, WeightOrder_, Storage_>;
 
   /// What one update_and_allocate() call did.
   struct Report {

@@ -469,6 +469,89 @@ inline std::vector<unsigned char> quantized_q8_0(const Eigen::Ref<const RowMatri
   return bytes;
 }
 
+/**
+ * What a requantising merge into a Q8_0 weight did, and the error it introduced beyond the exact
+ * W + ΔW (in double): the price of storing the merged weight in 8-bit blocks.
+ */
+struct RequantizationReport {
+  bool merged = false;           ///< false: the adapter was merged already, nothing changed
+  Index blocks_requantized = 0;  ///< blocks ΔW touched, rewritten (the others keep their bytes)
+  Index blocks_total = 0;        ///< blocks in W
+  double max_abs_error = 0;      ///< max |W_after − (W_before + ΔW)| over W
+  double rms_error = 0;          ///< root mean square of the same over all out · in entries
+  double delta_norm = 0;         ///< ‖ΔW‖_F
+  double error_norm = 0;         ///< ‖W_after − (W_before + ΔW)‖_F
+  /// error_norm / delta_norm: how much of the adapter's update the requantisation lost (0 when
+  /// ΔW = 0).
+  double relative_error = 0;
+};
+
+namespace detail {
+/**
+ * w += alpha · left · right into a Q8_0 weight: ΔW formed a panel of rows at a time in Scalar (as
+ * for bf16); each block ΔW touches (any nonzero entry) is dequantised, ΔW added in double, the sum
+ * rounded to float and requantised as quantize_q8_0 does; blocks ΔW leaves at zero keep their
+ * bytes. Two passes: nothing is written unless every touched block can be quantised (finite, a
+ * scale within fp16), else numerical_error naming the block. Returns the error it introduced.
+ */
+template <typename Scalar, typename Left, typename Right>
+RequantizationReport requantize_low_rank_q8(const BlockQ8WeightRef& w,
+                                            const Eigen::MatrixBase<Left>& left,
+                                            const Eigen::MatrixBase<Right>& right, Scalar alpha,
+                                            const std::string& where) {
+  constexpr Index bs = BlockQ8Weight::block_size;
+  const Index out = w.rows(), in = w.cols(), blocks = in / bs;
+  const BlockQ8Weight view = w.view();
+  const Index rows =
+      std::max<Index>(1, default_panel_bytes / std::max<Index>(in * sizeof(Scalar), 1));
+  RequantizationReport report;
+  report.blocks_total = out * blocks;
+  RowMatrix<Scalar> delta;
+  float before[bs], target[bs];
+  double sum_sq_error = 0, sum_sq_delta = 0;
+  for (int write = 0; write < 2; ++write) {
+    for (Index r0 = 0; r0 < out; r0 += rows) {
+      const Index p = std::min(rows, out - r0);
+      delta.noalias() = alpha * (left.middleRows(r0, p) * right);
+      for (Index i = 0; i < p; ++i) {
+        const Index r = r0 + i;
+        for (Index b = 0; b < blocks; ++b) {
+          const auto d = delta.row(i).segment(b * bs, bs);
+          if (write) sum_sq_delta += d.template cast<double>().squaredNorm();
+          if ((d.array() == Scalar(0)).all()) continue;  // untouched: keep its bytes
+          view.dequantize(r, 1, b * bs, bs, before, bs);
+          for (Index j = 0; j < bs; ++j) target[j] = float(double(before[j]) + double(d(j)));
+          if (!write) {
+            const std::string problem = q8_0_block_problem(target);
+            if (!problem.empty()) {
+              PEFT_THROW(numerical_error(
+                  where + ": W + ΔW cannot be requantised at row " + std::to_string(r) +
+                  ", block " + std::to_string(b) + " of the " + std::to_string(out) + "x" +
+                  std::to_string(in) + " Q8_0 weight: " + problem + "; W left unchanged"));
+            }
+            continue;
+          }
+          quantize_block_q8_0(target,
+                              w.bytes() + r * w.row_bytes() + b * BlockQ8Weight::block_bytes);
+          ++report.blocks_requantized;
+          for (Index j = 0; j < bs; ++j) {
+            const double e = double(view(r, b * bs + j)) - (double(before[j]) + double(d(j)));
+            report.max_abs_error = std::max(report.max_abs_error, std::abs(e));
+            sum_sq_error += e * e;
+          }
+        }
+      }
+    }
+  }
+  report.merged = true;
+  report.delta_norm = std::sqrt(sum_sq_delta);
+  report.error_norm = std::sqrt(sum_sq_error);
+  report.rms_error = out * in > 0 ? std::sqrt(sum_sq_error / double(out * in)) : 0.0;
+  report.relative_error = report.delta_norm > 0 ? report.error_norm / report.delta_norm : 0.0;
+  return report;
+}
+}  // namespace detail
+
 /// The Storage of an adapter over a dense weight of its own Scalar (a FrozenWeight): the default.
 struct Dense {};
 

@@ -260,24 +260,45 @@ class Eva {
   std::optional<LoraLinear<Scalar, Order>> make_adapter(Index l, FrozenWeight<Scalar, Order> weight,
                                                         FrozenBias<Scalar> bias,
                                                         LoraOptions base = {}) const {
-    const Layer& ly = checked(l);
-    detail::check_shape("peft::init::Eva::make_adapter()", detail::operand("W", weight), ly.out,
-                        ly.in, detail::Operand{ly.name.c_str(), ly.out, ly.in});
-    if (ly.rank == 0) return std::nullopt;
-    base.r = ly.rank;
-    base.lora_alpha = alpha(l);
-    LoraLinear<Scalar, Order> adapter(weight, bias, base);
-    adapter.a() = initial_a(l).template cast<Scalar>();
-    adapter.b().setZero();
-    return adapter;
+    return make_lora<LoraLinear<Scalar, Order>>(l, weight, bias, std::move(base));
   }
   template <typename Scalar, int Order>
   std::optional<LoraLinear<Scalar, Order>> make_adapter(Index l, FrozenWeight<Scalar, Order> weight,
                                                         LoraOptions base = {}) const {
     return make_adapter(l, weight, no_bias<Scalar>(), base);
   }
+  /// The same over a bf16 or Q8_0 weight (EVA reads only activations, never W): a
+  /// LoraLinear<Scalar, RowMajor, S>, Scalar from the bias (float without one).
+  template <typename Scalar, typename S, std::enable_if_t<is_weight_storage_v<S>, int> = 0>
+  std::optional<LoraLinear<Scalar, Eigen::RowMajor, S>> make_adapter(Index l, S weight,
+                                                                     FrozenBias<Scalar> bias,
+                                                                     LoraOptions base = {}) const {
+    return make_lora<LoraLinear<Scalar, Eigen::RowMajor, S>>(l, weight, bias, std::move(base));
+  }
+  template <typename Scalar = float, typename S, std::enable_if_t<is_weight_storage_v<S>, int> = 0>
+  std::optional<LoraLinear<Scalar, Eigen::RowMajor, S>> make_adapter(Index l, S weight,
+                                                                     LoraOptions base = {}) const {
+    return make_adapter(l, weight, no_bias<Scalar>(), base);
+  }
 
  private:
+  template <typename Adapter, typename W>
+  std::optional<Adapter> make_lora(Index l, const W& weight,
+                                   FrozenBias<typename Adapter::Scalar> bias,
+                                   LoraOptions base) const {
+    const Layer& ly = checked(l);
+    detail::check_shape("peft::init::Eva::make_adapter()",
+                        detail::Operand{"W", weight.rows(), weight.cols()}, ly.out, ly.in,
+                        detail::Operand{ly.name.c_str(), ly.out, ly.in});
+    if (ly.rank == 0) return std::nullopt;
+    base.r = ly.rank;
+    base.lora_alpha = alpha(l);
+    Adapter adapter(weight, bias, base);
+    adapter.a() = initial_a(l).template cast<typename Adapter::Scalar>();
+    adapter.b().setZero();
+    return adapter;
+  }
+
   struct Layer {
     std::string name;
     Index in = 0, out = 0, r = 0, cap = 0, rank = 0;

@@ -201,8 +201,8 @@ struct AdaloraCodec : CodecDefaults {
 
   // ---- AdapterSet<AdaLoraLinear> --------------------------------------------------------------
 
-  template <typename Scalar, int Order>
-  using Adapter = AdaLoraLinear<Scalar, Order>;
+  template <typename Scalar, int Order, typename Storage = Dense>
+  using Adapter = AdaLoraLinear<Scalar, Order, Storage>;
 
   /**
    * The folder for a set of AdaLoRA adapters, shrunk to the kept triplets as PEFT saves them,
@@ -211,9 +211,9 @@ struct AdaloraCodec : CodecDefaults {
    * shrunk to k < init_r is written with k leading true flags (any k flags give the same tensors
    * back).
    */
-  template <typename Scalar, int Order>
-  static AdapterFolder<Scalar> to_folder(const AdapterSet<AdaLoraLinear<Scalar, Order>>& set,
-                                         AdapterConfig config) {
+  template <typename Scalar, int Order, typename Storage>
+  static AdapterFolder<Scalar> to_folder(
+      const AdapterSet<AdaLoraLinear<Scalar, Order, Storage>>& set, AdapterConfig config) {
     const auto names = set.adapted_modules();
     const auto& first = set.adapter(names[0]);
     if (config.total_step <= 0) {
@@ -283,10 +283,10 @@ struct AdaloraCodec : CodecDefaults {
   /// Replaces the set's AdaLoRA adapters with the folder's, each rebuilt at its kept rank with
   /// ranknum = init_r (so the scale α/(init_r + 1e-5) is the trained one). Rank-0 layers load as
   /// adapters of rank 0.
-  template <typename Scalar, int Order, typename FileScalar>
+  template <typename Scalar, int Order, typename Storage, typename FileScalar>
   static void apply(const AdapterFolder<FileScalar>& folder,
-                    AdapterSet<AdaLoraLinear<Scalar, Order>>& set) {
-    using Adapter = AdaLoraLinear<Scalar, Order>;
+                    AdapterSet<AdaLoraLinear<Scalar, Order, Storage>>& set) {
+    using Adapter = AdaLoraLinear<Scalar, Order, Storage>;
     const AdapterConfig& c = folder.config;
     detail::rebuild(folder, set, [&](const auto& m, const auto& mod) {
       AdaLoraOptions o;
@@ -306,8 +306,8 @@ struct AdaloraCodec : CodecDefaults {
   }
 };
 
-template <typename Scalar, int Order>
-struct codec_for<AdaLoraLinear<Scalar, Order>> {
+template <typename Scalar, int Order, typename Storage>
+struct codec_for<AdaLoraLinear<Scalar, Order, Storage>> {
   using type = AdaloraCodec;
 };
 

@@ -47,7 +47,8 @@ inline long parse_long(const std::map<std::string, std::string>& meta, const std
  * (F32 or F64), so nothing is rounded.
  */
 template <typename Adapter,
-          typename Allocator = RankAllocator<typename Adapter::Scalar, Adapter::WeightOrder>>
+          typename Allocator = RankAllocator<typename Adapter::Scalar, Adapter::WeightOrder,
+                                             typename adapter_traits<Adapter>::Storage>>
 void save_checkpoint(const std::string& path, const AdapterSet<Adapter>& set,
                      const optim::AdamW<typename Adapter::Scalar>& optimizer, long step,
                      const Allocator* allocator = nullptr) {
@@ -90,7 +91,8 @@ void save_checkpoint(const std::string& path, const AdapterSet<Adapter>& set,
  * changes. Returns the saved step.
  */
 template <typename Adapter,
-          typename Allocator = RankAllocator<typename Adapter::Scalar, Adapter::WeightOrder>>
+          typename Allocator = RankAllocator<typename Adapter::Scalar, Adapter::WeightOrder,
+                                             typename adapter_traits<Adapter>::Storage>>
 long load_checkpoint(const std::string& path, AdapterSet<Adapter>& set,
                      optim::AdamW<typename Adapter::Scalar>& optimizer,
                      Allocator* allocator = nullptr) {

@@ -206,8 +206,8 @@ struct LoraCodec : CodecDefaults {
 
   // ---- AdapterSet<LoraLinear> -----------------------------------------------------------------
 
-  template <typename Scalar, int Order>
-  using Adapter = LoraLinear<Scalar, Order>;
+  template <typename Scalar, int Order, typename Storage = Dense>
+  using Adapter = LoraLinear<Scalar, Order, Storage>;
 
   /**
    * The folder for a set of LoRA adapters. `config` supplies what the adapters do not know
@@ -224,8 +224,8 @@ struct LoraCodec : CodecDefaults {
    * Only when asked with `config.init_lora_weights == "lora_ga"` are they written as trained,
    * for the offset base, and that marker makes peft-merge refuse the file without --offset-base.
    */
-  template <typename Scalar, int Order>
-  static AdapterFolder<Scalar> to_folder(const AdapterSet<LoraLinear<Scalar, Order>>& set,
+  template <typename Scalar, int Order, typename Storage>
+  static AdapterFolder<Scalar> to_folder(const AdapterSet<LoraLinear<Scalar, Order, Storage>>& set,
                                          AdapterConfig config) {
     const auto names = set.adapted_modules();
     const bool offset_form = config.init_lora_weights == "lora_ga";
@@ -305,10 +305,10 @@ struct LoraCodec : CodecDefaults {
   }
 
   /// Replaces the set's LoRA adapters with the folder's (after io::apply's checks).
-  template <typename Scalar, int Order, typename FileScalar>
+  template <typename Scalar, int Order, typename Storage, typename FileScalar>
   static void apply(const AdapterFolder<FileScalar>& folder,
-                    AdapterSet<LoraLinear<Scalar, Order>>& set) {
-    using Adapter = LoraLinear<Scalar, Order>;
+                    AdapterSet<LoraLinear<Scalar, Order, Storage>>& set) {
+    using Adapter = LoraLinear<Scalar, Order, Storage>;
     const PatternMatcher<double> alphas(
         folder.config.alpha_pattern);  // compiled once, not per module
     detail::rebuild(folder, set, [&](const auto& m, const auto& mod) {
@@ -325,8 +325,8 @@ struct LoraCodec : CodecDefaults {
   }
 };
 
-template <typename Scalar, int Order>
-struct codec_for<LoraLinear<Scalar, Order>> {
+template <typename Scalar, int Order, typename Storage>
+struct codec_for<LoraLinear<Scalar, Order, Storage>> {
   using type = LoraCodec;
 };
 

@@ -293,6 +293,34 @@ class SafetensorsReader {
     }
   }
 
+  /**
+   * Copies `size` bytes of tensor `name`'s data, starting `offset` bytes into it, to `dst` as
+   * stored (little-endian, no conversion): for passing tensors through unchanged, or viewing a
+   * BF16 tensor in place, a slice at a time.
+   */
+  void read_bytes(const std::string& name, std::uint64_t offset, void* dst,
+                  std::size_t size) const {
+    const TensorInfo& t = info(name);
+    if (offset > t.end - t.begin || size > t.end - t.begin - offset) {
+      fail("tensor '" + name + "': bytes [" + std::to_string(offset) + ", +" +
+           std::to_string(size) + ") are outside its " + std::to_string(t.end - t.begin) +
+           " bytes");
+    }
+    const std::uint64_t at = data_start_ + t.begin + offset;
+    if (memory_) {
+      if (size) std::memcpy(dst, memory_->data() + at, size);
+      return;
+    }
+    std::ifstream file(path_, std::ios::binary);
+    if (!file) PEFT_THROW(io_error(label_ + ": cannot reopen to read tensor '" + name + "'"));
+    file.seekg(static_cast<std::streamoff>(at));
+    file.read(static_cast<char*>(dst), static_cast<std::streamsize>(size));
+    if (static_cast<std::size_t>(file.gcount()) != size) {
+      PEFT_THROW(io_error(label_ + ": tensor '" + name +
+                          "' is cut short (file changed or truncated while open)"));
+    }
+  }
+
   /// A 2-D tensor `[rows, cols]` (a 1-D tensor `[n]` reads as 1 x n).
   template <typename Scalar>
   RowMatrix<Scalar> matrix(const std::string& name) const {
@@ -499,6 +527,39 @@ class SafetensorsReader {
   std::map<std::string, std::string> metadata_;
 };
 
+namespace detail {
+
+/// One tensor of a header being written: what the file says about it and how many bytes follow.
+struct HeaderEntry {
+  const std::string* name;
+  Dtype dtype;
+  const std::vector<std::int64_t>* shape;
+  std::uint64_t bytes;
+};
+
+/// Length prefix + JSON header for tensors laid out in the order given, padded with spaces to a
+/// multiple of 8 as the reference writer does, so the data section stays aligned. Shared by
+/// SafetensorsWriter and the streaming merge, so both write the same bytes.
+inline std::string safetensors_header(const std::map<std::string, std::string>& metadata,
+                                      const std::vector<HeaderEntry>& entries) {
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::uint64_t offset = 0;
+  for (const HeaderEntry& e : entries) {
+    const std::uint64_t end = offset + e.bytes;
+    header[*e.name] = {
+        {"dtype", dtype_name(e.dtype)}, {"shape", *e.shape}, {"data_offsets", {offset, end}}};
+    offset = end;
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::string out(8, '\0');
+  store_u64_le(reinterpret_cast<unsigned char*>(&out[0]), text.size());
+  return out + text;
+}
+
+}  // namespace detail
+
 /**
  * Collects tensors and writes a safetensors file.
  *
@@ -574,23 +635,12 @@ class SafetensorsWriter {
   }
 
  private:
-  // Length prefix + JSON header, padded with spaces to a multiple of 8 as the reference writer
-  // does, so the data section stays aligned.
   std::string header_bytes() const {
-    nlohmann::ordered_json header = nlohmann::ordered_json::object();
-    if (!metadata_.empty()) header["__metadata__"] = metadata_;
-    std::uint64_t offset = 0;
-    for (const auto& [name, e] : entries_) {
-      const std::uint64_t end = offset + e.bytes.size();
-      header[name] = {
-          {"dtype", dtype_name(e.dtype)}, {"shape", e.shape}, {"data_offsets", {offset, end}}};
-      offset = end;
-    }
-    std::string text = header.dump();
-    text.append((8 - text.size() % 8) % 8, ' ');
-    std::string out(8, '\0');
-    detail::store_u64_le(reinterpret_cast<unsigned char*>(&out[0]), text.size());
-    return out + text;
+    std::vector<detail::HeaderEntry> entries;
+    entries.reserve(entries_.size());
+    for (const auto& [name, e] : entries_)
+      entries.push_back({&name, e.dtype, &e.shape, e.bytes.size()});
+    return detail::safetensors_header(metadata_, entries);
   }
 
   struct Entry {

@@ -171,14 +171,14 @@ struct VeraCodec : CodecDefaults {
 
   // ---- AdapterSet<VeraLinear> -----------------------------------------------------------------
 
-  template <typename Scalar, int Order>
-  using Adapter = VeraLinear<Scalar, Order>;
+  template <typename Scalar, int Order, typename Storage = Dense>
+  using Adapter = VeraLinear<Scalar, Order, Storage>;
 
   /// The folder for a set of VeRA adapters; the shared projections are saved unless
   /// `config.save_projection` is false (then a reader regenerates them from projection_prng_key,
   /// which reproduces them in peft but not in PyTorch).
-  template <typename Scalar, int Order>
-  static AdapterFolder<Scalar> to_folder(const AdapterSet<VeraLinear<Scalar, Order>>& set,
+  template <typename Scalar, int Order, typename Storage>
+  static AdapterFolder<Scalar> to_folder(const AdapterSet<VeraLinear<Scalar, Order, Storage>>& set,
                                          AdapterConfig config) {
     const auto names = set.adapted_modules();
     const auto& p = set.projections();
@@ -212,10 +212,10 @@ struct VeraCodec : CodecDefaults {
   /// Replaces the set's VeRA adapters and projections with the folder's. Saved projections are
   /// used as they are; without them they are regenerated from projection_prng_key, sized by the
   /// largest (out, in) among the folder's modules.
-  template <typename Scalar, int Order, typename FileScalar>
+  template <typename Scalar, int Order, typename Storage, typename FileScalar>
   static void apply(const AdapterFolder<FileScalar>& folder,
-                    AdapterSet<VeraLinear<Scalar, Order>>& set) {
-    using Adapter = VeraLinear<Scalar, Order>;
+                    AdapterSet<VeraLinear<Scalar, Order, Storage>>& set) {
+    using Adapter = VeraLinear<Scalar, Order, Storage>;
     const AdapterConfig& c = folder.config;
     Index max_out = 0, max_in = 0;
     for (const auto& m : folder.modules) {
@@ -260,8 +260,8 @@ struct VeraCodec : CodecDefaults {
   }
 };
 
-template <typename Scalar, int Order>
-struct codec_for<VeraLinear<Scalar, Order>> {
+template <typename Scalar, int Order, typename Storage>
+struct codec_for<VeraLinear<Scalar, Order, Storage>> {
   using type = VeraCodec;
 };
 

@@ -317,9 +317,10 @@ struct LoraRecipeOptions {
 };
 
 /// LoRA and rsLoRA: adapters drawn from one Rng (same-shaped modules start different); no hooks.
-template <typename Scalar, int Order = Eigen::RowMajor>
-class LoraRecipe : public RecipeBase<LoraLinear<Scalar, Order>> {
-  using Base = RecipeBase<LoraLinear<Scalar, Order>>;
+/// `Storage`: the set's frozen weights (peft::Dense, Bf16Weight or BlockQ8Weight).
+template <typename Scalar, int Order = Eigen::RowMajor, typename Storage = Dense>
+class LoraRecipe : public RecipeBase<LoraLinear<Scalar, Order, Storage>> {
+  using Base = RecipeBase<LoraLinear<Scalar, Order, Storage>>;
 
  public:
   explicit LoraRecipe(LoraRecipeOptions options = {})
@@ -355,9 +356,9 @@ struct VeraRecipeOptions {
 };
 
 /// VeRA: one pair of projections sized over every adapted module, set on the AdapterSet; no hooks.
-template <typename Scalar, int Order = Eigen::RowMajor>
-class VeraRecipe : public RecipeBase<VeraLinear<Scalar, Order>> {
-  using Base = RecipeBase<VeraLinear<Scalar, Order>>;
+template <typename Scalar, int Order = Eigen::RowMajor, typename Storage = Dense>
+class VeraRecipe : public RecipeBase<VeraLinear<Scalar, Order, Storage>> {
+  using Base = RecipeBase<VeraLinear<Scalar, Order, Storage>>;
 
  public:
   explicit VeraRecipe(VeraRecipeOptions options = {}) : Base("VeraRecipe"), options_(options) {}
@@ -392,12 +393,12 @@ struct AdaLoraRecipeOptions {
  * (before zero_grad). finish() shrinks every layer to its kept triplets and resizes the set's
  * gradient buffers; the optimizer must not step after it.
  */
-template <typename Scalar, int Order = Eigen::RowMajor>
-class AdaLoraRecipe : public RecipeBase<AdaLoraLinear<Scalar, Order>> {
-  using Base = RecipeBase<AdaLoraLinear<Scalar, Order>>;
+template <typename Scalar, int Order = Eigen::RowMajor, typename Storage = Dense>
+class AdaLoraRecipe : public RecipeBase<AdaLoraLinear<Scalar, Order, Storage>> {
+  using Base = RecipeBase<AdaLoraLinear<Scalar, Order, Storage>>;
 
  public:
-  using Allocator = RankAllocator<Scalar, Order>;
+  using Allocator = RankAllocator<Scalar, Order, Storage>;
 
   explicit AdaLoraRecipe(AdaLoraRecipeOptions options) : Base("AdaLoraRecipe"), options_(options) {
     if (options_.adalora.init_r != options_.budget.init_r) {
@@ -465,16 +466,34 @@ struct LoraGaRecipeOptions {
  * each layer's (A₀, B₀, s), gives the offset back to the weight (W ← W + s B₀ A₀ = W₀ up to
  * rounding) and replaces each adapter by its rank-2r export relative to W₀, which computes the
  * trained model over the original weight. Modules must be registered writable (add_module).
+ *
+ * Dense weights only: over a bf16 or Q8_0 `Storage` the constructor throws config_error, because
+ * the offset would be rounded into bf16 (requantised into Q8_0), and finish() could not give W₀
+ * back. The parameter exists so generic code can name every recipe over every storage.
  */
-template <typename Scalar, int Order = Eigen::RowMajor>
-class LoraGaRecipe : public RecipeBase<LoraLinear<Scalar, Order>> {
-  using Base = RecipeBase<LoraLinear<Scalar, Order>>;
+template <typename Scalar, int Order = Eigen::RowMajor, typename Storage = Dense>
+class LoraGaRecipe : public RecipeBase<LoraLinear<Scalar, Order, Storage>> {
+  using Base = RecipeBase<LoraLinear<Scalar, Order, Storage>>;
+  static constexpr bool dense_weight = std::is_same_v<Storage, Dense>;
 
  public:
-  using Adapter = LoraLinear<Scalar, Order>;
+  using Adapter = LoraLinear<Scalar, Order, Storage>;
 
   explicit LoraGaRecipe(LoraGaRecipeOptions options = {})
       : Base("LoraGaRecipe"), options_(std::move(options)) {
+    if constexpr (!dense_weight) {
+      PEFT_THROW(config_error(
+          std::string("train::LoraGaRecipe: LoRA-GA offsets each frozen weight (W <- W - s B0 "
+                      "A0) and gives the offset back in finish(); over a ") +
+          (std::is_same_v<Storage, Bf16Weight> ? "bf16 weight the offset would be rounded into "
+                                                 "bf16"
+                                               : "Q8_0 weight the offset would requantise "
+                                                 "every block") +
+          ", so the original weight could not be restored and the exported adapter would not "
+          "describe the trained model. Use LoRA-GA over a dense (fp32 or double) base, e.g. "
+          "the layers dequantised with peft::dequantized(), or LoraRecipe / EvaRecipe over "
+          "this storage"));
+    }
     detail::check_patterns("LoraGaRecipe", options_.rank_pattern);
     if (options_.calibration_batches <= 0) {
       PEFT_THROW(config_error("train::LoraGaRecipe: calibration_batches = " +
@@ -531,13 +550,15 @@ class LoraGaRecipe : public RecipeBase<LoraLinear<Scalar, Order>> {
   /// Restores W₀ in every weight and attaches the rank-2r exports over it (see the class note).
   void finish() {
     this->begin_finish();
-    auto& set = this->set();
-    for (const auto& name : modules_) {
-      const init::LoraGaResult<Scalar>& state = inits_.at(name);
-      init::restore_original_weight(state, set.writable_weight(name));
-      const Adapter& trained = set.adapter(name);
-      set.attach_adapter(name, std::make_unique<Adapter>(init::export_relative_to_original(
-                                   trained, state, set.module(name).weight)));
+    if constexpr (dense_weight) {  // else unreachable: the constructor refused
+      auto& set = this->set();
+      for (const auto& name : modules_) {
+        const init::LoraGaResult<Scalar>& state = inits_.at(name);
+        init::restore_original_weight(state, set.writable_weight(name));
+        const Adapter& trained = set.adapter(name);
+        set.attach_adapter(name, std::make_unique<Adapter>(init::export_relative_to_original(
+                                     trained, state, set.module(name).weight)));
+      }
     }
     this->phase_ = Phase::finished;
   }
@@ -556,23 +577,25 @@ class LoraGaRecipe : public RecipeBase<LoraLinear<Scalar, Order>> {
   void initialise() {
     auto& set = this->set();
     auto& comm = this->communicator();
-    for (std::size_t i = 0; i < modules_.size(); ++i) {
-      const std::string& name = modules_[i];
-      init::GradientAccumulator<Scalar>& g = accumulators_.at(name);
-      init::LoraGaOptions o = options_.ga;
-      o.seed = options_.ga.seed + i;  // each layer its own test matrix
-      auto w = set.writable_weight(name);
-      if (comm.size() > 1) {
-        // G = Σ_workers Σ_b dyᵀx / Σ_workers batches: the mean over every worker's batches.
-        RowMatrix<Scalar> sum = g.mean() * static_cast<Scalar>(g.batches());
-        Scalar batches = static_cast<Scalar>(g.batches());
-        comm.all_reduce_sum(sum.data(), sum.size());
-        comm.all_reduce_sum(&batches, 1);
-        inits_.emplace(name, init::lora_ga(set.adapter(name), sum / batches, w, o));
-      } else {
-        inits_.emplace(name, init::lora_ga(set.adapter(name), g, w, o));
+    if constexpr (dense_weight) {  // else unreachable: the constructor refused
+      for (std::size_t i = 0; i < modules_.size(); ++i) {
+        const std::string& name = modules_[i];
+        init::GradientAccumulator<Scalar>& g = accumulators_.at(name);
+        init::LoraGaOptions o = options_.ga;
+        o.seed = options_.ga.seed + i;  // each layer its own test matrix
+        auto w = set.writable_weight(name);
+        if (comm.size() > 1) {
+          // G = Σ_workers Σ_b dyᵀx / Σ_workers batches: the mean over every worker's batches.
+          RowMatrix<Scalar> sum = g.mean() * static_cast<Scalar>(g.batches());
+          Scalar batches = static_cast<Scalar>(g.batches());
+          comm.all_reduce_sum(sum.data(), sum.size());
+          comm.all_reduce_sum(&batches, 1);
+          inits_.emplace(name, init::lora_ga(set.adapter(name), sum / batches, w, o));
+        } else {
+          inits_.emplace(name, init::lora_ga(set.adapter(name), g, w, o));
+        }
+        g.release();
       }
-      g.release();
     }
     accumulators_.clear();
     set.zero_grad();  // the adapters' own gradients from the calibration passes are not wanted
@@ -598,13 +621,14 @@ struct EvaRecipeOptions {
  * with observe_input() (forward only) while wants_input() says so, batch after batch, until every
  * layer's decomposition converged or eva.max_iterations. Then each module gets a LoRA with A from
  * its components at its redistributed rank and B = 0; a module EVA gives rank 0 stays unadapted.
+ * EVA reads only activations, so any `Storage` of W works.
  */
-template <typename Scalar, int Order = Eigen::RowMajor>
-class EvaRecipe : public RecipeBase<LoraLinear<Scalar, Order>> {
-  using Base = RecipeBase<LoraLinear<Scalar, Order>>;
+template <typename Scalar, int Order = Eigen::RowMajor, typename Storage = Dense>
+class EvaRecipe : public RecipeBase<LoraLinear<Scalar, Order, Storage>> {
+  using Base = RecipeBase<LoraLinear<Scalar, Order, Storage>>;
 
  public:
-  using Adapter = LoraLinear<Scalar, Order>;
+  using Adapter = LoraLinear<Scalar, Order, Storage>;
 
   explicit EvaRecipe(EvaRecipeOptions options = {})
       : Base("EvaRecipe"), options_(options), eva_(options.eva) {}
