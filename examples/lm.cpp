@@ -12,6 +12,7 @@
 // The model (examples/support/transformer.hpp) is the user's code; peft supplies the adapters,
 // the recipes that run each method's protocol, the optimizer and the adapter files. docs/lm.md
 // describes the model, the data, the commands and the results.
+#include "lm_stored.hpp"
 #include "support/cli.hpp"
 #include "support/lm_files.hpp"
 #include "support/lm_runs.hpp"
@@ -51,7 +52,8 @@ using Mat = peft::RowMatrix<float>;
 struct Options {
   std::string base, out, data, adapter, merged, method = "lora", targets = "q_proj,v_proj";
   std::string prompt = "The ", dtype = "bf16", json, tokens;
-  Config model;  // pretrain's shape
+  std::string base_storage = "f32";  // finetune: the frozen projections' storage
+  Config model;                      // pretrain's shape
   long steps = 0;
   Index batch = 16;
   Index rank = 8;
@@ -176,7 +178,9 @@ int pretrain(const Options& o) {
 
 int finetune(Options o) {
   if (o.base.empty()) o.base = default_base();
-  Weights<float> w = load_weights(o.base);
+  check_storage_name(o.base_storage);
+  const bool dense = o.base_storage == "f32";
+  Weights<float> w = load_weights(o.base, dense);  // stored projections are read separately
   use_context(w, o.context);
   RunOptions r;
   r.method = o.method;
@@ -194,7 +198,9 @@ int finetune(Options o) {
   r.base_name = std::filesystem::path(o.base).filename().string();
   r.quiet = o.quiet;
   const TextSplit text = finetune_text(o);
-  const RunResult res = examples::lm::finetune(r, w, text);
+  const RunResult res = dense                      ? examples::lm::finetune(r, w, text)
+                        : o.base_storage == "bf16" ? finetune_bf16(r, w, o.base, text)
+                                                   : finetune_q8_0(r, w, o.base, text);
   std::printf("held-out bits/char after:  %.4f (%+.1f%% against the base)\n", res.after,
               100.0 * (res.after / res.before - 1.0));
   if (!o.out.empty()) {
@@ -206,6 +212,9 @@ int finetune(Options o) {
       static_cast<long>(r.batch), static_cast<long>(w.cfg.context), res.train_seconds,
       thousands(static_cast<double>(r.steps * r.batch * w.cfg.context) / res.train_seconds).c_str(),
       res.seconds);
+  std::printf("frozen projections: %s bytes in %s; peak resident memory %.1f MB\n",
+              thousands(static_cast<double>(res.frozen_bytes)).c_str(), res.storage.c_str(),
+              peak_rss_bytes() / 1e6);
   if (o.check && !(res.after < res.before)) {
     std::fprintf(stderr, "peft-lm: fine-tuning did not lower the held-out bits/char\n");
     return 3;
@@ -565,6 +574,9 @@ int main(int argc, char** argv) {
   fine->add_option("--calibration-batches", o.calibration_batches, "LoRA-GA's gradient batches")
       ->capture_default_str();
   fine->add_option("--context", o.context, "window length (default: the model's)");
+  fine->add_option("--base-storage", o.base_storage,
+                   "frozen projections in f32, bf16 or q8_0 (8-bit blocks), read in place")
+      ->capture_default_str();
   fine->add_flag("--check", o.check, "exit 3 unless the held-out bits/char went down");
   fine->add_flag("--quiet", o.quiet, "no progress line");
   common(fine);

@@ -37,9 +37,11 @@ inline void save_weights(const std::string& path, Weights<float>& w, peft::io::D
 
 /**
  * The model in `path` (any dtype peft reads, converted to float). Throws io_error if it cannot
- * be read and format_error naming the tensor if one is missing or has the wrong shape.
+ * be read and format_error naming the tensor if one is missing or has the wrong shape. Without
+ * `projections`, the seven projections of each layer are left empty (0 x 0): a low-precision run
+ * reads them itself (lm_storage.hpp).
  */
-inline Weights<float> load_weights(const std::string& path) {
+inline Weights<float> load_weights(const std::string& path, bool projections = true) {
   const peft::io::SafetensorsReader file(path);
   const auto names = file.names();
   const std::set<std::string> present(names.begin(), names.end());
@@ -72,8 +74,12 @@ inline Weights<float> load_weights(const std::string& path) {
   c.context = static_cast<Index>(meta("peft_lm.context", 128));
   c.rope_theta = meta("peft_lm.rope_theta", 10000.0);
   c.norm_eps = meta("peft_lm.norm_eps", 1e-5);
-  Weights<float> w(c);
+  Weights<float> w(c, projections);
   w.for_each([&](const std::string& name, float* data, Index rows, Index cols) {
+    if (!projections && rows == 0 && name.size() > 12 &&
+        name.compare(name.size() - 12, 12, "_proj.weight") == 0) {
+      return;
+    }
     const auto s = shape(name);
     const bool ok = cols == 0 ? (s.size() == 1 && s[0] == rows)
                               : (s.size() == 2 && s[0] == rows && s[1] == cols);

@@ -5,6 +5,7 @@
 // write the PEFT adapter folder. Shared by peft-lm finetune and peft-compare's lm task.
 #pragma once
 #include "cli.hpp"
+#include "lm_storage.hpp"
 #include "text.hpp"
 #include "transformer.hpp"
 
@@ -56,6 +57,8 @@ struct RunResult {
   std::size_t modules = 0;
   long calibration_batches = 0;
   double train_seconds = 0, seconds = 0;
+  std::string storage = "f32";   ///< the frozen projections' storage
+  std::size_t frozen_bytes = 0;  ///< bytes the frozen projections take
 };
 
 /// The peak learning rate a method uses when none is given (picked on the Jargon File; see
@@ -169,19 +172,26 @@ long calibrate(Recipe& recipe, const Weights<float>& w,
 }
 
 template <typename Recipe>
-RunResult run(const RunOptions& o, Recipe& recipe, Weights<float>& w, const TextSplit& text,
-              double lr, peft::io::AdapterConfig config, const std::string& label) {
+RunResult run(const RunOptions& o, Recipe& recipe, Weights<float>& w,
+              const StoredProjections<typename Recipe::Adapter::Storage>& stored,
+              const TextSplit& text, double lr, peft::io::AdapterConfig config,
+              const std::string& label) {
   using Adapter = typename Recipe::Adapter;
+  using Storage = typename Adapter::Storage;
   const auto start = Clock::now();
   RunResult r;
   r.label = label;
+  r.storage = storage_name<Storage>();
   std::vector<std::string> modules;
   for (Index l = 0; l < w.cfg.layers; ++l)
     for (int p : o.targets) modules.push_back(module_name(l, p));
-  r.before = base_bpc(w, text.held_out, o.eval_bytes);
-  r.held_out.emplace_back(0, r.before);
   peft::AdapterSet<Adapter> set;
-  register_modules(set, w);
+  register_modules(set, w, stored);
+  {
+    AdaptedLinears<Adapter> base(set, w);  // no adapter yet: the frozen model, in its storage
+    r.before = held_out_bpc(w, base, text.held_out, o.eval_bytes);
+  }
+  r.held_out.emplace_back(0, r.before);
   recipe.attach(set, modules);
   Windows windows(text.train, w.cfg.context, o.seed + 1);
   r.calibration_batches = detail::calibrate(recipe, w, set, windows, o.batch);
@@ -191,6 +201,13 @@ RunResult run(const RunOptions& o, Recipe& recipe, Weights<float>& w, const Text
   set.register_with(opt);
   r.trainable = set.num_parameters();
   r.total = w.num_parameters();
+  if constexpr (std::is_same_v<Storage, peft::Dense>) {
+    for (const auto& layer : w.layers)
+      for (const auto& m : layer.proj) r.frozen_bytes += sizeof(float) * std::size_t(m.size());
+  } else {
+    r.total += stored.values();  // the float Weights hold no projections
+    r.frozen_bytes = stored.bytes();
+  }
   r.modules = set.adapted_modules().size();
   if (!o.quiet) {
     std::printf(
@@ -281,28 +298,29 @@ inline peft::LoraOptions lora_options(const RunOptions& o) {
 // only so that a unit instantiates nothing but the recipes it calls: instantiating all five
 // takes g++ 3.5 GB, and peft-compare's lm task compiles them in separate units.
 
-template <typename Scalar>
+template <typename Scalar, typename Storage = peft::Dense>
 RunResult finetune_lora(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text, double lr,
-                        bool rslora) {
+                        bool rslora, const StoredProjections<Storage>& stored = {}) {
   peft::train::LoraRecipeOptions ro;
   ro.lora = detail::lora_options(o);
   ro.lora.use_rslora = rslora;
-  peft::train::LoraRecipe<Scalar> recipe(ro);
-  return detail::run(o, recipe, w, text, lr, {}, rslora ? "rsLoRA" : "LoRA");
+  peft::train::LoraRecipe<Scalar, Eigen::RowMajor, Storage> recipe(ro);
+  return detail::run(o, recipe, w, stored, text, lr, {}, rslora ? "rsLoRA" : "LoRA");
 }
 
-template <typename Scalar>
-RunResult finetune_vera(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text, double lr) {
+template <typename Scalar, typename Storage = peft::Dense>
+RunResult finetune_vera(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text, double lr,
+                        const StoredProjections<Storage>& stored = {}) {
   peft::train::VeraRecipeOptions ro;
   ro.vera.r = o.rank;
   ro.projection_prng_key = o.seed;
-  peft::train::VeraRecipe<Scalar> recipe(ro);
-  return detail::run(o, recipe, w, text, lr, {}, "VeRA");
+  peft::train::VeraRecipe<Scalar, Eigen::RowMajor, Storage> recipe(ro);
+  return detail::run(o, recipe, w, stored, text, lr, {}, "VeRA");
 }
 
-template <typename Scalar>
+template <typename Scalar, typename Storage = peft::Dense>
 RunResult finetune_adalora(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text,
-                           double lr) {
+                           double lr, const StoredProjections<Storage>& stored = {}) {
   peft::train::AdaLoraRecipeOptions ro;
   ro.adalora.init_r = o.rank;
   ro.adalora.lora_alpha = o.alpha;
@@ -313,31 +331,33 @@ RunResult finetune_adalora(const RunOptions& o, Weights<Scalar>& w, const TextSp
   ro.budget.tinit = o.steps / 10;
   ro.budget.tfinal = o.steps / 5;
   ro.budget.deltaT = std::max(1L, o.steps / 30);
-  peft::train::AdaLoraRecipe<Scalar> recipe(ro);
-  return detail::run(o, recipe, w, text, lr, peft::io::adalora_config(ro.budget), "AdaLoRA");
+  peft::train::AdaLoraRecipe<Scalar, Eigen::RowMajor, Storage> recipe(ro);
+  return detail::run(o, recipe, w, stored, text, lr, peft::io::adalora_config(ro.budget),
+                     "AdaLoRA");
 }
 
-template <typename Scalar>
+template <typename Scalar, typename Storage = peft::Dense>
 RunResult finetune_lora_ga(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text,
-                           double lr) {
+                           double lr, const StoredProjections<Storage>& stored = {}) {
   peft::train::LoraGaRecipeOptions ro;
   ro.lora = detail::lora_options(o);
   ro.lora.use_rslora = true;  // the paper's runs
   ro.ga.seed = o.seed;
   ro.calibration_batches = o.calibration_batches;
-  peft::train::LoraGaRecipe<Scalar> recipe(ro);
-  return detail::run(o, recipe, w, text, lr, {}, "LoRA-GA");
+  peft::train::LoraGaRecipe<Scalar, Eigen::RowMajor, Storage> recipe(ro);
+  return detail::run(o, recipe, w, stored, text, lr, {}, "LoRA-GA");
 }
 
-template <typename Scalar>
-RunResult finetune_eva(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text, double lr) {
+template <typename Scalar, typename Storage = peft::Dense>
+RunResult finetune_eva(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text, double lr,
+                       const StoredProjections<Storage>& stored = {}) {
   peft::train::EvaRecipeOptions ro;
   ro.eva.r = o.rank;
   ro.eva.lora_alpha = o.alpha;
   ro.eva.adjust_scaling_factors = true;
   ro.lora = detail::lora_options(o);
-  peft::train::EvaRecipe<Scalar> recipe(ro);
-  return detail::run(o, recipe, w, text, lr, peft::io::eva_config(ro.eva), "EVA");
+  peft::train::EvaRecipe<Scalar, Eigen::RowMajor, Storage> recipe(ro);
+  return detail::run(o, recipe, w, stored, text, lr, peft::io::eva_config(ro.eva), "EVA");
 }
 
 /// config_error unless `o` describes a run (steps, batch and rank >= 1).
@@ -351,16 +371,25 @@ inline void check_run_options(const RunOptions& o) {
  * Fine-tunes adapters of `o.method` on `o.targets` of every layer of `w` (merged into nothing:
  * `w` is unchanged afterwards) on `text.train`, evaluating on `text.held_out`.
  */
-template <typename Scalar>
-RunResult finetune(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text) {
+template <typename Scalar, typename Storage = peft::Dense>
+RunResult finetune(const RunOptions& o, Weights<Scalar>& w, const TextSplit& text,
+                   const StoredProjections<Storage>& stored = {}) {
   const std::string& m = o.method;
   const double lr = o.lr > 0 ? o.lr : default_lr(m);
   check_run_options(o);
-  if (m == "lora" || m == "rslora") return finetune_lora(o, w, text, lr, m == "rslora");
-  if (m == "vera") return finetune_vera(o, w, text, lr);
-  if (m == "adalora") return finetune_adalora(o, w, text, lr);
-  if (m == "lora-ga") return finetune_lora_ga(o, w, text, lr);
-  if (m == "eva") return finetune_eva(o, w, text, lr);
+  if (m == "lora" || m == "rslora") return finetune_lora(o, w, text, lr, m == "rslora", stored);
+  if (m == "vera") return finetune_vera(o, w, text, lr, stored);
+  if (m == "adalora") return finetune_adalora(o, w, text, lr, stored);
+  if (m == "lora-ga") {
+    if constexpr (std::is_same_v<Storage, peft::Dense>) {
+      return finetune_lora_ga(o, w, text, lr);
+    } else {
+      PEFT_THROW(peft::config_error(
+          std::string("LoRA-GA offsets the base weight by its initial adapter, which a ") +
+          storage_name<Storage>() + " base cannot hold exactly; use --base-storage f32"));
+    }
+  }
+  if (m == "eva") return finetune_eva(o, w, text, lr, stored);
   PEFT_THROW(peft::config_error("unknown method '" + m +
                                 "' (expected lora, rslora, vera, adalora, lora-ga or eva)"));
 }

@@ -10,6 +10,7 @@
 #include <peft/adapter_set.hpp>
 #include <peft/error.hpp>
 #include <peft/random.hpp>
+#include <peft/storage.hpp>
 #include <peft/types.hpp>
 #include <peft/workspace.hpp>
 
@@ -21,6 +22,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace examples {
@@ -88,8 +90,9 @@ struct Weights {
   Mat lm_head;     ///< [vocab, d]
 
   Weights() = default;
-  /// Zeros of `cfg`'s shapes.
-  explicit Weights(const Config& c) : cfg(c) {
+  /// Zeros of `cfg`'s shapes; without `projections` the projections stay empty (0 x 0), for a
+  /// model whose frozen projections are stored elsewhere (lm_storage.hpp).
+  explicit Weights(const Config& c, bool projections = true) : cfg(c) {
     cfg.validate();
     const Index d = cfg.d_model, f = cfg.d_ff;
     embed = Mat::Zero(cfg.vocab, d);
@@ -100,7 +103,7 @@ struct Weights {
       for (int p = 0; p < num_projs; ++p) {
         const Index out = p == gate_proj || p == up_proj ? f : d;
         const Index in = p == down_proj ? f : d;
-        l.proj[static_cast<std::size_t>(p)] = Mat::Zero(out, in);
+        if (projections) l.proj[static_cast<std::size_t>(p)] = Mat::Zero(out, in);
       }
     }
     final_norm = Vec::Zero(d);
@@ -220,8 +223,10 @@ struct NoObserver {
 
 /**
  * The projections through a peft::AdapterSet over the frozen weights: a module with an adapter
- * runs it (over its frozen weight), one without is the plain layer. In a recipe's calibration
- * the observer (the recipe) sees each layer's input (EVA) or input and output gradient (LoRA-GA).
+ * runs it (over its frozen weight), one without is the plain layer. The frozen weights are the
+ * Weights' float matrices, or bf16 / Q8_0 views registered with the set (lm_storage.hpp). In a
+ * recipe's calibration the observer (the recipe) sees each layer's input (EVA) or input and output
+ * gradient (LoRA-GA).
  */
 template <typename Adapter, typename Observer = NoObserver>
 class AdaptedLinears {
@@ -241,11 +246,15 @@ class AdaptedLinears {
     if (observer_ && observer_->calibrating() && observer_->wants_input(name)) {
       observer_->observe_input(name, x);
     }
-    y.resize(x.rows(), weights_.proj(layer, p).rows());
     if (set_.has_adapter(name)) {
+      y.resize(x.rows(), set_.adapter(name).out_features());
       set_.adapter(name).forward(x, y, set_.workspace(name));
-    } else {
+    } else if constexpr (dense) {
       y.noalias() = x * weights_.proj(layer, p).transpose();
+    } else {  // a bf16 or Q8_0 projection, read in place
+      const auto& w = set_.module(name).weight;
+      y.resize(x.rows(), w.rows());
+      peft::base_forward(w, x, y, scratch_);
     }
   }
 
@@ -264,11 +273,20 @@ class AdaptedLinears {
         adapter.backward(x, dy, set_.gradient(name), set_.workspace(name));
       }
     } else if (dx) {
-      dx->noalias() = dy * weights_.proj(layer, p);
+      if constexpr (dense) {
+        dx->noalias() = dy * weights_.proj(layer, p);
+      } else {
+        dx->resize(dy.rows(), x.cols());
+        peft::base_input_gradient(set_.module(name).weight, dy, *dx, scratch_);
+      }
     }
   }
 
  private:
+  static constexpr bool dense = std::is_same_v<typename Adapter::Storage, peft::Dense>;
+  // The plain low-precision layers' panels and packing, shared: a workspace per module would
+  // keep a copy of that scratch for every layer of the model.
+  peft::Workspace<Scalar> scratch_;
   peft::AdapterSet<Adapter>& set_;
   const Weights<Scalar>& weights_;
   Observer* observer_;
