@@ -5,8 +5,39 @@
 #include "support/storage_battery.hpp"
 
 #include <atomic>
+#include <thread>
+#include <vector>
 
 using namespace peft_test;
+
+namespace {
+
+/// Forwards from 8 threads, each with its own workspace, `repeats` times: every result must
+/// equal the serial one (const inference is thread-safe).
+template <typename Adapter>
+void check_concurrent_forward(const Adapter& adapter, int repeats) {
+  using Scalar = typename Adapter::Scalar;
+  constexpr int threads = 8;
+  std::vector<peft::RowMatrix<Scalar>> inputs, serial, parallel;
+  for (int t = 0; t < threads; ++t) {
+    inputs.push_back(random_matrix<Scalar>(33, adapter.in_features(), 100 + t));
+    serial.emplace_back(33, adapter.out_features());
+    parallel.emplace_back(33, adapter.out_features());
+    peft::Workspace<Scalar> ws;
+    adapter.forward(inputs[t], serial[t], ws);
+  }
+  std::vector<std::thread> pool;
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      peft::Workspace<Scalar> ws;
+      for (int repeat = 0; repeat < repeats; ++repeat) adapter.forward(inputs[t], parallel[t], ws);
+    });
+  }
+  for (auto& thread : pool) thread.join();
+  for (int t = 0; t < threads; ++t) REQUIRE(parallel[t] == serial[t]);
+}
+
+}  // namespace
 
 using AdapterTypes = std::tuple<
     peft::LoraLinear<float, Eigen::RowMajor>, peft::LoraLinear<double, Eigen::RowMajor>,
@@ -236,27 +267,8 @@ TEMPLATE_LIST_TEST_CASE("Bad shapes throw dimension_error naming the operands",
 
 TEMPLATE_LIST_TEST_CASE("Forward from 8 threads with separate workspaces equals the serial result",
                         "[conformance][threads]", AdapterTypes) {
-  using Scalar = typename TestType::Scalar;
   Layer<TestType> layer(battery_out * 4, battery_in * 4);
-  const TestType& adapter = *layer.adapter;
-  constexpr int threads = 8;
-  std::vector<peft::RowMatrix<Scalar>> inputs, serial, parallel;
-  for (int t = 0; t < threads; ++t) {
-    inputs.push_back(random_matrix<Scalar>(33, adapter.in_features(), 100 + t));
-    serial.emplace_back(33, adapter.out_features());
-    parallel.emplace_back(33, adapter.out_features());
-    peft::Workspace<Scalar> ws;
-    adapter.forward(inputs[t], serial[t], ws);
-  }
-  std::vector<std::thread> pool;
-  for (int t = 0; t < threads; ++t) {
-    pool.emplace_back([&, t] {
-      peft::Workspace<Scalar> ws;
-      for (int repeat = 0; repeat < 20; ++repeat) adapter.forward(inputs[t], parallel[t], ws);
-    });
-  }
-  for (auto& thread : pool) thread.join();
-  for (int t = 0; t < threads; ++t) REQUIRE(parallel[t] == serial[t]);
+  check_concurrent_forward(*layer.adapter, 20);
 }
 
 // ---- The storage axis: every method over bf16 and Q8_0 weights (issue 18) --------------------
@@ -413,25 +425,6 @@ TEMPLATE_LIST_TEST_CASE("Storage: bad shapes throw dimension_error naming the op
 
 TEMPLATE_LIST_TEST_CASE("Storage: forward from 8 threads equals the serial result",
                         "[conformance][storage][threads]", StorageAdapterTypes) {
-  using Scalar = typename TestType::Scalar;
   StorageLayer<TestType> layer(sb_out * 4, sb_in * 2);
-  const TestType& adapter = *layer.adapter;
-  constexpr int threads = 8;
-  std::vector<peft::RowMatrix<Scalar>> inputs, serial, parallel;
-  for (int t = 0; t < threads; ++t) {
-    inputs.push_back(random_matrix<Scalar>(33, adapter.in_features(), 100 + t));
-    serial.emplace_back(33, adapter.out_features());
-    parallel.emplace_back(33, adapter.out_features());
-    peft::Workspace<Scalar> ws;
-    adapter.forward(inputs[t], serial[t], ws);
-  }
-  std::vector<std::thread> pool;
-  for (int t = 0; t < threads; ++t) {
-    pool.emplace_back([&, t] {
-      peft::Workspace<Scalar> ws;
-      for (int repeat = 0; repeat < 5; ++repeat) adapter.forward(inputs[t], parallel[t], ws);
-    });
-  }
-  for (auto& thread : pool) thread.join();
-  for (int t = 0; t < threads; ++t) REQUIRE(parallel[t] == serial[t]);
+  check_concurrent_forward(*layer.adapter, 5);
 }

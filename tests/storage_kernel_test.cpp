@@ -38,17 +38,7 @@ double ref_bf16(const unsigned char* p) {
   return f;
 }
 double ref_half(unsigned lo, unsigned hi) {
-  const unsigned h = lo | hi << 8;
-  const int exponent = (h >> 10) & 31, mantissa = h & 1023;
-  double v;
-  if (exponent == 0)
-    v = std::ldexp(double(mantissa), -24);
-  else if (exponent == 31)
-    v = mantissa ? std::numeric_limits<double>::quiet_NaN()
-                 : std::numeric_limits<double>::infinity();
-  else
-    v = std::ldexp(double(1024 + mantissa), exponent - 25);
-  return (h & 0x8000) ? -v : v;
+  return peft_test::reference_half(static_cast<std::uint16_t>(lo | hi << 8));
 }
 
 // W [out, in] in double from a bf16 buffer (`ld` values apart) or Q8_0 bytes.

@@ -26,20 +26,9 @@ using peft_test::cache_configs;
 using peft_test::CacheScope;
 using peft_test::random_bf16;
 using peft_test::random_q8;
+using peft_test::reference_half;
 
 // Scalar references written apart from the library: the value a bit pattern stands for.
-double reference_half(std::uint16_t h) {
-  const int exponent = (h >> 10) & 31, mantissa = h & 1023;
-  double v;
-  if (exponent == 0)
-    v = std::ldexp(double(mantissa), -24);
-  else if (exponent == 31)
-    v = mantissa ? std::numeric_limits<double>::quiet_NaN()
-                 : std::numeric_limits<double>::infinity();
-  else
-    v = std::ldexp(double(1024 + mantissa), exponent - 25);
-  return (h & 0x8000) ? -v : v;
-}
 std::uint32_t float_bits(float f) {
   std::uint32_t u;
   std::memcpy(&u, &f, 4);

@@ -32,27 +32,12 @@ PEFT_NAMESPACE_BEGIN
 
 /// bfloat16 bits → float, exactly (bfloat16 is the top half of a float; NaN payloads kept).
 inline float bf16_to_float(std::uint16_t bits) noexcept {
-  const std::uint32_t word = std::uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &word, sizeof f);
-  return f;
+  return io::detail::bfloat16_to_float(bits);
 }
 
-/// IEEE binary16 bits → float, exactly: subnormals, ±0, ±inf and NaN (payload kept) included.
-inline float fp16_to_float(std::uint16_t bits) noexcept {
-  const std::uint32_t sign = std::uint32_t(bits & 0x8000u) << 16;
-  const std::uint32_t exponent = (bits >> 10) & 0x1Fu;
-  const std::uint32_t mantissa = bits & 0x3FFu;
-  if (exponent == 0) {  // zero or subnormal: mantissa · 2^-24, exact in float
-    const float magnitude = float(mantissa) * 5.9604644775390625e-8f;
-    return sign ? -magnitude : magnitude;
-  }
-  const std::uint32_t word = exponent == 31 ? (sign | 0x7F800000u | (mantissa << 13))
-                                            : (sign | ((exponent + 112) << 23) | (mantissa << 13));
-  float f;
-  std::memcpy(&f, &word, sizeof f);
-  return f;
-}
+/// IEEE binary16 bits → float, exactly: subnormals, ±0, ±inf and NaN (payload kept). The
+/// safetensors reader's conversion, so a Q8_0 scale and an F16 tensor decode alike.
+inline float fp16_to_float(std::uint16_t bits) noexcept { return io::detail::half_to_float(bits); }
 
 /**
  * float → IEEE binary16 bits, rounded to nearest even: overflow gives ±inf, NaN keeps its sign and
@@ -85,7 +70,6 @@ inline std::uint16_t float_to_fp16(float f) noexcept {
   if (rest > half || (rest == half && (h & 1u))) ++h;  // 1024 is the smallest normal: right
   return static_cast<std::uint16_t>(sign | h);
 }
-
 
 /// Default size of one dequantised panel of W. Each tile of dx = dy W re-packs its block of dy,
 /// so small tiles cost: LoRA forward + backward at 512 tokens, d = 4096 measured 1.15-1.2x the

@@ -6,7 +6,9 @@
 #include <peft/random.hpp>
 #include <peft/storage.hpp>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 namespace peft_test {
@@ -31,6 +33,20 @@ inline std::vector<unsigned char> random_q8(peft::Index out, peft::Index in, std
     for (int j = 0; j < 32; ++j) bytes[at + 2 + j] = static_cast<unsigned char>(rng.next() & 0xFF);
   }
   return bytes;
+}
+
+/// The value of IEEE binary16 bits, written apart from the library (a scalar reference).
+inline double reference_half(std::uint16_t h) {
+  const int exponent = (h >> 10) & 31, mantissa = h & 1023;
+  double v;
+  if (exponent == 0)
+    v = std::ldexp(double(mantissa), -24);
+  else if (exponent == 31)
+    v = mantissa ? std::numeric_limits<double>::quiet_NaN()
+                 : std::numeric_limits<double>::infinity();
+  else
+    v = std::ldexp(double(1024 + mantissa), exponent - 25);
+  return (h & 0x8000) ? -v : v;
 }
 
 }  // namespace peft_test
