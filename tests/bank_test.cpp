@@ -662,6 +662,52 @@ TEST_CASE(
   CHECK(bank.size() == 4);
 }
 
+TEST_CASE("VeraBank: concurrent forwards equal the serial ones while other tenants come and go",
+          "[bank][vera][threads]") {
+  Layer<float, peft::Dense> layer(kOut, kIn, 4);
+  peft::VeraProjections<float> proj(8, kOut, kIn, 9);
+  peft::VeraBank<float> bank(layer.view(), proj, 16);
+  for (int k = 0; k < 8; ++k)
+    bank.load(random_vector<float>(8, 70 + k), random_vector<float>(kOut, 80 + k));
+  constexpr int kThreads = 4;
+  std::vector<RowMatrix<float>> xs, serial;
+  std::vector<std::vector<int>> ids;
+  peft::Workspace<float> ws;
+  for (int t = 0; t < kThreads; ++t) {
+    xs.push_back(random_matrix<float>(kRows, kIn, 90 + t));
+    ids.push_back(shuffled_ids(kRows, 8, 95 + t));  // tenants 0..7 and -1 only
+    RowMatrix<float> y(kRows, kOut);
+    bank.forward(xs.back(), ids.back(), y, ws);
+    serial.push_back(y);
+  }
+  std::atomic<int> mismatches{0};
+  std::atomic<int> running{kThreads};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      peft::Workspace<float> local;
+      RowMatrix<float> y(kRows, kOut);
+      for (int rep = 0; rep < 30; ++rep) {
+        bank.forward(xs[std::size_t(t)], ids[std::size_t(t)], y, local);
+        if (y != serial[std::size_t(t)]) ++mismatches;
+      }
+      --running;
+    });
+  }
+  int cycles = 0;
+  while (running > 0 || cycles == 0) {  // tenants 8..15, which no reader names
+    std::vector<int> loaded;
+    for (int j = 0; j < 8; ++j)
+      loaded.push_back(bank.load(Vector<float>::Constant(8, float(j)),
+                                 Vector<float>::Constant(kOut, 1.0f), "tmp"));
+    for (const int s : loaded) bank.evict(s);
+    ++cycles;
+  }
+  for (auto& th : threads) th.join();
+  CHECK(mismatches == 0);
+  CHECK(bank.size() == 8);
+}
+
 // ---- errors ----------------------------------------------------------------------------------
 
 TEST_CASE("AdapterBank: bad input throws typed errors naming the slot, module and shapes",
