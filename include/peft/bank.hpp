@@ -190,7 +190,8 @@ bool count_bank_rows(const AdapterIds& ids, Index capacity, Index* count, Index*
  * contiguous), and each group costs two thin GEMMs, `(x_g A_kᵀ) B_kᵀ · s_k`, over the group's rows
  * — in place when they are contiguous, otherwise gathered into workspace memory and the result
  * scattered back. An adapter's matrices are never copied per row (vLLM's CPU gather), and the
- * work is the batch's, not K separate passes over it. Nothing allocates once the workspace is warm.
+ * work is the batch's, not K separate passes over it. The bank's own path allocates nothing once
+ * the workspace is warm (a dense base product is Eigen's, as in the adapters: docs/adapters.md).
  *
  * **Concurrency.** `forward`, `add_delta`, `backward` and the const accessors may run from several
  * threads at once, each with its own workspace, outputs and gradients. `load` and `evict` are
