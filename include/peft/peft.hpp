@@ -5,6 +5,7 @@
 #include <peft/adalora.hpp>
 #include <peft/adapter.hpp>
 #include <peft/adapter_set.hpp>
+#include <peft/bank.hpp>
 #include <peft/config.hpp>
 #include <peft/error.hpp>
 #include <peft/init/eva.hpp>
@@ -19,5 +20,6 @@
 #include <peft/train/recipe.hpp>
 #include <peft/types.hpp>
 #include <peft/vera.hpp>
+#include <peft/vera_bank.hpp>
 #include <peft/version.hpp>
 #include <peft/workspace.hpp>

@@ -82,6 +82,13 @@ class Workspace {
     return panel_.data();
   }
 
+  /// Row indices for the adapter bank's grouping (bank.hpp): at least `size` entries, contents
+  /// unspecified. Grows, never shrinks.
+  Index* index_buffer(Index size) {
+    if (indices_.size() < size) indices_.resize(size);
+    return indices_.data();
+  }
+
   /// Training mode: each forward of an adapter with lora_dropout > 0 draws a fresh mask.
   void enable_dropout(std::uint64_t seed) {
     mode_ = DropoutMode::sampled;
@@ -159,6 +166,7 @@ class Workspace {
   Vector<Scalar> packing_;
   Vector<Scalar> panel_;
   Vector<Scalar> mask_;
+  Eigen::Matrix<Index, Eigen::Dynamic, 1> indices_;
   Matrix fixed_keep_;
   Rng rng_{0};
   DropoutMode mode_ = DropoutMode::off;
