@@ -309,6 +309,8 @@ namespace {
 /// Two workers that saw the same data: every sum doubles and every gather stacks twice, so a
 /// recipe that reduces where it should gets the serial result. Counts the calls.
 struct TwinWorkers : peft::train::Communicator<double> {
+  using peft::dist::Communicator::all_gather_rows;
+  using peft::dist::Communicator::all_reduce_sum;
   int size() const override { return 2; }
   void all_reduce_sum(double* data, Index count) override {
     ++reductions;
