@@ -498,4 +498,10 @@ void AdapterBank<Scalar, Storage>::backward(const ConstRef& x, const ConstRef& d
 using AdapterBankf = AdapterBank<float>;
 using AdapterBankd = AdapterBank<double>;
 
+#if PEFT_COMPILED
+// Compiled once, in peft::compiled (src/bank_*.cpp).
+extern template class AdapterBank<float>;
+extern template class AdapterBank<double>;
+#endif
+
 PEFT_NAMESPACE_END

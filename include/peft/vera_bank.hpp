@@ -363,4 +363,10 @@ void VeraBank<Scalar, Storage>::backward(const ConstRef& x, const ConstRef& dy, 
 using VeraBankf = VeraBank<float>;
 using VeraBankd = VeraBank<double>;
 
+#if PEFT_COMPILED
+// Compiled once, in peft::compiled (src/bank_*.cpp).
+extern template class VeraBank<float>;
+extern template class VeraBank<double>;
+#endif
+
 PEFT_NAMESPACE_END
