@@ -2,6 +2,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // LoRA-GA and EVA over data-parallel workers: 2 and 3 workers on split data give the 1-worker
 // result on all of it, sending sketches and statistics instead of gradients and activations.
+#include "support/recipe_model.hpp"
 #include "support/test_support.hpp"
 
 #include <peft/dist/threads.hpp>
@@ -11,13 +12,13 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <limits>
+#include <memory>
 #include <vector>
 
 using namespace peft_test;
 
 namespace {
-
-using Mat = peft::RowMatrix<double>;
 
 /// Forwards every collective and counts the bytes this worker hands to it (a gather: the bytes
 /// it receives, every worker's rows).
@@ -483,6 +484,148 @@ TEST_CASE("Bytes and accuracy at realistic shapes (prints the table of docs/dist
               "d %5ld k %2ld tokens/worker %5ld workers %ld: %9.2f MB vs %9.2f MB (%.0fx)\n",
               long(d), long(k), long(tokens), long(workers), sketch / 1e6, gather / 1e6,
               double(gather) / double(sketch));
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("randomized_svd_of over a sum or a row split is randomized_svd of the whole matrix",
+          "[dist][linalg]") {
+  const Index m = 40, n = 30, rank = 5;
+  const Mat whole = random_matrix<double, Eigen::RowMajor>(m, n, 21) *
+                    Eigen::VectorXd::LinSpaced(n, 3.0, 0.1).asDiagonal();
+  peft::linalg::RandomizedSvdOptions o;
+  o.q = 12;
+  o.niter = 2;
+  const auto serial = peft::linalg::randomized_svd(whole, rank, o);
+  for (const int workers : {1, 2, 3}) {
+    INFO(workers << " workers");
+    peft::dist::ThreadGroup group(workers);
+    std::vector<Eigen::VectorXd> s_sum(workers), s_split(workers);
+    std::vector<Mat> v_sum(workers), v_split(workers);
+    std::vector<double> u_error(workers);
+    group.run([&](peft::dist::Communicator& c) {
+      const auto w = std::size_t(c.rank());
+      // A sum: worker w holds whole / workers plus a part the others cancel.
+      Mat part = whole / double(workers);
+      if (workers > 1) part += (c.rank() == 0 ? double(workers - 1) : -1.0) * Mat::Ones(m, n);
+      const auto sum = peft::linalg::randomized_svd_of(peft::linalg::SummedOperator<Mat>(part, c),
+                                                       rank, o, "test");
+      s_sum[w] = sum.s;
+      v_sum[w] = sum.v;
+      // A row split: worker 0 gets 3 rows (fewer than q), the last none when there are three.
+      const std::vector<Index> bounds = workers == 1   ? std::vector<Index>{0, m}
+                                        : workers == 2 ? std::vector<Index>{0, 3, m}
+                                                       : std::vector<Index>{0, 3, m, m};
+      const Index begin = bounds[w], end = bounds[w + 1];
+      const auto split = peft::linalg::randomized_svd_of(
+          peft::linalg::RowSplitOperator<double>(whole.middleRows(begin, end - begin), c), rank, o,
+          "test");
+      s_split[w] = split.s;
+      v_split[w] = split.v;
+      // U comes back split like the rows: this worker's rows of the serial U, up to signs.
+      // (Checked after the threads: Catch2's assertions are not thread-safe.)
+      u_error[w] = 0;
+      for (Index j = 0; j < rank && end > begin; ++j) {
+        const double sign = split.v.col(j).dot(serial.v.col(j)) < 0 ? -1.0 : 1.0;
+        u_error[w] = std::max(u_error[w],
+                              (sign * split.u.col(j) - serial.u.col(j).segment(begin, end - begin))
+                                  .cwiseAbs()
+                                  .maxCoeff());
+      }
+    });
+    for (int w = 0; w < workers; ++w) {
+      CHECK(u_error[std::size_t(w)] < 1e-10);
+      CHECK(s_sum[std::size_t(w)] == s_sum[0]);  // the same bits everywhere
+      CHECK(v_split[std::size_t(w)] == v_split[0]);
+      CHECK(relative_error(s_sum[std::size_t(w)], serial.s) < 1e-10);
+      CHECK(relative_error(s_split[std::size_t(w)], serial.s) < 1e-10);
+      CHECK(signed_diff(v_sum[std::size_t(w)], serial.v, false) < 1e-9);
+      CHECK(signed_diff(v_split[std::size_t(w)], serial.v, false) < 1e-9);
+    }
+  }
+}
+
+TEST_CASE("The recipes over 2 and 3 threads on split batches give the 1-worker init",
+          "[dist][recipe]") {
+  const Task task;
+  for (const int workers : {2, 3}) {
+    INFO(workers << " workers");
+    SECTION("LoRA-GA: each worker its own whole batches") {
+      peft::train::LoraGaRecipeOptions o;
+      o.lora.r = 2;
+      o.lora.lora_alpha = 4;
+      o.calibration_batches = 2 * workers;
+      o.ga.sketch_niter = o.ga.niter;  // the serial randomized SVD, so equal up to rounding
+      TwoLayerModel<peft::LoraLinear<double>> serial(task);
+      peft::train::LoraGaRecipe<double> one(o);
+      train(serial, one, task, 0, 1, 0.0);  // calibration only (batches 0 .. 2W - 1)
+      o.calibration_batches = 2;
+      std::vector<std::unique_ptr<TwoLayerModel<peft::LoraLinear<double>>>> models;
+      std::vector<std::unique_ptr<peft::train::LoraGaRecipe<double>>> recipes;
+      for (int w = 0; w < workers; ++w) {
+        models.push_back(std::make_unique<TwoLayerModel<peft::LoraLinear<double>>>(task));
+        recipes.push_back(std::make_unique<peft::train::LoraGaRecipe<double>>(o));
+      }
+      peft::dist::ThreadGroup group(workers);
+      group.run([&](peft::dist::Communicator& c) {
+        auto& model = *models[std::size_t(c.rank())];
+        auto& recipe = *recipes[std::size_t(c.rank())];
+        recipe.set_communicator(c);
+        recipe.attach(model.set);
+        Mat dout;
+        for (long b = c.rank(); recipe.calibrating(); b += workers) {
+          const auto [x, y] = task.batch(b);
+          mse(model.forward(x, &recipe), y, dout);
+          model.backward(dout, &recipe);
+          recipe.end_calibration_batch();
+        }
+      });
+      for (const char* name : kLayers) {
+        const auto& want = one.initial_state(name);
+        for (const auto& recipe : recipes) {
+          const auto& got = recipe->initial_state(name);
+          CHECK(got.initial_a == recipes[0]->initial_state(name).initial_a);
+          CHECK(signed_diff(got.initial_a, want.initial_a, true) < 1e-9);
+          CHECK(signed_diff(got.initial_b, want.initial_b, false) < 1e-9);
+        }
+      }
+    }
+    SECTION("EVA: each worker its rows of every batch") {
+      peft::train::EvaRecipeOptions o;
+      o.eva.r = 2;
+      o.eva.max_iterations = 40;
+      TwoLayerModel<peft::LoraLinear<double>> serial(task);
+      peft::train::EvaRecipe<double> one(o);
+      train(serial, one, task, 0, 1, 0.0);
+      std::vector<std::unique_ptr<TwoLayerModel<peft::LoraLinear<double>>>> models;
+      std::vector<std::unique_ptr<peft::train::EvaRecipe<double>>> recipes;
+      for (int w = 0; w < workers; ++w) {
+        models.push_back(std::make_unique<TwoLayerModel<peft::LoraLinear<double>>>(task));
+        recipes.push_back(std::make_unique<peft::train::EvaRecipe<double>>(o));
+      }
+      peft::dist::ThreadGroup group(workers);
+      group.run([&](peft::dist::Communicator& c) {
+        auto& model = *models[std::size_t(c.rank())];
+        auto& recipe = *recipes[std::size_t(c.rank())];
+        recipe.set_communicator(c);
+        recipe.attach(model.set);
+        for (long b = 0; recipe.calibrating(); ++b) {
+          const Mat x = task.batch(b).first;
+          const Index begin = x.rows() * c.rank() / workers,
+                      end = x.rows() * (c.rank() + 1) / workers;
+          model.forward(Mat(x.middleRows(begin, end - begin)), &recipe);
+          recipe.end_calibration_batch();
+        }
+      });
+      for (const auto& recipe : recipes) {
+        CHECK(recipe->eva().iterations() == one.eva().iterations());
+        for (Index l = 0; l < one.eva().num_layers(); ++l) {
+          CHECK(recipe->eva().rank(l) == one.eva().rank(l));
+          if (one.eva().rank(l) == 0) continue;
+          CHECK((recipe->eva().initial_a(l) - one.eva().initial_a(l)).cwiseAbs().maxCoeff() < 1e-9);
+          CHECK(recipe->eva().initial_a(l) == recipes[0]->eva().initial_a(l));
         }
       }
     }
