@@ -315,6 +315,16 @@ TEST_CASE("Data-parallel LoRA-GA: every worker fails alike", "[dist][lora_ga][er
     peft::init::lora_ga(lora, g, w, c);
   }),
                   peft::numerical_error);
+  peft::dist::ThreadGroup bad_option(2);
+  CHECK_THROWS_AS(bad_option.run([&](peft::dist::Communicator& c) {
+    Mat w = Mat::Zero(12, 10);
+    peft::LoraLinear<double> lora(peft::frozen(w), ga_lora(2));
+    peft::init::GradientAccumulator<double> g(12, 10);
+    peft::init::LoraGaOptions o;
+    o.sketch_q = 3;  // below 2r: refused before any communication
+    peft::init::lora_ga(lora, g, w, c, o);
+  }),
+                  peft::config_error);
   peft::dist::ThreadGroup empty(2);
   CHECK_THROWS_AS(empty.run([&](peft::dist::Communicator& c) {
     Mat w = Mat::Zero(12, 10);

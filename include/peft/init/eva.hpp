@@ -172,7 +172,7 @@ class Eva {
 
   /**
    * Data-parallel step (collective): the ranks, convergence and the end are decided on worker 0
-   * and broadcast (2 values per layer and 1), so every worker feeds the same layers next; when
+   * and broadcast (2 values per layer), so every worker feeds the same layers next; when
    * done, worker 0's decompositions are broadcast too, so every worker builds the same A.
    */
   EvaProgress step(dist::Communicator& comm) { return step_impl(&comm); }
