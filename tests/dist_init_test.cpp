@@ -201,8 +201,8 @@ EvaRun serial_eva(const EvaSetup& s) {
   return finish(eva);
 }
 
-/// Rows of each step split unevenly over `workers` (the last may get none); `keep` masks out
-/// every 7th row, the serial run given the same mask.
+/// Rows of each step split over `workers`; with 3, the first gets none at odd steps. (Masks are
+/// tested on IncrementalPca below.)
 std::vector<EvaRun> parallel_eva(const EvaSetup& s, int workers) {
   std::vector<EvaRun> runs(static_cast<std::size_t>(workers));
   peft::dist::ThreadGroup group(workers);
