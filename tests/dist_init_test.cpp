@@ -641,3 +641,29 @@ TEST_CASE("The recipes over 2 and 3 threads on split batches give the 1-worker i
     }
   }
 }
+
+TEST_CASE("Data-parallel LoRA-GA in float", "[dist][lora_ga]") {
+  using MatF = peft::RowMatrix<float>;
+  const Index r = 3;
+  const GradientTask task(24, 32, 4, 20);
+  const MatF w0 = random_matrix<float, Eigen::RowMajor>(task.out, task.in, 9);
+  MatF serial_w = w0;
+  peft::LoraLinear<float> serial(peft::frozen(serial_w), ga_lora(r));
+  peft::init::GradientAccumulator<float> all(task.out, task.in);
+  for (Index b = 0; b < task.batches; ++b)
+    all.accumulate(task.x[b].cast<float>(), task.dy[b].cast<float>());
+  const auto want = peft::init::lora_ga(serial, all, serial_w);
+  std::vector<peft::init::LoraGaResult<float>> got(2);
+  peft::dist::ThreadGroup group(2);
+  group.run([&](peft::dist::Communicator& c) {
+    MatF w = w0;
+    peft::LoraLinear<float> lora(peft::frozen(w), ga_lora(r));
+    peft::init::GradientAccumulator<float> g(task.out, task.in);
+    for (Index b = c.rank(); b < task.batches; b += 2)
+      g.accumulate(task.x[b].cast<float>(), task.dy[b].cast<float>());
+    got[std::size_t(c.rank())] = peft::init::lora_ga(lora, g, w, c);
+  });
+  CHECK(got[0].initial_a == got[1].initial_a);
+  CHECK(signed_diff(got[0].initial_a.cast<double>(), want.initial_a.cast<double>(), true) < 1e-4);
+  CHECK(signed_diff(got[0].initial_b.cast<double>(), want.initial_b.cast<double>(), false) < 1e-4);
+}
