@@ -571,12 +571,9 @@ class LoraGaRecipe : public RecipeBase<LoraLinear<Scalar, Order, Storage>> {
         o.seed = options_.ga.seed + i;  // each layer its own test matrix
         auto w = set.writable_weight(name);
         if (comm.size() > 1) {
-          // G = Σ_workers Σ_b dyᵀx / Σ_workers batches: the mean over every worker's batches.
-          RowMatrix<Scalar> sum = g.mean() * static_cast<Scalar>(g.batches());
-          Scalar batches = static_cast<Scalar>(g.batches());
-          comm.all_reduce_sum(sum.data(), sum.size());
-          comm.all_reduce_sum(&batches, 1);
-          inits_.emplace(name, init::lora_ga(set.adapter(name), sum / batches, w, o));
+          // G: the mean over every worker's batches. Only the randomized SVD's sketches of
+          // Σ_workers Σ_b dyᵀx travel (ga.dense_reduce: the dense sums, the reference path).
+          inits_.emplace(name, init::lora_ga(set.adapter(name), g, w, comm, o));
         } else {
           inits_.emplace(name, init::lora_ga(set.adapter(name), g, w, o));
         }
@@ -644,16 +641,18 @@ class EvaRecipe : public RecipeBase<LoraLinear<Scalar, Order, Storage>> {
     if (!eva_.wants(it->second)) return;
     auto& comm = this->communicator();
     if (comm.size() > 1) {
-      eva_.feed(it->second, comm.all_gather_rows(x));  // every worker fits the same PCA
+      eva_.feed(it->second, x, comm);  // statistics and sketches reduced, never the rows
     } else {
       eva_.feed(it->second, x);
     }
   }
 
-  /// Ends one calibration batch (Eva::step); once EVA is done, attaches the adapters.
+  /// Ends one calibration batch (Eva::step, decided on worker 0); once EVA is done, attaches
+  /// the adapters.
   void end_calibration_batch() {
     this->require(Phase::calibrating, "end_calibration_batch");
-    progress_ = eva_.step();
+    auto& comm = this->communicator();
+    progress_ = comm.size() > 1 ? eva_.step(comm) : eva_.step();
     if (!progress_.done) return;
     auto& set = this->set();
     for (const auto& name : modules_) {
