@@ -293,6 +293,20 @@ TEST_CASE("AdapterBankSet: evict and reload keep the other slots", "[bank_set]")
   const auto lora = run(set, x, {0, 0, 0, 0, -1, 1, 0, 0}, ws);
   for (const auto& m : kModules)
     CHECK(relative_error(again.at(m.name), lora.at(m.name)) <= tolerance<float>());
+
+  // A negative scale (lora_alpha < 0) is a scale like any other: base − ΔW.
+  set.evict("lora-again");
+  auto negated = peft::io::AdapterFolder<float>::load(zoo.dirs["lora"].string());
+  for (auto& m : negated.modules) m.scaling = -m.scaling;
+  CHECK(set.load(negated, "negated") == 2);
+  const auto plus = run(set, x, {0, 0, 0, 0, 0, 0, 0, 0}, ws);
+  const auto minus = run(set, x, {2, 2, 2, 2, 2, 2, 2, 2}, ws);
+  for (const auto& m : kModules) {
+    const RowMatrix<float> twice_base = 2 * zoo.model.base(m.name, x.at(m.name));
+    CHECK(relative_error(plus.at(m.name) + minus.at(m.name), twice_base) <= tolerance<float>());
+  }
+  CHECK(set.bank(kQ).rank(2) == 4);
+  CHECK(set.bank(kQ).scaling(2) < 0);
 }
 
 TEST_CASE("AdapterBankSet: bad folders and names throw typed errors naming slot, module, shapes",

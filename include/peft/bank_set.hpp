@@ -244,6 +244,7 @@ class AdapterBankSet {
         s.b = m.b.template cast<Scalar>();
       }
       s.scale = m.scaling;
+      s.staged = true;
       if (!detail::all_finite(s.a) || !detail::all_finite(s.b)) {
         PEFT_THROW(numerical_error(at + ", module '" + m.name + "': a factor is not finite in " +
                                    (sizeof(Scalar) == 4 ? "float" : "double")));
@@ -251,7 +252,7 @@ class AdapterBankSet {
     }
     for (std::size_t i = 0; i < banks_.size(); ++i) {  // modules the folder leaves alone: rank 0
       Staged& s = staged[i];
-      if (s.scale >= 0.0) continue;
+      if (s.staged) continue;
       s.a.resize(0, banks_[i]->in_features());
       s.b.resize(banks_[i]->out_features(), 0);
       s.scale = 0.0;
@@ -323,10 +324,11 @@ class AdapterBankSet {
     std::string name;
     bool occupied = false;
   };
-  /// One module's factors for the slot being loaded; scale < 0 until set.
+  /// One module's factors for the slot being loaded (rank 0 unless the folder adapts it).
   struct Staged {
     RowMatrix<Scalar> a, b;
-    double scale = -1.0;
+    double scale = 0.0;
+    bool staged = false;
   };
 
   std::size_t locate(const std::string& name) const {
