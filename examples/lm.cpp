@@ -393,15 +393,17 @@ int serve_batch(Options o) {
   if (ids.empty()) PEFT_THROW(peft::config_error("--ids is empty: give one adapter per row"));
   for (std::size_t r = 0; r < ids.size(); ++r) {
     if (ids[r] < -1 || ids[r] >= static_cast<int>(dirs.size())) {
-      PEFT_THROW(peft::config_error(
-          "--ids: row " + std::to_string(r) + " names adapter " + std::to_string(ids[r]) +
-          ", but --adapters lists " + std::to_string(dirs.size()) + " (0.." +
-          std::to_string(static_cast<long>(dirs.size()) - 1) + ", or -1 for the base alone)"));
+      const std::string valid =
+          dirs.empty() ? std::string("only -1, the base alone")
+                       : "0.." + std::to_string(dirs.size() - 1) + ", or -1 for the base alone";
+      PEFT_THROW(peft::config_error("--ids: row " + std::to_string(r) + " names adapter " +
+                                    std::to_string(ids[r]) + ", but --adapters lists " +
+                                    std::to_string(dirs.size()) + " (" + valid + ")"));
     }
   }
   std::vector<std::string> prompts =
       o.prompts.empty() ? std::vector<std::string>{o.prompt} : o.prompts;
-  if (prompts.size() == 1) prompts.resize(ids.size(), prompts[0]);
+  if (prompts.size() == 1) prompts = std::vector<std::string>(ids.size(), prompts.front());
   if (prompts.size() != ids.size()) {
     PEFT_THROW(peft::config_error(std::to_string(prompts.size()) + " --prompt for " +
                                   std::to_string(ids.size()) +

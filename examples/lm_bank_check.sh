@@ -9,6 +9,7 @@
 # Usage: lm_bank_check.sh PEFT_LM WORKDIR
 set -euo pipefail
 lm=$1 work=$2
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # a tiny model: threads would only wait on each other
 rm -rf "$work" && mkdir -p "$work"
 data=$(cd "$(dirname "$0")/data/text" && pwd)
 base="$work/base.safetensors"
@@ -21,7 +22,7 @@ tune() {
     --check "$@" >"$work/$(basename "${*: -1}").log"
 }
 tune --method lora --lr 1e-2 --out "$work/jargon"
-tune --method adalora --data "$data/fortunes-songs-poems.txt.gz" --out "$work/poems"
+tune --method adalora --lr 1e-2 --data "$data/fortunes-songs-poems.txt.gz" --out "$work/poems"
 tune --method lora-ga --data "$data/fortunes-riddles.txt.gz" --out "$work/riddles"
 adapters="$work/jargon,$work/poems,$work/riddles"
 folders=("$work/jargon" "$work/poems" "$work/riddles")
