@@ -4,6 +4,7 @@
 // saved by the library's own writers, loaded at one slot in every module's bank. A mixed batch
 // must give each row its own adapter's output, as that folder loaded alone into an AdapterSet;
 // errors are typed and name the slot, the module and the shapes; a failed load changes nothing.
+#include "support/storage_support.hpp"
 #include "support/test_support.hpp"
 
 #include <peft/adalora.hpp>
@@ -209,8 +210,8 @@ struct Zoo {
 };
 
 /// Every module's output of a mixed batch through the set.
-template <typename Scalar>
-std::map<std::string, RowMatrix<Scalar>> run(const peft::AdapterBankSet<Scalar>& set,
+template <typename Scalar, typename Storage>
+std::map<std::string, RowMatrix<Scalar>> run(const peft::AdapterBankSet<Scalar, Storage>& set,
                                              const std::map<std::string, RowMatrix<Scalar>>& x,
                                              const std::vector<int>& ids,
                                              peft::Workspace<Scalar>& ws) {
@@ -462,4 +463,38 @@ TEST_CASE("AdapterBankSet: concurrent const forwards equal the serial ones",
   }
   for (auto& th : threads) th.join();
   for (int m : mismatches) CHECK(m == 0);
+}
+
+TEST_CASE("AdapterBankSet: over bf16 weights, rows equal the set over the same values in float",
+          "[bank_set][bf16]") {
+  Zoo<float> zoo;
+  // The model's weights rounded to bf16: the bf16 set reads the bits in place, the dense set the
+  // same values in float.
+  std::map<std::string, std::vector<std::uint16_t>> bits;
+  std::map<std::string, RowMatrix<float>> dense;
+  peft::AdapterBankSet<float, peft::Bf16Weight> low(3, 8);
+  peft::AdapterBankSet<float> high(3, 8);
+  std::uint64_t seed = 500;
+  for (const auto& m : kModules) {
+    bits[m.name] = peft_test::random_bf16(m.out * m.in, seed++, 0.3);
+    const peft::Bf16Weight view(bits[m.name].data(), m.out, m.in);
+    dense[m.name] = peft::dequantized<float>(view);
+    low.add_module(m.name, view, zoo.model.bias_of(m.name));
+    high.add_module(m.name, peft::frozen(dense[m.name]), zoo.model.bias_of(m.name));
+  }
+  for (const char* method : {"lora", "adalora", "rslora"}) {
+    CHECK(low.load_folder(zoo.dirs[method].string(), method) ==
+          high.load_folder(zoo.dirs[method].string(), method));
+  }
+  const auto x = inputs<float>(kRows, 510);
+  std::vector<int> ids;
+  peft::Rng rng(11);
+  for (Index i = 0; i < kRows; ++i) ids.push_back(int(rng.next() % 4) - 1);
+  peft::Workspace<float> ws_low, ws_high;
+  const auto y_low = run(low, x, ids, ws_low);
+  const auto y_high = run(high, x, ids, ws_high);
+  for (const auto& m : kModules) {
+    INFO(m.name);
+    CHECK(relative_error(y_low.at(m.name), y_high.at(m.name)) <= 1e-5);
+  }
 }
