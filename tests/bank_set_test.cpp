@@ -343,7 +343,7 @@ TEST_CASE("AdapterBankSet: bad folders and names throw typed errors naming slot,
     CHECK_THROWS_AS(set.load_folder(dir.string(), "other"), peft::format_error);
     CHECK_THROWS_WITH(set.load_folder(dir.string(), "other"),
                       Contains("slot 1 ('other')") &&
-                          Contains("module 'model.layers.1.self_attn.q_proj'") &&
+                          Contains("module 'model.layers.1.self_attn.q_proj' (A 2x20, B 24x2)") &&
                           Contains("another base") && Contains(dir.string()));
     unchanged();
   }

@@ -209,8 +209,10 @@ class AdapterBankSet {
     for (const auto& m : folder.modules) {
       const auto it = index_.find(m.name);
       if (it == index_.end()) {
-        PEFT_THROW(format_error(at + ": the folder adapts module '" + m.name +
-                                "', which this model does not have (registered: " +
+        PEFT_THROW(format_error(at + ": the folder adapts module '" + m.name + "' (A " +
+                                detail::shape_string(m.a.rows(), m.a.cols()) + ", B " +
+                                detail::shape_string(m.b.rows(), m.b.cols()) +
+                                "), which this model does not have (registered: " +
                                 registered_names() + "); is it for another base?"));
       }
       const Bank& bank = *banks_[it->second];
