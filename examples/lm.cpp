@@ -7,6 +7,8 @@
 //                                                    adapter folder
 //   peft-lm eval [--adapter DIR] [--merged FILE]     held-out bits per character
 //   peft-lm generate [--adapter DIR] --prompt TEXT   sample text
+//   peft-lm serve-batch --adapters A,B --ids 0,1,-1  generate for a batch, each row with its own
+//                                                    adapter, one batched forward per token
 //   peft-lm bench-step                               time fine-tuning steps (vs PyTorch)
 //
 // The model (examples/support/transformer.hpp) is the user's code; peft supplies the adapters,
@@ -14,6 +16,7 @@
 // describes the model, the data, the commands and the results.
 #include "lm_stored.hpp"
 #include "support/cli.hpp"
+#include "support/lm_bank.hpp"
 #include "support/lm_files.hpp"
 #include "support/lm_runs.hpp"
 #include "support/text.hpp"
@@ -53,6 +56,8 @@ struct Options {
   std::string base, out, data, adapter, merged, method = "lora", targets = "q_proj,v_proj";
   std::string prompt = "The ", dtype = "bf16", json, tokens;
   std::string base_storage = "f32";  // finetune: the frozen projections' storage
+  std::string adapters, ids;         // serve-batch: adapter folders, and each row's adapter
+  std::vector<std::string> prompts;  // serve-batch: one per row, or one for every row
   Config model;                      // pretrain's shape
   long steps = 0;
   Index batch = 16;
@@ -313,11 +318,44 @@ int evaluate(Options o) {
   return 0;
 }
 
-int generate(Options o) {
-  if (o.base.empty()) o.base = default_base();
+/// --temperature, --top-k and --length in range.
+void check_sampling(const Options& o) {
   if (o.temperature < 0 || o.top_k < 0 || o.length < 0) {
     PEFT_THROW(peft::config_error("--temperature, --top-k and --length must be >= 0"));
   }
+}
+
+/// The next byte after logits `last`: the likeliest at temperature 0, else drawn from the softmax
+/// of the top-k logits at the temperature. `p` is scratch of the vocabulary's size.
+template <typename Row>
+int next_token(const Row& last, const Options& o, peft::Rng& rng, std::vector<double>& p) {
+  if (o.temperature == 0) {
+    Index best = 0;
+    last.maxCoeff(&best);
+    return static_cast<int>(best);
+  }
+  // Top-k: keep the k largest logits; sample from their softmax at the temperature.
+  std::vector<int> order(p.size());
+  for (std::size_t j = 0; j < order.size(); ++j) order[j] = static_cast<int>(j);
+  const std::size_t k = o.top_k > 0
+                            ? std::min<std::size_t>(static_cast<std::size_t>(o.top_k), order.size())
+                            : order.size();
+  std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k), order.end(),
+                    [&](int a, int b) { return last(a) > last(b); });
+  double sum = 0.0;
+  for (std::size_t j = 0; j < k; ++j) {
+    p[j] = std::exp((static_cast<double>(last(order[j])) - last(order[0])) / o.temperature);
+    sum += p[j];
+  }
+  double u = rng.uniform(0.0, sum);
+  std::size_t j = 0;
+  while (j + 1 < k && u >= p[j]) u -= p[j++];
+  return order[j];
+}
+
+int generate(Options o) {
+  if (o.base.empty()) o.base = default_base();
+  check_sampling(o);
   if (o.prompt.empty()) PEFT_THROW(peft::config_error("--prompt is empty"));
   Weights<float> w = load_weights(o.base);
   use_context(w, o.context);
@@ -333,37 +371,123 @@ int generate(Options o) {
       const Index n = std::min<Index>(static_cast<Index>(tokens.size()), w.cfg.context);
       const std::vector<int> window(tokens.end() - n, tokens.end());
       model.forward(window, 1, n, tr, lin);
-      const auto last = tr.logits.row(n - 1);
-      int next = 0;
-      if (o.temperature == 0) {
-        Index best = 0;
-        last.maxCoeff(&best);
-        next = static_cast<int>(best);
-      } else {
-        // Top-k: keep the k largest logits; sample from their softmax at the temperature.
-        std::vector<int> order(p.size());
-        for (std::size_t j = 0; j < order.size(); ++j) order[j] = static_cast<int>(j);
-        const std::size_t k =
-            o.top_k > 0 ? std::min<std::size_t>(static_cast<std::size_t>(o.top_k), order.size())
-                        : order.size();
-        std::partial_sort(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k),
-                          order.end(), [&](int a, int b) { return last(a) > last(b); });
-        double sum = 0.0;
-        for (std::size_t j = 0; j < k; ++j) {
-          p[j] = std::exp((static_cast<double>(last(order[j])) - last(order[0])) / o.temperature);
-          sum += p[j];
-        }
-        double u = rng.uniform(0.0, sum);
-        std::size_t j = 0;
-        while (j + 1 < k && u >= p[j]) u -= p[j++];
-        next = order[j];
-      }
+      const int next = next_token(tr.logits.row(n - 1), o, rng, p);
       tokens.push_back(next);
       out += static_cast<char>(next);
     }
     std::fwrite(out.data(), 1, out.size(), stdout);
     std::printf("\n");
   });
+  return 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// serve-batch: one batch of prompts, each row with its own adapter (or none), one batched
+// forward per generated byte through a peft::AdapterBankSet
+
+int serve_batch(Options o) {
+  if (o.base.empty()) o.base = default_base();
+  check_sampling(o);
+  const std::vector<std::string> dirs = parse_list(o.adapters);
+  const std::vector<int> ids = parse_ids(o.ids);
+  if (ids.empty()) PEFT_THROW(peft::config_error("--ids is empty: give one adapter per row"));
+  for (std::size_t r = 0; r < ids.size(); ++r) {
+    if (ids[r] < -1 || ids[r] >= static_cast<int>(dirs.size())) {
+      const std::string valid =
+          dirs.empty() ? std::string("only -1, the base alone")
+                       : "0.." + std::to_string(dirs.size() - 1) + ", or -1 for the base alone";
+      PEFT_THROW(peft::config_error("--ids: row " + std::to_string(r) + " names adapter " +
+                                    std::to_string(ids[r]) + ", but --adapters lists " +
+                                    std::to_string(dirs.size()) + " (" + valid + ")"));
+    }
+  }
+  std::vector<std::string> prompts =
+      o.prompts.empty() ? std::vector<std::string>{o.prompt} : o.prompts;
+  if (prompts.size() == 1) prompts = std::vector<std::string>(ids.size(), prompts.front());
+  if (prompts.size() != ids.size()) {
+    PEFT_THROW(peft::config_error(std::to_string(prompts.size()) + " --prompt for " +
+                                  std::to_string(ids.size()) +
+                                  " rows: give one prompt, or one per row"));
+  }
+  for (const auto& prompt : prompts)
+    if (prompt.empty()) PEFT_THROW(peft::config_error("a --prompt is empty"));
+  Weights<float> w = load_weights(o.base);
+  use_context(w, o.context);
+
+  // The folders first: the banks' capacity is their number, max_rank their largest rank.
+  std::vector<peft::io::AdapterFolder<float>> folders;
+  Index max_rank = 1;
+  for (const auto& dir : dirs) {
+    folders.push_back(peft::io::AdapterFolder<float>::load(dir));
+    for (const auto& m : folders.back().modules) max_rank = std::max(max_rank, m.a.rows());
+  }
+  peft::AdapterBankSet<float> set(std::max<Index>(1, static_cast<Index>(dirs.size())), max_rank);
+  register_banks(set, w);
+  for (std::size_t k = 0; k < dirs.size(); ++k) set.load(folders[k], dirs[k], dirs[k]);
+  folders.clear();
+
+  // Each row keeps its own bytes and sampler (seeded as generate's), so a row's text is what
+  // generate prints with that row's adapter, prompt and seed.
+  const std::size_t rows = ids.size();
+  std::vector<std::vector<int>> tokens(rows);
+  std::vector<std::string> texts = prompts;
+  std::vector<peft::Rng> rngs;
+  for (std::size_t r = 0; r < rows; ++r) {
+    for (const char c : prompts[r]) tokens[r].push_back(static_cast<unsigned char>(c));
+    rngs.emplace_back(o.seed);
+  }
+  Transformer<float> model(w);
+  BankLinears<float> lin(set, w);
+  Trace<float> tr;
+  std::vector<double> p(static_cast<std::size_t>(w.cfg.vocab));
+  std::vector<int> batch;
+  std::vector<Index> used(rows);
+  const auto start = Clock::now();
+  for (Index i = 0; i < o.length; ++i) {
+    // Each row's last (up to context) bytes, padded at the end to the longest: attention is
+    // causal, so a row's logits at its last byte never see the padding after it.
+    Index length = 0;
+    for (std::size_t r = 0; r < rows; ++r) {
+      used[r] = std::min<Index>(static_cast<Index>(tokens[r].size()), w.cfg.context);
+      length = std::max(length, used[r]);
+    }
+    batch.assign(rows * static_cast<std::size_t>(length), 0);
+    for (std::size_t r = 0; r < rows; ++r)
+      std::copy(tokens[r].end() - used[r], tokens[r].end(),
+                batch.begin() + static_cast<std::ptrdiff_t>(r * static_cast<std::size_t>(length)));
+    lin.set_sequences(ids, length);
+    model.forward(batch, static_cast<Index>(rows), length, tr, lin);
+    for (std::size_t r = 0; r < rows; ++r) {
+      const Index row = static_cast<Index>(r) * length + used[r] - 1;
+      const int next = next_token(tr.logits.row(row), o, rngs[r], p);
+      tokens[r].push_back(next);
+      texts[r] += static_cast<char>(next);
+    }
+  }
+  const double seconds = seconds_since(start);
+  if (!o.out.empty()) std::filesystem::create_directories(o.out);
+  for (std::size_t r = 0; r < rows; ++r) {
+    const std::string who = ids[r] < 0 ? std::string("the base alone")
+                                       : "adapter " + std::to_string(ids[r]) + " (" +
+                                             dirs[static_cast<std::size_t>(ids[r])] + ")";
+    std::printf("--- row %zu: %s\n", r, who.c_str());
+    std::fwrite(texts[r].data(), 1, texts[r].size(), stdout);
+    std::printf("\n");
+    if (!o.out.empty()) {  // the bytes generate prints for this row
+      const std::string path =
+          (std::filesystem::path(o.out) / ("row-" + std::to_string(r) + ".txt")).string();
+      std::ofstream file(path, std::ios::binary);
+      file << texts[r] << '\n';
+      if (!file) PEFT_THROW(peft::io_error("cannot write " + path));
+    }
+  }
+  std::printf(
+      "serve-batch: %zu rows over %zu adapters (banks of capacity %ld, max rank %ld), %ld bytes "
+      "each: %ld batched forwards in %.2f s (%s generated bytes/s)\n",
+      rows, dirs.size(), static_cast<long>(set.capacity()), static_cast<long>(set.max_rank()),
+      static_cast<long>(o.length), static_cast<long>(o.length), seconds,
+      thousands(static_cast<double>(rows) * static_cast<double>(o.length) / std::max(seconds, 1e-9))
+          .c_str());
   return 0;
 }
 
@@ -600,6 +724,23 @@ int main(int argc, char** argv) {
   gen->add_option("--seed", o.seed, "sampling seed")->capture_default_str();
   gen->add_option("--context", o.context, "longest context (default: the model's)");
 
+  CLI::App* serve = app.add_subcommand(
+      "serve-batch",
+      "generate for a batch, each row with its own adapter, in one forward per byte");
+  serve->add_option("--base", o.base, "base model (default: the shipped base)");
+  serve->add_option("--adapters", o.adapters, "adapter folders, comma list (LORA or ADALORA)");
+  serve->add_option("--ids", o.ids, "each row's adapter: its index in --adapters, or -1 (none)")
+      ->required();
+  serve->add_option("--prompt", o.prompts, "text to continue: once for every row, or per row");
+  serve->add_option("--length", o.length, "bytes to generate")->capture_default_str();
+  serve->add_option("--temperature", o.temperature, "0: greedy")->capture_default_str();
+  serve->add_option("--top-k", o.top_k, "sample among the k likeliest (0: all)")
+      ->capture_default_str();
+  serve->add_option("--seed", o.seed, "sampling seed (each row's sampler starts from it)")
+      ->capture_default_str();
+  serve->add_option("--context", o.context, "longest context (default: the model's)");
+  serve->add_option("--out", o.out, "also write row-<i>.txt here, as generate prints it");
+
   CLI::App* bench = app.add_subcommand("bench-step", "time fine-tuning steps of LoRA");
   bench->add_option("--base", o.base, "model file (default: random weights of --d-model ...)");
   bench->add_option("--target", o.targets, "modules per layer")->capture_default_str();
@@ -626,6 +767,7 @@ int main(int argc, char** argv) {
     if (*fine) return finetune(o);
     if (*ev) return evaluate(o);
     if (*gen) return generate(o);
+    if (*serve) return serve_batch(o);
     if (*bench) return bench_step(o);
     if (*raw) return logits(o);
   } catch (const std::exception& e) {
