@@ -13,6 +13,9 @@
 #ifdef _OPENMP
 #  include <omp.h>
 #endif
+#if defined(__AVX512F__)
+#  include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <chrono>
@@ -243,6 +246,79 @@ void bank_rows_sweep(benchmark::State& state) {
   }
 }
 
+#if defined(__AVX512F__)
+/**
+ * y = x Wᵀ for a few rows, reading W where it lies: for 4 rows of W at a time and 4 rows of x,
+ * 16 accumulators over the whole depth, then one horizontal sum each. No packing of W, which
+ * Eigen's GEMM does on every call (its cost is paid again for every product, so a 32-row product
+ * cannot amortise it). A measuring stick for what the decode product could cost, not the
+ * library's kernel. Rows of x and W in multiples of 4, depth in multiples of 16.
+ */
+void rows_in_place(const Mat& x, const Mat& w, Mat& y) {
+  const Index n = x.rows(), depth = x.cols(), out = w.rows();
+#  pragma omp parallel for schedule(static)
+  for (Index j = 0; j < out; j += 4) {
+    const float* wr[4] = {w.row(j).data(), w.row(j + 1).data(), w.row(j + 2).data(),
+                          w.row(j + 3).data()};
+    for (Index i = 0; i < n; i += 4) {
+      const float* xr[4] = {x.row(i).data(), x.row(i + 1).data(), x.row(i + 2).data(),
+                            x.row(i + 3).data()};
+      __m512 acc[4][4];
+      for (auto& row : acc)
+        for (auto& v : row) v = _mm512_setzero_ps();
+      for (Index k = 0; k < depth; k += 16) {
+        __m512 wv[4], xv[4];
+        for (int q = 0; q < 4; ++q) wv[q] = _mm512_loadu_ps(wr[q] + k);
+        for (int p = 0; p < 4; ++p) xv[p] = _mm512_loadu_ps(xr[p] + k);
+        for (int p = 0; p < 4; ++p)
+          for (int q = 0; q < 4; ++q) acc[p][q] = _mm512_fmadd_ps(xv[p], wv[q], acc[p][q]);
+      }
+      for (int p = 0; p < 4; ++p)
+        for (int q = 0; q < 4; ++q) y(i + p, j + q) = _mm512_reduce_add_ps(acc[p][q]);
+    }
+  }
+}
+
+// The bare N-row product through Eigen and through rows_in_place, in the same iterations
+// (alternating which goes first): how much of the product's time is the packing of W.
+void bank_rows_in_place(benchmark::State& state) {
+  const Index n = state.range(0);
+  const Mat w = random_matrix(bank_d, bank_d, 3, 0.02);
+  const Mat x = random_matrix(n, bank_d, 4);
+  Mat y(n, bank_d), z(n, bank_d);
+  const std::function<void()> calls[2] = {[&] {
+                                            y.noalias() = x * w.transpose();
+                                            benchmark::DoNotOptimize(y.data());
+                                            benchmark::ClobberMemory();
+                                          },
+                                          [&] {
+                                            rows_in_place(x, w, z);
+                                            benchmark::DoNotOptimize(z.data());
+                                            benchmark::ClobberMemory();
+                                          }};
+  for (const auto& call : calls) call();
+  using Clock = std::chrono::steady_clock;
+  std::vector<double> t[2];
+  int turn = 0;
+  for (auto _ : state) {
+    for (int c = 0; c < 2; ++c) {
+      const int which = (turn + c) % 2;
+      const auto t0 = Clock::now();
+      calls[which]();
+      t[which].push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    }
+    state.SetIterationTime(t[1].back());
+    ++turn;
+  }
+  if (t[0].empty()) return;
+  const double eigen = median_of(t[0]), in_place = median_of(t[1]);
+  state.counters["eigen_ms"] = eigen * 1e3;
+  state.counters["speedup"] = eigen / in_place;
+  state.counters["max_abs_diff"] = double((y - z).cwiseAbs().maxCoeff());
+  report_flops(state, 2.0 * double(n) * double(bank_d) * double(bank_d));
+}
+#endif
+
 // A streaming read of 256 MiB (a sum, several accumulators), split over the OpenMP threads: the
 // memory bandwidth one pass of a one-row product over a 64 MiB W can use at best.
 void stream_read(benchmark::State& state) {
@@ -297,6 +373,15 @@ const bool registered = [] {
       ->Iterations(15)
       ->UseManualTime()
       ->Unit(benchmark::kMillisecond);
+#if defined(__AVX512F__)
+  benchmark::RegisterBenchmark("bank_rows_in_place", bank_rows_in_place)
+      ->ArgNames({"N", "d"})
+      ->Args({8, bank_d})
+      ->Args({32, bank_d})
+      ->Iterations(15)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
+#endif
   benchmark::RegisterBenchmark("stream_read", stream_read)
       ->ArgNames({"n"})
       ->Arg(Index{1} << 26)  // 256 MiB, 8x the L3

@@ -387,6 +387,20 @@ def bank_section(w, results, analysis):
                                    f"({fmt(c(r, sweep, f'gflops_N{n}'))})"
                                    for n in (1, 8, 32, 128, 512)) + " |")
     w("")
+    inplace = [r for r in order if c(r, "bank_rows_in_place/N:32/d:4096", "ms")]
+    if inplace:
+        w("`bank_rows_in_place` runs the same bare product through a plain register-blocked "
+          "kernel that reads W where it lies (benchmarks/bank.cpp, AVX-512 builds only), in the "
+          "same iterations as Eigen's: the difference is what packing W costs on every call.")
+        w("")
+        w("| run | N | Eigen ms | in place ms (GFLOP/s) | Eigen / in place |")
+        w("|---|---|---|---|---|")
+        for r in inplace:
+            for n in (8, 32):
+                name = f"bank_rows_in_place/N:{n}/d:4096"
+                w(f"| {r} | {n} | {fmt(c(r, name, 'eigen_ms'))} | {fmt(c(r, name, 'ms'))} "
+                  f"({fmt(c(r, name, 'GFLOP/s'))}) | {fmt(c(r, name, 'speedup'))} |")
+        w("")
     # VeRA
     w("### VeRA bank")
     w("")
