@@ -4,9 +4,12 @@
 // AdaLoRA step order and budget, LoRA-GA's unchanged init and export, EVA against Eva by hand.
 #include "support/recipe_model.hpp"
 
+#include <peft/dist/threads.hpp>
+
 #include <catch2/catch.hpp>
 
 #include <cmath>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -309,10 +312,16 @@ namespace {
 /// Two workers that saw the same data: every sum doubles and every gather stacks twice, so a
 /// recipe that reduces where it should gets the serial result. Counts the calls.
 struct TwinWorkers : peft::train::Communicator<double> {
+  using peft::dist::Communicator::all_gather_rows;
+  using peft::dist::Communicator::all_reduce_sum;
   int size() const override { return 2; }
   void all_reduce_sum(double* data, Index count) override {
     ++reductions;
     for (Index i = 0; i < count; ++i) data[i] *= 2.0;
+  }
+  void all_reduce_sum(std::int64_t* data, Index count) override {
+    ++counts;
+    for (Index i = 0; i < count; ++i) data[i] *= 2;
   }
   Mat all_gather_rows(const Eigen::Ref<const Mat>& local) override {
     ++gathers;
@@ -320,6 +329,33 @@ struct TwinWorkers : peft::train::Communicator<double> {
     both << local, local;
     return both;
   }
+  int reductions = 0;
+  int counts = 0;
+  int gathers = 0;
+};
+
+/// A ThreadGroup worker that counts its sums and gathers.
+struct CountedWorker final : peft::dist::Communicator {
+  explicit CountedWorker(peft::dist::Communicator& inner) : inner_(inner) {}
+  int rank() const override { return inner_.rank(); }
+  int size() const override { return inner_.size(); }
+  void all_reduce_sum(float* d, Index n) override { ++reductions, inner_.all_reduce_sum(d, n); }
+  void all_reduce_sum(double* d, Index n) override { ++reductions, inner_.all_reduce_sum(d, n); }
+  void all_reduce_sum(std::int64_t* d, Index n) override { inner_.all_reduce_sum(d, n); }
+  void broadcast_bytes(void* d, std::size_t bytes, int root) override {
+    inner_.broadcast_bytes(d, bytes, root);
+  }
+  peft::RowMatrix<float> all_gather_rows(
+      const Eigen::Ref<const peft::RowMatrix<float>>& local) override {
+    ++gathers;
+    return inner_.all_gather_rows(local);
+  }
+  Mat all_gather_rows(const Eigen::Ref<const Mat>& local) override {
+    ++gathers;
+    return inner_.all_gather_rows(local);
+  }
+  void barrier() override { inner_.barrier(); }
+  peft::dist::Communicator& inner_;
   int reductions = 0;
   int gathers = 0;
 };
@@ -329,39 +365,63 @@ TEST_CASE("Recipes reduce through the communicator: two identical workers give t
           "[recipe]") {
   const Task task;
   const long steps = 20;
-  SECTION("LoRA-GA: gradient sums, batch counts and the step gradients") {
+  SECTION("LoRA-GA: gradient sketches, batch counts and the step gradients") {
+    const bool dense = GENERATE(false, true);
+    INFO("dense_reduce " << dense);
     TwoLayerModel<peft::LoraLinear<double>> serial(task), parallel(task);
     peft::train::LoraGaRecipeOptions o;
     o.lora = lora_options(true);
     o.calibration_batches = 2;
+    o.ga.dense_reduce = dense;
+    o.ga.sketch_niter = o.ga.niter;  // the serial run's randomized SVD: equal up to rounding
     peft::train::LoraGaRecipe<double> one(o), two(o);
     TwinWorkers workers;
     two.set_communicator(workers);
     const Run a = train(serial, one, task, steps, 1, 3e-3);
     const Run b = train(parallel, two, task, steps, 1, 3e-3);
-    CHECK(workers.reductions == 2 * 2 + steps * 2);  // (G, count) per layer, then 2 grads a step
+    // Per layer: the dense G, or the sketches Y, (Mᵀ Q, M Z) per power iteration and Qᵀ M; then
+    // the 2 gradients a step. Counts: the batches, and (sketches) the non-finite check.
+    const int per_layer = dense ? 1 : 2 + 2 * int(o.ga.niter);
+    CHECK(workers.reductions == 2 * per_layer + steps * 2);
+    CHECK(workers.counts == 2 * (dense ? 1 : 2));
     CHECK(b.loss_at_end == Approx(a.loss_at_end).epsilon(1e-9));
     CHECK(max_diff(parallel.predict(task.x), serial.predict(task.x)) < 1e-9);
   }
-  SECTION("EVA: the activations are gathered") {
-    TwoLayerModel<peft::LoraLinear<double>> serial(task), parallel(task);
+  SECTION("EVA: statistics and sketches are reduced, the activations stay") {
+    // Two real workers (ranks 0 and 1) on the same data: EVA's stack then holds every batch
+    // twice, whose principal directions are the serial run's. (A twin that is rank 0 twice
+    // would count worker 0's rows, the previous fit, twice.)
+    TwoLayerModel<peft::LoraLinear<double>> serial(task), first(task), second(task);
     peft::train::EvaRecipeOptions o;
     o.eva.r = 2;
     o.eva.max_iterations = 40;
-    peft::train::EvaRecipe<double> one(o), two(o);
-    TwinWorkers workers;
-    two.set_communicator(workers);
+    peft::train::EvaRecipe<double> one(o), two_first(o), two_second(o);
     train(serial, one, task, 1, 1, 1e-2);
-    train(parallel, two, task, 1, 1, 1e-2);
-    CHECK(workers.gathers > 0);
-    for (const char* name : kLayers) {
-      REQUIRE(parallel.set.has_adapter(name) == serial.set.has_adapter(name));
-      if (!serial.set.has_adapter(name)) continue;
-      const auto& pa = parallel.set.adapter(name).a();
-      const auto& sa = serial.set.adapter(name).a();
-      REQUIRE(pa.rows() == sa.rows());
-      CHECK(max_diff(pa.cwiseAbs(), sa.cwiseAbs()) < 1e-6);  // the same components
+    peft::dist::ThreadGroup group(2);
+    int reductions[2] = {0, 0}, gathers[2] = {0, 0};
+    group.run([&](peft::dist::Communicator& c) {
+      CountedWorker counted(c);
+      auto& model = c.rank() == 0 ? first : second;
+      auto& recipe = c.rank() == 0 ? two_first : two_second;
+      recipe.set_communicator(counted);
+      train(model, recipe, task, 1, 1, 1e-2);
+      reductions[c.rank()] = counted.reductions;
+      gathers[c.rank()] = counted.gathers;
+    });
+    CHECK(reductions[0] > 0);  // counts, sums, centred squares, Mᵀ Q and Qᵀ M
+    CHECK(gathers[0] > 0);     // the R factors of the tall-skinny QR (q x q each)
+    for (auto* parallel : {&first, &second}) {
+      CHECK(two_first.eva().iterations() == one.eva().iterations());
+      for (const char* name : kLayers) {
+        REQUIRE(parallel->set.has_adapter(name) == serial.set.has_adapter(name));
+        if (!serial.set.has_adapter(name)) continue;
+        const auto& pa = parallel->set.adapter(name).a();
+        const auto& sa = serial.set.adapter(name).a();
+        REQUIRE(pa.rows() == sa.rows());
+        CHECK(max_diff(pa.cwiseAbs(), sa.cwiseAbs()) < 1e-6);  // the same components
+      }
     }
+    CHECK(first.set.adapter(kLayers[0]).a() == second.set.adapter(kLayers[0]).a());
   }
   CHECK_THROWS_AS(
       [] {

@@ -1,10 +1,13 @@
 // SPDX-FileCopyrightText: The peft authors
 // SPDX-License-Identifier: Apache-2.0
 // An adapter bank: many LoRA-family adapters over one frozen weight, and one mixed batch whose
-// rows each name their adapter, for serving and for training several adapters at once.
+// rows each name their adapter, for serving and for training several adapters at once. The row
+// ids (AdapterIds, no_adapter) and BankGradients are in detail/bank_common.hpp, shared with the
+// VeRA bank (vera_bank.hpp).
 #pragma once
 #include <peft/adalora.hpp>
 #include <peft/config.hpp>
+#include <peft/detail/bank_common.hpp>
 #include <peft/detail/checks.hpp>
 #include <peft/detail/workspace_gemm.hpp>
 #include <peft/error.hpp>
@@ -18,156 +21,21 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
-#include <initializer_list>
 #include <string>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 PEFT_NAMESPACE_BEGIN
 
-/// The id of a row that gets the base layer only (PEFT's "__base__" in `adapter_names`).
-inline constexpr int no_adapter = -1;
-
-/**
- * The adapter id of each row of a mixed batch: a bank slot, or no_adapter (-1). A non-owning view
- * of contiguous ints, built implicitly from a std::vector<int>, a braced list, an Eigen int
- * vector or a pointer and a size; it must outlive the call it is passed to, nothing more.
- */
-class AdapterIds {
- public:
-  AdapterIds(const int* data, Index size) : data_(data), size_(size) {
-    if ((data == nullptr && size != 0) || size < 0) {
-      PEFT_THROW(dimension_error("peft::AdapterIds: null pointer or negative size for " +
-                                 std::to_string(size) + " ids"));
-    }
-  }
-  AdapterIds(const std::vector<int>& ids) : data_(ids.data()), size_(Index(ids.size())) {}
-// The view lives for one call, as a braced list's array does: GCC's lifetime warning does not
-// apply.
-#if defined(__GNUC__) && !defined(__clang__)
-#  pragma GCC diagnostic push
-#  pragma GCC diagnostic ignored "-Winit-list-lifetime"
-#endif
-  AdapterIds(std::initializer_list<int> ids) : data_(ids.begin()), size_(Index(ids.size())) {}
-#if defined(__GNUC__) && !defined(__clang__)
-#  pragma GCC diagnostic pop
-#endif
-  template <typename Derived,
-            std::enable_if_t<std::is_same_v<typename Derived::Scalar, int>, int> = 0>
-  AdapterIds(const Eigen::DenseBase<Derived>& ids)
-      : data_(ids.derived().data()), size_(ids.size()) {
-    static_assert(Derived::IsVectorAtCompileTime && (int(Derived::Flags) & Eigen::DirectAccessBit),
-                  "peft::AdapterIds: ids must be a vector with its own memory.");
-    if (ids.derived().innerStride() != 1) {
-      PEFT_THROW(dimension_error("peft::AdapterIds: ids must be contiguous (inner stride " +
-                                 std::to_string(ids.derived().innerStride()) + ")"));
-    }
-  }
-
-  Index size() const noexcept { return size_; }
-  const int* data() const noexcept { return data_; }
-  int operator[](Index i) const noexcept { return data_[i]; }
-
- private:
-  const int* data_;
-  Index size_;
-};
-
-/**
- * Gradients for every slot of a bank (AdapterBank, VeraBank), laid out like the bank's own
- * parameter memory: slot k owns `slot_size()` values from `k · slot_size()`, and the bank's
- * `gradient(grads, k)` views the first `num_parameters(k)` of them in the layout of the slot's
- * `parameters(k)`. Banks accumulate (+=) into it; zero it between steps.
- */
-template <typename Scalar_>
-class BankGradients {
-  static_assert(std::is_floating_point_v<Scalar_>,
-                "peft::BankGradients: Scalar must be float or double.");
-
- public:
-  using Scalar = Scalar_;
-
-  BankGradients() = default;
-  /// `capacity` slots of `slot_size` values each, zeroed.
-  BankGradients(Index capacity, Index slot_size)
-      : values_(Vector<Scalar>::Zero(capacity * slot_size)),
-        capacity_(capacity),
-        slot_size_(slot_size) {}
-
-  Index capacity() const noexcept { return capacity_; }
-  Index slot_size() const noexcept { return slot_size_; }
-  /// All slots, flat.
-  Eigen::Map<Vector<Scalar>> values() noexcept { return {values_.data(), values_.size()}; }
-  Eigen::Map<const Vector<Scalar>> values() const noexcept {
-    return {values_.data(), values_.size()};
-  }
-  void setZero() { values_.setZero(); }
-  /// Zeroes one slot's region (e.g. after loading a new adapter into it).
-  void zero_slot(Index slot) {
-    PEFT_ASSERT(slot >= 0 && slot < capacity_, "BankGradients::zero_slot(): slot out of range");
-    values_.segment(slot * slot_size_, slot_size_).setZero();
-  }
-  /// Slot `slot`'s region, first value.
-  Scalar* slot_data(Index slot) noexcept { return values_.data() + slot * slot_size_; }
-
- private:
-  Vector<Scalar> values_;
-  Index capacity_ = 0;
-  Index slot_size_ = 0;
-};
-
 namespace detail {
-
-/// " ['<module>']" for messages, or nothing for an unnamed bank.
-inline std::string module_suffix(const std::string& module) {
-  return module.empty() ? std::string() : " ['" + module + "']";
-}
-
-/// "slot 3" or "slot 3 ('tenant-a')".
-inline std::string slot_label(Index slot, const std::string& name) {
-  return "slot " + std::to_string(slot) + (name.empty() ? std::string() : " ('" + name + "')");
-}
-
-/**
- * Counts each slot's rows into `count[capacity]` and records each slot's first row in
- * `first[capacity]` (set only where count > 0). Throws config_error for an id outside
- * [-1, capacity) and state_error for a slot `occupied(k)` denies, before anything is written to
- * the caller's outputs. Returns whether the batch is already grouped: every slot's rows contiguous
- * (−1 rows may sit between groups, not inside one).
- */
-template <typename Occupied, typename Where, typename SlotName>
-bool count_bank_rows(const AdapterIds& ids, Index capacity, Index* count, Index* first,
-                     const Occupied& occupied, const Where& where, const SlotName& slot_name) {
-  std::fill(count, count + capacity, Index(0));
-  Index runs = 0, distinct = 0;
-  int previous = no_adapter;
-  for (Index i = 0; i < ids.size(); ++i) {
-    const int id = ids[i];
-    if (id == no_adapter) {
-      previous = id;
-      continue;
-    }
-    if (id < 0 || id >= capacity) {
-      PEFT_THROW(config_error(where() + ": ids[" + std::to_string(i) + "] = " + std::to_string(id) +
-                              " is out of range: the bank has capacity " +
-                              std::to_string(capacity) + " (slots 0.." +
-                              std::to_string(capacity - 1) + ", or -1 for the base layer only)"));
-    }
-    if (count[id]++ == 0) {
-      if (!occupied(id)) {
-        PEFT_THROW(state_error(where() + ": ids[" + std::to_string(i) + "] names " + slot_name(id) +
-                               ", which holds no adapter (evicted or never loaded)"));
-      }
-      first[id] = i;
-      ++distinct;
-    }
-    if (id != previous) ++runs;
-    previous = id;
-  }
-  return runs == distinct;
-}
-
+/// One AdapterBank slot's record: r_k, s_k and the name given to load().
+template <typename Scalar>
+struct LoraBankSlot {
+  Index rank = 0;
+  Scalar scale = 0;
+  bool occupied = false;
+  std::string name;
+};
 }  // namespace detail
 
 /**
@@ -190,8 +58,9 @@ bool count_bank_rows(const AdapterIds& ids, Index capacity, Index* count, Index*
  * contiguous), and each group costs two thin GEMMs, `(x_g A_kᵀ) B_kᵀ · s_k`, over the group's rows
  * — in place when they are contiguous, otherwise gathered into workspace memory and the result
  * scattered back. An adapter's matrices are never copied per row (vLLM's CPU gather), and the
- * work is the batch's, not K separate passes over it. The bank's own path allocates nothing once
- * the workspace is warm (a dense base product is Eigen's, as in the adapters: docs/adapters.md).
+ * work is the batch's, not K separate passes over it. Nothing allocates once the workspace is
+ * warm, the dense base product included: it runs the rank-r products' workspace GEMM
+ * (detail/bank_common.hpp), bit for bit Eigen's product.
  *
  * **Concurrency.** `forward`, `add_delta`, `backward` and the const accessors may run from several
  * threads at once, each with its own workspace, outputs and gradients. `load` and `evict` are
@@ -211,11 +80,16 @@ bool count_bank_rows(const AdapterIds& ids, Index capacity, Index* count, Index*
  *                  peft::Bf16Weight or peft::BlockQ8Weight (docs/precision.md).
  */
 template <typename Scalar_, typename Storage_ = Dense>
-class AdapterBank {
+class AdapterBank : public detail::BankBase<AdapterBank<Scalar_, Storage_>, Scalar_, Storage_,
+                                            detail::LoraBankSlot<Scalar_>> {
+  using Base = detail::BankBase<AdapterBank<Scalar_, Storage_>, Scalar_, Storage_,
+                                detail::LoraBankSlot<Scalar_>>;
+  friend Base;
+
  public:
   using Scalar = Scalar_;
   using Storage = Storage_;
-  static constexpr bool dense_weight = std::is_same_v<Storage, Dense>;
+  static constexpr bool dense_weight = Base::dense_weight;
   static_assert(std::is_floating_point_v<Scalar>,
                 "peft::AdapterBank: Scalar must be float or double.");
   static_assert(dense_weight || is_weight_storage_v<Storage>,
@@ -226,7 +100,7 @@ class AdapterBank {
   using ConstRef = Eigen::Ref<const Matrix>;
   using Ref = Eigen::Ref<Matrix>;
   /// The view of W: a row-major FrozenWeight (nn.Linear's layout), or the low-precision view.
-  using Weight = std::conditional_t<dense_weight, FrozenWeight<Scalar>, Storage>;
+  using Weight = typename Base::Weight;
   using Bias = FrozenBias<Scalar>;
   using Gradients = BankGradients<Scalar>;
 
@@ -236,63 +110,24 @@ class AdapterBank {
       : AdapterBank(weight, no_bias<Scalar>(), capacity, max_rank, std::move(module_name)) {}
   AdapterBank(const Weight& weight, const Bias& bias, Index capacity, Index max_rank,
               std::string module_name = {})
-      : w_storage_(storage_of(weight)),
-        out_(weight.rows()),
-        in_(weight.cols()),
-        bias_data_(bias.data()),
-        capacity_(capacity),
-        max_rank_(max_rank),
-        module_(std::move(module_name)) {
-    if constexpr (dense_weight) {
-      w_data_ = weight.data();
-      w_ld_ = weight.outerStride();
-    }
+      : Base(weight, bias, capacity, std::move(module_name)), max_rank_(max_rank) {
     if (capacity <= 0 || max_rank <= 0) {
       PEFT_THROW(config_error(where("AdapterBank()") + ": capacity = " + std::to_string(capacity) +
                               " and max_rank = " + std::to_string(max_rank) +
                               " must both be > 0 (W is " + detail::shape_string(out_, in_) + ")"));
     }
-    if (bias.data() != nullptr && bias.size() != out_) {
-      PEFT_THROW(dimension_error(where("AdapterBank()") + ": bias has " +
-                                 std::to_string(bias.size()) +
-                                 " entries, expected out_features = " + std::to_string(out_) +
-                                 " (W is " + detail::shape_string(out_, in_) + ")"));
-    }
-    slot_size_ = max_rank * (in_ + out_);
-    memory_ = Vector<Scalar>::Zero(capacity * slot_size_);
-    slots_.resize(static_cast<std::size_t>(capacity));
+    this->check_bias("AdapterBank()", bias);
+    this->allocate(max_rank * (in_ + out_));
   }
 
-  Index in_features() const noexcept { return in_; }
-  Index out_features() const noexcept { return out_; }
-  Index capacity() const noexcept { return capacity_; }
+  // in_features(), out_features(), capacity(), slot_size() (max_rank · (in + out)), size(),
+  // module_name(), weight(), bias(), has_bias(), occupied(), adapter_name(), make_gradients() and
+  // evict() are BankBase's (detail/bank_common.hpp).
   Index max_rank() const noexcept { return max_rank_; }
-  /// Values reserved per slot: max_rank · (in + out).
-  Index slot_size() const noexcept { return slot_size_; }
-  /// Loaded slots (a writer's view: not for readers racing a load).
-  Index size() const noexcept { return size_; }
-  const std::string& module_name() const noexcept { return module_; }
 
-  /// W's view (a FrozenWeight, or the low-precision view).
-  Weight weight() const noexcept {
-    if constexpr (dense_weight) {
-      return Weight(w_data_, out_, in_, Eigen::OuterStride<>(w_ld_));
-    } else {
-      return w_storage_;
-    }
-  }
-  bool has_bias() const noexcept { return bias_data_ != nullptr; }
-  Bias bias() const noexcept { return has_bias() ? Bias(bias_data_, out_) : no_bias<Scalar>(); }
-
-  /// Whether slot `slot` holds an adapter (config_error for a slot outside [0, capacity)).
-  bool occupied(Index slot) const {
-    check_range("occupied()", slot);
-    return record(slot).occupied;
-  }
-  /// r_k, s_k and the name given to load(); state_error for an empty slot.
+  /// r_k and s_k; state_error for an empty slot.
   Index rank(Index slot) const { return loaded("rank()", slot).rank; }
   Scalar scaling(Index slot) const { return loaded("scaling()", slot).scale; }
-  const std::string& adapter_name(Index slot) const { return loaded("adapter_name()", slot).name; }
   /// r_k (in + out): the length of parameters(slot).
   Index num_parameters(Index slot) const { return rank(slot) * (in_ + out_); }
 
@@ -323,8 +158,6 @@ class AdapterBank {
     return {slot_data(slot), size};
   }
 
-  /// A zeroed gradient buffer with this bank's slot layout.
-  Gradients make_gradients() const { return Gradients(capacity_, slot_size_); }
   /// Slot `slot`'s gradient in parameters(slot)'s layout, and its A and B parts.
   Eigen::Map<Vector<Scalar>> gradient(Gradients& grads, Index slot) const {
     check_gradients("gradient()", grads);
@@ -423,35 +256,14 @@ class AdapterBank {
     });
   }
 
-  /// Empties a slot; other slots are not touched. Throws config_error for a slot out of range,
-  /// state_error for an empty one.
-  void evict(Index slot) {
-    loaded("evict()", slot);
-    record(slot) = Slot{};
-    --size_;
-  }
-
   /**
    * y = x Wᵀ + b + each row's adapter term: x `[n, in]`, ids n ints (slot, or −1 for the base
    * only), y `[n, out]` (overwritten). Ids are checked before y is written.
    */
-  void forward(const ConstRef& x, AdapterIds ids, Ref y, Workspace<Scalar>& ws) const {
-    check_forward("forward()", x, ids, y);
-    const Plan plan = plan_rows("forward()", ids, ws);
-    if constexpr (dense_weight) {
-      y.noalias() = x * weight().transpose();
-    } else {  // panels of W dequantised into ws, as the adapters' own forward (precision.md)
-      detail::storage_forward(w_storage_, x, y, ws, default_panel_bytes);
-    }
-    if (has_bias()) y.rowwise() += bias().transpose();
-    add_groups(x, y, plan, ws);
-  }
+  void forward(const ConstRef& x, AdapterIds ids, Ref y, Workspace<Scalar>& ws) const;
 
   /// y += each row's adapter term only, for callers that run the base product themselves.
-  void add_delta(const ConstRef& x, AdapterIds ids, Ref y, Workspace<Scalar>& ws) const {
-    check_forward("add_delta()", x, ids, y);
-    add_groups(x, y, plan_rows("add_delta()", ids, ws), ws);
-  }
+  void add_delta(const ConstRef& x, AdapterIds ids, Ref y, Workspace<Scalar>& ws) const;
 
   /**
    * Exact gradients for the output gradient dy `[n, out]`: dx = dy W + Σ rows' s_k (dy B_k) A_k
@@ -459,37 +271,14 @@ class AdapterBank {
    * dB_k = s_k dy_gᵀ (x_g A_kᵀ) accumulated (+=) into `grads` (from make_gradients()).
    */
   void backward(const ConstRef& x, const ConstRef& dy, AdapterIds ids, Ref dx, Gradients& grads,
-                Workspace<Scalar>& ws) const {
-    check_backward("backward()", x, dy, ids, grads);
-    if (dx.rows() != x.rows() || dx.cols() != in_) {
-      detail::check_shape(where("backward()").c_str(), detail::operand("dx", dx), x.rows(), in_,
-                          detail::operand("x", x), weight_operand());
-    }
-    check_disjoint("backward()", "x", x, "dx", dx);
-    check_disjoint("backward()", "dy", dy, "dx", dx);
-    const Plan plan = plan_rows("backward()", ids, ws);
-    if constexpr (dense_weight) {
-      dx.noalias() = dy * weight();
-    } else {
-      detail::storage_input_gradient(w_storage_, dy, dx, ws, default_panel_bytes);
-    }
-    backward_groups(x, dy, &dx, grads, plan, ws);
-  }
+                Workspace<Scalar>& ws) const;
 
   /// As backward() without the input gradient (e.g. the first layer of a model).
   void backward(const ConstRef& x, const ConstRef& dy, AdapterIds ids, Gradients& grads,
-                Workspace<Scalar>& ws) const {
-    check_backward("backward()", x, dy, ids, grads);
-    backward_groups(x, dy, nullptr, grads, plan_rows("backward()", ids, ws), ws);
-  }
+                Workspace<Scalar>& ws) const;
 
  private:
-  struct Slot {
-    Index rank = 0;
-    Scalar scale = 0;
-    bool occupied = false;
-    std::string name;
-  };
+  using Slot = detail::LoraBankSlot<Scalar>;
   /// Rows grouped by slot in workspace index memory: slot k's rows are `start[k]` ..
   /// `start[k] + count[k]` of x when `order` is null (already grouped), else those entries of
   /// `order` (row numbers, ascending within a slot).
@@ -502,55 +291,25 @@ class AdapterBank {
   using RowsView = Eigen::Map<const Matrix, Eigen::Unaligned, Eigen::OuterStride<>>;
   using RowsMap = Eigen::Map<Matrix, Eigen::Unaligned, Eigen::OuterStride<>>;
 
+  static constexpr const char* class_name = "AdapterBank";
   static constexpr WorkspaceSlot slot_t = WorkspaceSlot::rank_input;     // x_g A_kᵀ  [m, r]
   static constexpr WorkspaceSlot slot_u = WorkspaceSlot::rank_gradient;  // dy_g B_k  [m, r]
   static constexpr WorkspaceSlot slot_x = WorkspaceSlot::dropped_input;  // gathered x_g, dx_g
   static constexpr WorkspaceSlot slot_y = WorkspaceSlot::factor;  // gathered dy_g, or the term
 
-  static std::conditional_t<dense_weight, Dense, Storage> storage_of(const Weight& w) {
-    if constexpr (dense_weight) {
-      return Dense{};
-    } else {
-      return w;
-    }
-  }
+  using Base::capacity_;
+  using Base::check_gradients;
+  using Base::in_;
+  using Base::loaded;
+  using Base::out_;
+  using Base::record;
+  using Base::slot_data;
+  using Base::where;
 
-  std::string where(const char* method) const {
-    return std::string("AdapterBank::") + method + detail::module_suffix(module_);
-  }
-  detail::Operand weight_operand() const noexcept { return {"W", out_, in_}; }
-
-  Slot& record(Index slot) { return slots_[std::size_t(slot)]; }
-  const Slot& record(Index slot) const { return slots_[std::size_t(slot)]; }
-  Scalar* slot_data(Index slot) noexcept { return memory_.data() + slot * slot_size_; }
-  const Scalar* slot_data(Index slot) const noexcept { return memory_.data() + slot * slot_size_; }
-
-  void check_range(const char* method, Index slot) const {
-    if (slot < 0 || slot >= capacity_) {
-      PEFT_THROW(config_error(where(method) + ": slot " + std::to_string(slot) +
-                              " is out of range: the bank has capacity " +
-                              std::to_string(capacity_) + " (slots 0.." +
-                              std::to_string(capacity_ - 1) + ")"));
-    }
-  }
-  const Slot& loaded(const char* method, Index slot) const {
-    check_range(method, slot);
-    const Slot& s = record(slot);
-    if (!s.occupied) {
-      PEFT_THROW(state_error(where(method) + ": slot " + std::to_string(slot) +
-                             " holds no adapter (evicted or never loaded)"));
-    }
-    return s;
-  }
-
-  void check_gradients(const char* method, const Gradients& grads) const {
-    if (grads.capacity() != capacity_ || grads.slot_size() != slot_size_) {
-      PEFT_THROW(dimension_error(
-          where(method) + ": grads has " + std::to_string(grads.capacity()) + " slots of " +
-          std::to_string(grads.slot_size()) + " values, expected " + std::to_string(capacity_) +
-          " of " + std::to_string(slot_size_) + " (max_rank " + std::to_string(max_rank_) +
-          " x (in + out), W is " + detail::shape_string(out_, in_) + "); use make_gradients()"));
-    }
+  /// The expected gradient layout, for check_gradients()'s message.
+  std::string slot_layout() const {
+    return std::to_string(this->slot_size_) + " (max_rank " + std::to_string(max_rank_) +
+           " x (in + out), W is " + detail::shape_string(out_, in_) + ")";
   }
 
   /// An adapter to copy in: the same W shape, and not merged into W.
@@ -570,12 +329,7 @@ class AdapterBank {
   /// The lowest free slot filled by `fill(A, B)` (views of the slot at rank r), then published.
   template <typename Fill>
   int place(const char* method, Index r, double scale, std::string name, const Fill& fill) {
-    Index slot = 0;
-    while (slot < capacity_ && record(slot).occupied) ++slot;
-    if (slot == capacity_) {
-      PEFT_THROW(state_error(where(method) + ": the bank is full (" + std::to_string(capacity_) +
-                             " slots); evict one first"));
-    }
+    const Index slot = this->free_slot(method);
     const std::string label = detail::slot_label(slot, name);
     if (r < 0 || r > max_rank_) {
       PEFT_THROW(dimension_error(where(method) + ", " + label + ": rank " + std::to_string(r) +
@@ -598,52 +352,7 @@ class AdapterBank {
     Slot& s = record(slot);
     s.rank = r;
     s.scale = static_cast<Scalar>(scale);
-    s.name = std::move(name);
-    s.occupied = true;
-    ++size_;
-    return int(slot);
-  }
-
-  void check_ids(const char* method, const ConstRef& x, const AdapterIds& ids) const {
-    if (ids.size() != x.rows()) {
-      PEFT_THROW(dimension_error(where(method) + ": ids has " + std::to_string(ids.size()) +
-                                 " entries, expected x.rows() = " + std::to_string(x.rows()) +
-                                 " (x is " + detail::shape_string(x.rows(), x.cols()) + ")"));
-    }
-  }
-
-  void check_forward(const char* method, const ConstRef& x, const AdapterIds& ids,
-                     const Ref& y) const {
-    if (x.cols() != in_ || y.rows() != x.rows() || y.cols() != out_) {
-      const std::string w = where(method);
-      detail::check_cols(w.c_str(), detail::operand("x", x), in_, "in_features", weight_operand());
-      detail::check_shape(w.c_str(), detail::operand("y", y), x.rows(), out_,
-                          detail::operand("x", x), weight_operand());
-    }
-    check_ids(method, x, ids);
-    check_disjoint(method, "x", x, "y", y);
-  }
-
-  void check_backward(const char* method, const ConstRef& x, const ConstRef& dy,
-                      const AdapterIds& ids, const Gradients& grads) const {
-    if (x.cols() != in_ || dy.rows() != x.rows() || dy.cols() != out_) {
-      const std::string w = where(method);
-      detail::check_cols(w.c_str(), detail::operand("x", x), in_, "in_features", weight_operand());
-      detail::check_shape(w.c_str(), detail::operand("dy", dy), x.rows(), out_,
-                          detail::operand("x", x), weight_operand());
-    }
-    check_ids(method, x, ids);
-    check_gradients(method, grads);
-  }
-
-  /// The kernels write outputs with noalias(): an output overlapping an input is refused.
-  template <typename In, typename Out>
-  void check_disjoint(const char* method, const char* in_name, const In& input,
-                      const char* out_name, const Out& output) const {
-    if (detail::overlaps(input, output)) {
-      PEFT_THROW(dimension_error(where(method) + ": " + out_name + " overlaps " + in_name +
-                                 " in memory; pass a separate output buffer"));
-    }
+    return this->publish(slot, std::move(name));
   }
 
   Plan plan_rows(const char* method, const AdapterIds& ids, Workspace<Scalar>& ws) const {
@@ -651,11 +360,7 @@ class AdapterBank {
     Index* count = ws.index_buffer(2 * capacity_ + n);
     Index* start = count + capacity_;
     Index* order = start + capacity_;
-    const bool grouped = detail::count_bank_rows(
-        ids, capacity_, count, start, [&](Index k) { return record(k).occupied; },
-        [&] { return where(method); },
-        [&](Index k) { return detail::slot_label(k, record(k).name); });
-    if (grouped) return {count, start, nullptr};
+    if (this->count_rows(method, ids, count, start)) return {count, start, nullptr};
     // Counting sort, stable: start[k] runs over slot k's positions in `order`, then steps back.
     Index offset = 0;
     for (Index k = 0; k < capacity_; ++k) {
@@ -754,26 +459,49 @@ class AdapterBank {
     }
   }
 
-  const Scalar* w_data_ = nullptr;
-  Index w_ld_ = 0;
-  /// The low-precision view (an empty placeholder for a dense W, which w_data_ describes).
-  std::conditional_t<dense_weight, Dense, Storage> w_storage_;
-  Index out_;
-  Index in_;
-  const Scalar* bias_data_;
-  Index capacity_;
   Index max_rank_;
-  Index slot_size_ = 0;
-  Index size_ = 0;
-  std::string module_;
-  /// Every slot's [A | B], slot k at k · slot_size_: allocated once, never moved.
-  Vector<Scalar> memory_;
-  /// One record per slot, each its own object (no shared word between slots, unlike
-  /// std::vector<bool>), so a writer of one slot never races a reader of another.
-  std::vector<Slot> slots_;
 };
+
+template <typename Scalar, typename Storage>
+void AdapterBank<Scalar, Storage>::forward(const ConstRef& x, AdapterIds ids, Ref y,
+                                           Workspace<Scalar>& ws) const {
+  this->check_forward("forward()", x, ids, y);
+  const Plan plan = plan_rows("forward()", ids, ws);
+  this->base_forward(x, y, ws);
+  add_groups(x, y, plan, ws);
+}
+
+template <typename Scalar, typename Storage>
+void AdapterBank<Scalar, Storage>::add_delta(const ConstRef& x, AdapterIds ids, Ref y,
+                                             Workspace<Scalar>& ws) const {
+  this->check_forward("add_delta()", x, ids, y);
+  add_groups(x, y, plan_rows("add_delta()", ids, ws), ws);
+}
+
+template <typename Scalar, typename Storage>
+void AdapterBank<Scalar, Storage>::backward(const ConstRef& x, const ConstRef& dy, AdapterIds ids,
+                                            Ref dx, Gradients& grads, Workspace<Scalar>& ws) const {
+  this->check_backward("backward()", x, dy, ids, grads);
+  this->check_dx("backward()", x, dy, dx);
+  const Plan plan = plan_rows("backward()", ids, ws);
+  this->base_input_gradient(dy, dx, ws);
+  backward_groups(x, dy, &dx, grads, plan, ws);
+}
+
+template <typename Scalar, typename Storage>
+void AdapterBank<Scalar, Storage>::backward(const ConstRef& x, const ConstRef& dy, AdapterIds ids,
+                                            Gradients& grads, Workspace<Scalar>& ws) const {
+  this->check_backward("backward()", x, dy, ids, grads);
+  backward_groups(x, dy, nullptr, grads, plan_rows("backward()", ids, ws), ws);
+}
 
 using AdapterBankf = AdapterBank<float>;
 using AdapterBankd = AdapterBank<double>;
+
+#if PEFT_COMPILED
+// Compiled once, in peft::compiled (src/bank_*.cpp).
+extern template class AdapterBank<float>;
+extern template class AdapterBank<double>;
+#endif
 
 PEFT_NAMESPACE_END

@@ -41,6 +41,8 @@ PEFT_DETAIL_DEFINE_ERROR(format_error, std::runtime_error);
 PEFT_DETAIL_DEFINE_ERROR(io_error, std::runtime_error);
 /// A numerical routine failed or produced non-finite values (SVD, merge of a broken adapter).
 PEFT_DETAIL_DEFINE_ERROR(numerical_error, std::runtime_error);
+/// A collective over data-parallel workers failed: a peer stopped, timed out or disagreed.
+PEFT_DETAIL_DEFINE_ERROR(communication_error, std::runtime_error);
 
 #undef PEFT_DETAIL_DEFINE_ERROR
 

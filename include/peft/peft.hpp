@@ -7,6 +7,8 @@
 #include <peft/adapter_set.hpp>
 #include <peft/bank.hpp>
 #include <peft/config.hpp>
+#include <peft/dist/communicator.hpp>
+#include <peft/dist/threads.hpp>
 #include <peft/error.hpp>
 #include <peft/init/eva.hpp>
 #include <peft/init/lora_ga.hpp>

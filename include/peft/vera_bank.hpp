@@ -3,8 +3,8 @@
 // A VeRA bank: tenants sharing one VeraProjections over one frozen weight differ only in λ_d and
 // λ_b, so a mixed batch costs two shared GEMMs whatever the number of tenants.
 #pragma once
-#include <peft/bank.hpp>
 #include <peft/config.hpp>
+#include <peft/detail/bank_common.hpp>
 #include <peft/detail/checks.hpp>
 #include <peft/detail/workspace_gemm.hpp>
 #include <peft/error.hpp>
@@ -15,13 +15,19 @@
 
 #include <Eigen/Core>
 
-#include <cstddef>
 #include <string>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 PEFT_NAMESPACE_BEGIN
+
+namespace detail {
+/// One VeraBank slot's record (λ_d and λ_b are in the slot memory).
+struct VeraBankSlot {
+  bool occupied = false;
+  std::string name;
+};
+}  // namespace detail
 
 /**
  * Many VeRA adapters ("tenants") over one frozen `[out, in]` weight W, all using the same shared
@@ -40,11 +46,16 @@ PEFT_NAMESPACE_BEGIN
  * \tparam Storage_ peft::Dense (a row-major FrozenWeight of Scalar), Bf16Weight or BlockQ8Weight.
  */
 template <typename Scalar_, typename Storage_ = Dense>
-class VeraBank {
+class VeraBank : public detail::BankBase<VeraBank<Scalar_, Storage_>, Scalar_, Storage_,
+                                         detail::VeraBankSlot> {
+  using Base =
+      detail::BankBase<VeraBank<Scalar_, Storage_>, Scalar_, Storage_, detail::VeraBankSlot>;
+  friend Base;
+
  public:
   using Scalar = Scalar_;
   using Storage = Storage_;
-  static constexpr bool dense_weight = std::is_same_v<Storage, Dense>;
+  static constexpr bool dense_weight = Base::dense_weight;
   static_assert(std::is_floating_point_v<Scalar>,
                 "peft::VeraBank: Scalar must be float or double.");
   static_assert(dense_weight || is_weight_storage_v<Storage>,
@@ -54,7 +65,7 @@ class VeraBank {
   using Matrix = RowMatrix<Scalar>;
   using ConstRef = Eigen::Ref<const Matrix>;
   using Ref = Eigen::Ref<Matrix>;
-  using Weight = std::conditional_t<dense_weight, FrozenWeight<Scalar>, Storage>;
+  using Weight = typename Base::Weight;
   using Bias = FrozenBias<Scalar>;
   using Projections = VeraProjections<Scalar>;
   using Gradients = BankGradients<Scalar>;
@@ -65,20 +76,11 @@ class VeraBank {
       : VeraBank(weight, no_bias<Scalar>(), projections, capacity, std::move(module_name)) {}
   VeraBank(const Weight& weight, const Bias& bias, const Projections& projections, Index capacity,
            std::string module_name = {})
-      : w_storage_(storage_of(weight)),
-        out_(weight.rows()),
-        in_(weight.cols()),
-        bias_data_(bias.data()),
-        capacity_(capacity),
+      : Base(weight, bias, capacity, std::move(module_name)),
         rank_(projections.rank()),
         a_data_(projections.a().data()),
         a_ld_(projections.max_in()),
-        b_data_(projections.b().data()),
-        module_(std::move(module_name)) {
-    if constexpr (dense_weight) {
-      w_data_ = weight.data();
-      w_ld_ = weight.outerStride();
-    }
+        b_data_(projections.b().data()) {
     if (capacity <= 0) {
       PEFT_THROW(config_error(where("VeraBank()") + ": capacity = " + std::to_string(capacity) +
                               " must be > 0"));
@@ -89,50 +91,28 @@ class VeraBank {
                                  std::to_string(projections.max_out()) +
                                  ", max_in = " + std::to_string(projections.max_in()) + ")"));
     }
-    if (bias.data() != nullptr && bias.size() != out_) {
-      PEFT_THROW(dimension_error(where("VeraBank()") + ": bias has " + std::to_string(bias.size()) +
-                                 " entries, expected out_features = " + std::to_string(out_) +
-                                 " (W is " + detail::shape_string(out_, in_) + ")"));
-    }
-    memory_ = Vector<Scalar>::Zero(capacity * slot_size());
-    slots_.resize(std::size_t(capacity));
+    this->check_bias("VeraBank()", bias);
+    this->allocate(rank_ + out_);
   }
   /// Temporary projections would dangle as soon as the statement ends: refused.
   VeraBank(const Weight&, const Projections&&, Index, std::string = {}) = delete;
   VeraBank(const Weight&, const Bias&, const Projections&&, Index, std::string = {}) = delete;
 
-  Index in_features() const noexcept { return in_; }
-  Index out_features() const noexcept { return out_; }
-  Index capacity() const noexcept { return capacity_; }
+  // in_features(), out_features(), capacity(), slot_size() (r + out: [λ_d | λ_b], VeraLinear's
+  // parameters() layout), size(), module_name(), weight(), bias(), has_bias(), occupied(),
+  // adapter_name(), make_gradients() and evict() are BankBase's (detail/bank_common.hpp).
+
   /// r, the shared projections' rank.
   Index rank() const noexcept { return rank_; }
-  /// Values per tenant: r + out ([λ_d | λ_b], VeraLinear's parameters() layout).
-  Index slot_size() const noexcept { return rank_ + out_; }
-  Index num_parameters() const noexcept { return slot_size(); }
-  /// Loaded tenants (a writer's view: not for readers racing a load).
-  Index size() const noexcept { return size_; }
-  const std::string& module_name() const noexcept { return module_; }
+  /// Values per tenant: r + out.
+  Index num_parameters() const noexcept { return this->slot_size(); }
 
-  Weight weight() const noexcept {
-    if constexpr (dense_weight) {
-      return Weight(w_data_, out_, in_, Eigen::OuterStride<>(w_ld_));
-    } else {
-      return w_storage_;
-    }
-  }
-  bool has_bias() const noexcept { return bias_data_ != nullptr; }
-  Bias bias() const noexcept { return has_bias() ? Bias(bias_data_, out_) : no_bias<Scalar>(); }
   /// This layer's slices of the shared projections: A_l `[r, in]`, B_l `[out, r]`.
   typename Projections::ASlice a() const noexcept {
     return {a_data_, rank_, in_, Eigen::OuterStride<>(a_ld_)};
   }
   typename Projections::BSlice b() const noexcept { return {b_data_, out_, rank_}; }
 
-  bool occupied(Index slot) const {
-    check_range("occupied()", slot);
-    return slots_[std::size_t(slot)].occupied;
-  }
-  const std::string& adapter_name(Index slot) const { return loaded("adapter_name()", slot).name; }
   /// λ_d `[r]` and λ_b `[out]` of a tenant, and both flat ([λ_d | λ_b]); valid until evicted.
   Eigen::Map<Vector<Scalar>> lambda_d(Index slot) { return {data_of("lambda_d()", slot), rank_}; }
   Eigen::Map<const Vector<Scalar>> lambda_d(Index slot) const {
@@ -145,18 +125,18 @@ class VeraBank {
     return {data_of("lambda_b()", slot) + rank_, out_};
   }
   Eigen::Map<Vector<Scalar>> parameters(Index slot) {
-    return {data_of("parameters()", slot), slot_size()};
+    return {data_of("parameters()", slot), this->slot_size()};
   }
   Eigen::Map<const Vector<Scalar>> parameters(Index slot) const {
-    return {data_of("parameters()", slot), slot_size()};
+    return {data_of("parameters()", slot), this->slot_size()};
   }
 
   /// A zeroed gradient buffer with this bank's slot layout.
-  Gradients make_gradients() const { return Gradients(capacity_, slot_size()); }
+  Gradients make_gradients() const { return Gradients(capacity_, this->slot_size()); }
   Eigen::Map<Vector<Scalar>> gradient(Gradients& grads, Index slot) const {
     check_gradients("gradient()", grads);
     loaded("gradient()", slot);
-    return {grads.slot_data(slot), slot_size()};
+    return {grads.slot_data(slot), this->slot_size()};
   }
   Eigen::Map<Vector<Scalar>> grad_lambda_d(Gradients& grads, Index slot) const {
     check_gradients("grad_lambda_d()", grads);
@@ -214,193 +194,70 @@ class VeraBank {
     return place(lambda_d, lambda_b, std::move(name));
   }
 
-  /// Empties a slot; other slots are not touched.
-  void evict(Index slot) {
-    loaded("evict()", slot);
-    slots_[std::size_t(slot)] = Slot{};
-    --size_;
-  }
-
   /// y = x Wᵀ + b + each row's tenant term (−1 rows: none). Ids are checked before y is written.
-  void forward(const ConstRef& x, AdapterIds ids, Ref y, Workspace<Scalar>& ws) const {
-    check_forward("forward()", x, ids, y);
-    const bool any = check_ids("forward()", ids, ws);
-    if constexpr (dense_weight) {
-      y.noalias() = x * weight().transpose();
-    } else {
-      detail::storage_forward(w_storage_, x, y, ws, default_panel_bytes);
-    }
-    if (has_bias()) y.rowwise() += bias().transpose();
-    if (any) add_terms(x, ids, y, ws);
-  }
+  void forward(const ConstRef& x, AdapterIds ids, Ref y, Workspace<Scalar>& ws) const;
 
   /// y += each row's tenant term only.
-  void add_delta(const ConstRef& x, AdapterIds ids, Ref y, Workspace<Scalar>& ws) const {
-    check_forward("add_delta()", x, ids, y);
-    if (check_ids("add_delta()", ids, ws)) add_terms(x, ids, y, ws);
-  }
+  void add_delta(const ConstRef& x, AdapterIds ids, Ref y, Workspace<Scalar>& ws) const;
 
   /**
    * dx = dy W + each row's tenant term (overwritten), and dλ_d, dλ_b of every named tenant
    * accumulated (+=) into `grads`: four shared GEMMs whatever the number of tenants.
    */
   void backward(const ConstRef& x, const ConstRef& dy, AdapterIds ids, Ref dx, Gradients& grads,
-                Workspace<Scalar>& ws) const {
-    check_backward("backward()", x, dy, ids, grads);
-    if (dx.rows() != x.rows() || dx.cols() != in_) {
-      detail::check_shape(where("backward()").c_str(), detail::operand("dx", dx), x.rows(), in_,
-                          detail::operand("x", x), weight_operand());
-    }
-    check_disjoint("backward()", "x", x, "dx", dx);
-    check_disjoint("backward()", "dy", dy, "dx", dx);
-    const bool any = check_ids("backward()", ids, ws);
-    if constexpr (dense_weight) {
-      dx.noalias() = dy * weight();
-    } else {
-      detail::storage_input_gradient(w_storage_, dy, dx, ws, default_panel_bytes);
-    }
-    if (any) backward_terms(x, dy, ids, &dx, grads, ws);
-  }
+                Workspace<Scalar>& ws) const;
 
   /// As backward() without the input gradient.
   void backward(const ConstRef& x, const ConstRef& dy, AdapterIds ids, Gradients& grads,
-                Workspace<Scalar>& ws) const {
-    check_backward("backward()", x, dy, ids, grads);
-    if (check_ids("backward()", ids, ws)) backward_terms(x, dy, ids, nullptr, grads, ws);
-  }
+                Workspace<Scalar>& ws) const;
 
  private:
-  struct Slot {
-    bool occupied = false;
-    std::string name;
-  };
-
+  static constexpr const char* class_name = "VeraBank";
   static constexpr WorkspaceSlot slot_t = WorkspaceSlot::rank_input;     // X A_lᵀ       [n, r]
   static constexpr WorkspaceSlot slot_z = WorkspaceSlot::rank_gradient;  // Z, then G B_l [n, r]
   static constexpr WorkspaceSlot slot_v = WorkspaceSlot::factor;         // V, then G     [n, out]
 
-  static std::conditional_t<dense_weight, Dense, Storage> storage_of(const Weight& w) {
-    if constexpr (dense_weight) {
-      return Dense{};
-    } else {
-      return w;
-    }
-  }
+  using Base::capacity_;
+  using Base::check_gradients;
+  using Base::in_;
+  using Base::loaded;
+  using Base::out_;
+  using Base::slot_data;
+  using Base::where;
 
-  std::string where(const char* method) const {
-    return std::string("VeraBank::") + method + detail::module_suffix(module_);
-  }
-  detail::Operand weight_operand() const noexcept { return {"W", out_, in_}; }
+  /// The expected gradient layout, for check_gradients()'s message.
+  std::string slot_layout() const { return "r + out = " + std::to_string(this->slot_size_); }
 
-  void check_range(const char* method, Index slot) const {
-    if (slot < 0 || slot >= capacity_) {
-      PEFT_THROW(config_error(where(method) + ": slot " + std::to_string(slot) +
-                              " is out of range: the bank has capacity " +
-                              std::to_string(capacity_) + " (slots 0.." +
-                              std::to_string(capacity_ - 1) + ")"));
-    }
-  }
-  const Slot& loaded(const char* method, Index slot) const {
-    check_range(method, slot);
-    const Slot& s = slots_[std::size_t(slot)];
-    if (!s.occupied) {
-      PEFT_THROW(state_error(where(method) + ": slot " + std::to_string(slot) +
-                             " holds no adapter (evicted or never loaded)"));
-    }
-    return s;
-  }
   Scalar* data_of(const char* method, Index slot) {
     loaded(method, slot);
-    return memory_.data() + slot * slot_size();
+    return slot_data(slot);
   }
   const Scalar* data_of(const char* method, Index slot) const {
     loaded(method, slot);
-    return memory_.data() + slot * slot_size();
+    return slot_data(slot);
   }
   // Unchecked, for the hot paths (ids were checked once).
-  const Scalar* lambda_d_of(int slot) const noexcept { return memory_.data() + slot * slot_size(); }
+  const Scalar* lambda_d_of(int slot) const noexcept { return slot_data(slot); }
   const Scalar* lambda_b_of(int slot) const noexcept { return lambda_d_of(slot) + rank_; }
-
-  void check_gradients(const char* method, const Gradients& grads) const {
-    if (grads.capacity() != capacity_ || grads.slot_size() != slot_size()) {
-      PEFT_THROW(dimension_error(
-          where(method) + ": grads has " + std::to_string(grads.capacity()) + " slots of " +
-          std::to_string(grads.slot_size()) + " values, expected " + std::to_string(capacity_) +
-          " of r + out = " + std::to_string(slot_size()) + "; use make_gradients()"));
-    }
-  }
 
   template <typename DD, typename DB>
   int place(const Eigen::MatrixBase<DD>& lambda_d, const Eigen::MatrixBase<DB>& lambda_b,
             std::string name) {
-    Index slot = 0;
-    while (slot < capacity_ && slots_[std::size_t(slot)].occupied) ++slot;
-    if (slot == capacity_) {
-      PEFT_THROW(state_error(where("load()") + ": the bank is full (" + std::to_string(capacity_) +
-                             " slots); evict one first"));
-    }
+    const Index slot = this->free_slot("load()");
     if (!detail::all_finite(lambda_d) || !detail::all_finite(lambda_b)) {
       PEFT_THROW(numerical_error(where("load()") + ", " + detail::slot_label(slot, name) +
                                  ": lambda_d or lambda_b holds a non-finite value"));
     }
-    Scalar* data = memory_.data() + slot * slot_size();
+    Scalar* data = slot_data(slot);
     Eigen::Map<Vector<Scalar>>(data, rank_) = lambda_d.template cast<Scalar>();
     Eigen::Map<Vector<Scalar>>(data + rank_, out_) = lambda_b.template cast<Scalar>();
-    Slot& s = slots_[std::size_t(slot)];
-    s.name = std::move(name);
-    s.occupied = true;
-    ++size_;
-    return int(slot);
-  }
-
-  void check_forward(const char* method, const ConstRef& x, const AdapterIds& ids,
-                     const Ref& y) const {
-    if (x.cols() != in_ || y.rows() != x.rows() || y.cols() != out_) {
-      const std::string w = where(method);
-      detail::check_cols(w.c_str(), detail::operand("x", x), in_, "in_features", weight_operand());
-      detail::check_shape(w.c_str(), detail::operand("y", y), x.rows(), out_,
-                          detail::operand("x", x), weight_operand());
-    }
-    check_id_count(method, x, ids);
-    check_disjoint(method, "x", x, "y", y);
-  }
-
-  void check_backward(const char* method, const ConstRef& x, const ConstRef& dy,
-                      const AdapterIds& ids, const Gradients& grads) const {
-    if (x.cols() != in_ || dy.rows() != x.rows() || dy.cols() != out_) {
-      const std::string w = where(method);
-      detail::check_cols(w.c_str(), detail::operand("x", x), in_, "in_features", weight_operand());
-      detail::check_shape(w.c_str(), detail::operand("dy", dy), x.rows(), out_,
-                          detail::operand("x", x), weight_operand());
-    }
-    check_id_count(method, x, ids);
-    check_gradients(method, grads);
-  }
-
-  void check_id_count(const char* method, const ConstRef& x, const AdapterIds& ids) const {
-    if (ids.size() != x.rows()) {
-      PEFT_THROW(dimension_error(where(method) + ": ids has " + std::to_string(ids.size()) +
-                                 " entries, expected x.rows() = " + std::to_string(x.rows()) +
-                                 " (x is " + detail::shape_string(x.rows(), x.cols()) + ")"));
-    }
-  }
-
-  template <typename In, typename Out>
-  void check_disjoint(const char* method, const char* in_name, const In& input,
-                      const char* out_name, const Out& output) const {
-    if (detail::overlaps(input, output)) {
-      PEFT_THROW(dimension_error(where(method) + ": " + out_name + " overlaps " + in_name +
-                                 " in memory; pass a separate output buffer"));
-    }
+    return this->publish(slot, std::move(name));
   }
 
   /// Checks every id (range, loaded); returns whether any row names a tenant.
   bool check_ids(const char* method, const AdapterIds& ids, Workspace<Scalar>& ws) const {
     Index* count = ws.index_buffer(2 * capacity_);
-    detail::count_bank_rows(
-        ids, capacity_, count, count + capacity_,
-        [&](Index k) { return slots_[std::size_t(k)].occupied; }, [&] { return where(method); },
-        [&](Index k) { return detail::slot_label(k, slots_[std::size_t(k)].name); });
+    this->count_rows(method, ids, count, count + capacity_);
     for (Index i = 0; i < ids.size(); ++i)
       if (ids[i] != no_adapter) return true;
     return false;
@@ -464,25 +321,52 @@ class VeraBank {
     if (dx != nullptr) detail::add_product(*dx, Scalar(1), z, a(), ws);
   }
 
-  const Scalar* w_data_ = nullptr;
-  Index w_ld_ = 0;
-  std::conditional_t<dense_weight, Dense, Storage> w_storage_;
-  Index out_;
-  Index in_;
-  const Scalar* bias_data_;
-  Index capacity_;
   Index rank_;
   const Scalar* a_data_;
   Index a_ld_;
   const Scalar* b_data_;
-  Index size_ = 0;
-  std::string module_;
-  /// Every tenant's [λ_d | λ_b], slot k at k · (r + out): allocated once, never moved.
-  Vector<Scalar> memory_;
-  std::vector<Slot> slots_;
 };
+
+template <typename Scalar, typename Storage>
+void VeraBank<Scalar, Storage>::forward(const ConstRef& x, AdapterIds ids, Ref y,
+                                        Workspace<Scalar>& ws) const {
+  this->check_forward("forward()", x, ids, y);
+  const bool any = check_ids("forward()", ids, ws);
+  this->base_forward(x, y, ws);
+  if (any) add_terms(x, ids, y, ws);
+}
+
+template <typename Scalar, typename Storage>
+void VeraBank<Scalar, Storage>::add_delta(const ConstRef& x, AdapterIds ids, Ref y,
+                                          Workspace<Scalar>& ws) const {
+  this->check_forward("add_delta()", x, ids, y);
+  if (check_ids("add_delta()", ids, ws)) add_terms(x, ids, y, ws);
+}
+
+template <typename Scalar, typename Storage>
+void VeraBank<Scalar, Storage>::backward(const ConstRef& x, const ConstRef& dy, AdapterIds ids,
+                                         Ref dx, Gradients& grads, Workspace<Scalar>& ws) const {
+  this->check_backward("backward()", x, dy, ids, grads);
+  this->check_dx("backward()", x, dy, dx);
+  const bool any = check_ids("backward()", ids, ws);
+  this->base_input_gradient(dy, dx, ws);
+  if (any) backward_terms(x, dy, ids, &dx, grads, ws);
+}
+
+template <typename Scalar, typename Storage>
+void VeraBank<Scalar, Storage>::backward(const ConstRef& x, const ConstRef& dy, AdapterIds ids,
+                                         Gradients& grads, Workspace<Scalar>& ws) const {
+  this->check_backward("backward()", x, dy, ids, grads);
+  if (check_ids("backward()", ids, ws)) backward_terms(x, dy, ids, nullptr, grads, ws);
+}
 
 using VeraBankf = VeraBank<float>;
 using VeraBankd = VeraBank<double>;
+
+#if PEFT_COMPILED
+// Compiled once, in peft::compiled (src/bank_*.cpp).
+extern template class VeraBank<float>;
+extern template class VeraBank<double>;
+#endif
 
 PEFT_NAMESPACE_END

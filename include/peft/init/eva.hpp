@@ -5,6 +5,7 @@
 #pragma once
 #include <peft/config.hpp>
 #include <peft/detail/checks.hpp>
+#include <peft/dist/communicator.hpp>
 #include <peft/error.hpp>
 #include <peft/linalg/incremental_pca.hpp>
 #include <peft/lora.hpp>
@@ -139,17 +140,45 @@ class Eva {
   /// Feeds one batch of layer `l`'s input `[tokens, in]`; rows with keep = false are dropped.
   template <typename Derived>
   void feed(Index l, const Eigen::MatrixBase<Derived>& x) {
-    feed_impl(l, x, static_cast<const Eigen::Array<bool, Eigen::Dynamic, 1>*>(nullptr));
+    feed_impl(l, x, static_cast<const Eigen::Array<bool, Eigen::Dynamic, 1>*>(nullptr), nullptr);
   }
   template <typename Derived, typename MaskDerived>
   void feed(Index l, const Eigen::MatrixBase<Derived>& x,
             const Eigen::DenseBase<MaskDerived>& keep) {
     const Eigen::Array<bool, Eigen::Dynamic, 1> mask = keep.derived().template cast<bool>();
-    feed_impl(l, x, &mask);
+    feed_impl(l, x, &mask, nullptr);
+  }
+
+  /**
+   * Data-parallel feed: this worker's rows of the batch (possibly none). Collective: every
+   * worker feeds the same layers in the same order (wants() agrees everywhere once step(comm)
+   * has broadcast the decisions). The decomposition is that of the stacked rows of every worker
+   * (IncrementalPca::partial_fit over a communicator): statistics and sketches travel, never
+   * activations.
+   */
+  template <typename Derived>
+  void feed(Index l, const Eigen::MatrixBase<Derived>& x, dist::Communicator& comm) {
+    feed_impl(l, x, static_cast<const Eigen::Array<bool, Eigen::Dynamic, 1>*>(nullptr), &comm);
+  }
+  template <typename Derived, typename MaskDerived>
+  void feed(Index l, const Eigen::MatrixBase<Derived>& x, const Eigen::DenseBase<MaskDerived>& keep,
+            dist::Communicator& comm) {
+    const Eigen::Array<bool, Eigen::Dynamic, 1> mask = keep.derived().template cast<bool>();
+    feed_impl(l, x, &mask, &comm);
   }
 
   /// Ends one calibration batch: redistributes the ranks and updates convergence.
-  EvaProgress step() {
+  EvaProgress step() { return step_impl(nullptr); }
+
+  /**
+   * Data-parallel step (collective): the ranks, convergence and the end are decided on worker 0
+   * and broadcast (2 values per layer), so every worker feeds the same layers next; when
+   * done, worker 0's decompositions are broadcast too, so every worker builds the same A.
+   */
+  EvaProgress step(dist::Communicator& comm) { return step_impl(&comm); }
+
+ private:
+  EvaProgress step_impl(dist::Communicator* comm) {
     const char* where = "peft::init::Eva::step()";
     if (layers_.empty()) PEFT_THROW(state_error(std::string(where) + ": no layer registered"));
     ++iteration_;
@@ -169,10 +198,26 @@ class Eva {
         if (member.owner == l) needed = std::max(needed, all_fitted ? member.rank : member.cap);
       owner.converged = all_fitted && (owner.component_converged.head(needed).array()).all();
     }
+    if (comm && comm->size() > 1) {  // worker 0's decisions: (rank, converged) per layer
+      std::vector<std::int64_t> decisions(2 * layers_.size());
+      for (std::size_t l = 0; l < layers_.size(); ++l) {
+        decisions[2 * l] = layers_[l].rank;
+        decisions[2 * l + 1] = layers_[l].converged ? 1 : 0;
+      }
+      comm->broadcast(decisions.data(), static_cast<Index>(decisions.size()), 0);
+      for (std::size_t l = 0; l < layers_.size(); ++l) {
+        layers_[l].rank = static_cast<Index>(decisions[2 * l]);
+        layers_[l].converged = decisions[2 * l + 1] != 0;
+      }
+    }
     for (const Layer& member : layers_)
       if (layers_[std::size_t(member.owner)].converged) ++converged;
     done_ = converged == num_layers() ||
             (options_.max_iterations > 0 && iteration_ >= options_.max_iterations);
+    if (done_ && comm && comm->size() > 1) {
+      for (Layer& ly : layers_)
+        if (ly.pca) ly.pca->broadcast_state(*comm, 0);
+    }
     EvaProgress progress;
     progress.iteration = iteration_;
     progress.converged_layers = converged;
@@ -183,6 +228,7 @@ class Eva {
     return progress;
   }
 
+ public:
   bool done() const noexcept { return done_; }
   long iterations() const noexcept { return iteration_; }
   /// Layers whose decomposition had not converged (non-empty after hitting max_iterations).
@@ -322,7 +368,7 @@ class Eva {
 
   template <typename Derived>
   void feed_impl(Index l, const Eigen::MatrixBase<Derived>& x,
-                 const Eigen::Array<bool, Eigen::Dynamic, 1>* keep) {
+                 const Eigen::Array<bool, Eigen::Dynamic, 1>* keep, dist::Communicator* comm) {
     const std::string where = "peft::init::Eva::feed()";
     check_index(where.c_str(), l);
     Layer& ly = layer(l);
@@ -340,7 +386,12 @@ class Eva {
     if (!started_) start();
     const Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic> previous = ly.pca->components();
     const bool had = ly.pca->fitted();
-    const bool fitted = keep ? ly.pca->partial_fit(x, *keep) : ly.pca->partial_fit(x);
+    bool fitted = false;
+    if (comm) {
+      fitted = keep ? ly.pca->partial_fit(x, *keep, *comm) : ly.pca->partial_fit(x, *comm);
+    } else {
+      fitted = keep ? ly.pca->partial_fit(x, *keep) : ly.pca->partial_fit(x);
+    }
     if (!fitted) {
       skipped_.push_back(ly.name);
       return;

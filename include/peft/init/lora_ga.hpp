@@ -5,7 +5,9 @@
 #pragma once
 #include <peft/config.hpp>
 #include <peft/detail/checks.hpp>
+#include <peft/dist/communicator.hpp>
 #include <peft/error.hpp>
+#include <peft/linalg/distributed_svd.hpp>
 #include <peft/linalg/randomized_svd.hpp>
 #include <peft/lora.hpp>
 #include <peft/random.hpp>
@@ -65,6 +67,12 @@ class GradientAccumulator {
     return sum_ / static_cast<Scalar>(batches_);
   }
 
+  /// The sum Σ dyᵀ x `[out, in]` over this process's batches (mean() × batches()).
+  const Matrix& sum() const {
+    if (released_) PEFT_THROW(state_error("GradientAccumulator::sum(): the buffer was released"));
+    return sum_;
+  }
+
   /// Frees the `[out, in]` buffer once the adapter is initialised.
   void release() {
     sum_ = Matrix();
@@ -103,6 +111,13 @@ struct LoraGaOptions {
   /// PEFT ≥ 0.19's variant: B carries diag(S) of its singular values and the stable factor goes
   /// on B only (random: A and B share the same indices). Off: the paper / official code.
   bool peft_compat = false;
+  /// Data-parallel (lora_ga over a communicator): all-reduce the dense gradient sum, out·in
+  /// values per layer, instead of the randomized SVD's sketches. The reference path.
+  bool dense_reduce = false;
+  /// Sketch path: columns of the test matrix (0: min(4r, min(out, in)), as the dense path).
+  Index sketch_q = 0;
+  /// Sketch path: power iterations. Each one sends q·(out + in) values; see docs/distributed.md.
+  Index sketch_niter = 1;
 };
 
 /// What lora_ga() did, and what a portable export needs later.
@@ -159,15 +174,16 @@ inline std::pair<std::vector<Index>, std::vector<Index>> split(const LoraGaOptio
  * Defaults follow the paper and the official code (ArB2r, stable, γ = 16, no singular values in
  * A or B); the paper's runs use rsLoRA scaling (`LoraOptions::use_rslora = true`).
  */
-template <typename Scalar, int Order, typename Derived>
-LoraGaResult<Scalar> lora_ga(LoraLinear<Scalar, Order>& adapter,
-                             const Eigen::MatrixBase<Derived>& gradient,
-                             typename LoraLinear<Scalar, Order>::WeightRef weight,
-                             const LoraGaOptions& options = {}) {
-  constexpr const char* where = "peft::init::lora_ga()";
+namespace detail_lora_ga {
+
+/// The checks every form of lora_ga() makes before any work (or communication).
+template <typename Scalar, int Order>
+void check(const char* where, const LoraLinear<Scalar, Order>& adapter, Index grad_rows,
+           Index grad_cols, const typename LoraLinear<Scalar, Order>::WeightRef& weight,
+           const LoraGaOptions& options) {
   const Index out = adapter.out_features(), in = adapter.in_features(), r = adapter.rank();
   const detail::Operand w_operand{"W", out, in};
-  detail::check_shape(where, detail::operand("gradient", gradient), out, in, w_operand);
+  detail::check_shape(where, detail::Operand{"gradient", grad_rows, grad_cols}, out, in, w_operand);
   detail::check_shape(where, detail::operand("weight", weight), out, in, w_operand);
   if (weight.data() != adapter.weight().data() ||
       weight.outerStride() != adapter.weight().outerStride()) {
@@ -185,13 +201,35 @@ LoraGaResult<Scalar> lora_ga(LoraLinear<Scalar, Order>& adapter,
     PEFT_THROW(config_error(std::string(where) + ": stable_gamma = " +
                             std::to_string(options.stable_gamma) + " must be finite and > 0"));
   }
+  if (options.sketch_q != 0 && (options.sketch_q < 2 * r || options.sketch_q > std::min(in, out))) {
+    PEFT_THROW(config_error(std::string(where) +
+                            ": sketch_q = " + std::to_string(options.sketch_q) +
+                            " must be 0 or in [2r = " + std::to_string(2 * r) +
+                            ", min(out, in) = " + std::to_string(std::min(in, out)) + "]"));
+  }
+  if (options.sketch_niter < 0) {
+    PEFT_THROW(config_error(std::string(where) + ": sketch_niter must be >= 0"));
+  }
+}
 
-  linalg::RandomizedSvdOptions svd_options;
-  svd_options.q = std::min(4 * r, std::min(in, out));
-  svd_options.niter = options.niter;
-  svd_options.seed = options.seed;
-  const auto svd = linalg::randomized_svd(gradient.template cast<Scalar>(), 2 * r, svd_options);
-  const auto [index_a, index_b] = detail_lora_ga::split(options, r);
+/// The dense path's randomized-SVD settings: q = min(4r, min(out, in)), `niter`, `seed`.
+inline linalg::RandomizedSvdOptions svd_options(Index r, Index out, Index in,
+                                                const LoraGaOptions& options) {
+  linalg::RandomizedSvdOptions o;
+  o.q = std::min(4 * r, std::min(in, out));
+  o.niter = options.niter;
+  o.seed = options.seed;
+  return o;
+}
+
+/// Sets A and B from the top 2r triplets of G, scales them, offsets W (see lora_ga()).
+template <typename Scalar, int Order>
+LoraGaResult<Scalar> finish(LoraLinear<Scalar, Order>& adapter,
+                            const linalg::SvdResult<Scalar>& svd,
+                            typename LoraLinear<Scalar, Order>::WeightRef weight,
+                            const LoraGaOptions& options) {
+  const Index out = adapter.out_features(), in = adapter.in_features(), r = adapter.rank();
+  const auto [index_a, index_b] = split(options, r);
 
   auto a = adapter.a();
   auto b = adapter.b();
@@ -218,9 +256,7 @@ LoraGaResult<Scalar> lora_ga(LoraLinear<Scalar, Order>& adapter,
     case LoraGaScale::unit:
       break;
     case LoraGaScale::weightS: {
-      linalg::RandomizedSvdOptions w_options;
-      w_options.q = svd_options.q;
-      w_options.niter = options.niter;
+      linalg::RandomizedSvdOptions w_options = svd_options(r, out, in, options);
       w_options.seed = options.seed + 1;
       const auto w_svd = linalg::randomized_svd(weight, r, w_options);
       if (options.peft_compat) {
@@ -250,6 +286,31 @@ LoraGaResult<Scalar> lora_ga(LoraLinear<Scalar, Order>& adapter,
   return result;
 }
 
+}  // namespace detail_lora_ga
+
+/**
+ * Initialises `adapter` from the averaged gradient G `[out, in]` of its frozen weight, then
+ * offsets that weight, W ← W − s B A, so the adapted model's output is unchanged at step 0.
+ *
+ * `weight` must be the matrix the adapter views (the mutation is visible at the call site). One
+ * randomized SVD of G (q = min(4r, min(out, in)), `niter` power iterations): never a full SVD.
+ * Defaults follow the paper and the official code (ArB2r, stable, γ = 16, no singular values in
+ * A or B); the paper's runs use rsLoRA scaling (`LoraOptions::use_rslora = true`).
+ */
+template <typename Scalar, int Order, typename Derived>
+LoraGaResult<Scalar> lora_ga(LoraLinear<Scalar, Order>& adapter,
+                             const Eigen::MatrixBase<Derived>& gradient,
+                             typename LoraLinear<Scalar, Order>::WeightRef weight,
+                             const LoraGaOptions& options = {}) {
+  constexpr const char* where = "peft::init::lora_ga()";
+  detail_lora_ga::check(where, adapter, gradient.rows(), gradient.cols(), weight, options);
+  const Index r = adapter.rank();
+  const auto svd = linalg::randomized_svd(
+      gradient.template cast<Scalar>(), 2 * r,
+      detail_lora_ga::svd_options(r, adapter.out_features(), adapter.in_features(), options));
+  return detail_lora_ga::finish(adapter, svd, weight, options);
+}
+
 /// Convenience overload taking the accumulator (its mean gradient).
 template <typename Scalar, int Order>
 LoraGaResult<Scalar> lora_ga(LoraLinear<Scalar, Order>& adapter,
@@ -257,6 +318,58 @@ LoraGaResult<Scalar> lora_ga(LoraLinear<Scalar, Order>& adapter,
                              typename LoraLinear<Scalar, Order>::WeightRef weight,
                              const LoraGaOptions& options = {}) {
   return lora_ga(adapter, gradients.mean(), weight, options);
+}
+
+/**
+ * Data-parallel LoRA-GA: every worker holds its own accumulator (its share of the calibration
+ * batches) and calls this with the same adapter, weight and options; G is the mean over every
+ * worker's batches. By default G is never summed: the workers reduce the randomized SVD's
+ * sketches of Σ_w G_w (linalg::SummedOperator with the same seeded Ω everywhere), q (out + in)
+ * (sketch_niter + 1) values per worker with q = sketch_q (0: min(4r, min(out, in))), and finish
+ * with the same small SVD, so A, B and the offset are the same bits on every worker. With
+ * `dense_reduce` the dense sum is all-reduced (out·in values) and decomposed as by the
+ * single-process lora_ga(). Either way the result is that of lora_ga() on the mean of all the
+ * batches within the randomized SVD's accuracy (identical up to rounding when sketch_q and
+ * sketch_niter equal the dense path's q and niter). Collective: every worker must call it.
+ */
+template <typename Scalar, int Order>
+LoraGaResult<Scalar> lora_ga(LoraLinear<Scalar, Order>& adapter,
+                             const GradientAccumulator<Scalar>& local,
+                             typename LoraLinear<Scalar, Order>::WeightRef weight,
+                             dist::Communicator& comm, const LoraGaOptions& options = {}) {
+  constexpr const char* where = "peft::init::lora_ga()";
+  detail_lora_ga::check(where, adapter, local.out_features(), local.in_features(), weight, options);
+  std::int64_t batches = local.batches();
+  comm.all_reduce_sum(&batches, 1);
+  if (batches == 0) {
+    PEFT_THROW(state_error(std::string(where) +
+                           ": no batch accumulated on any worker; run the calibration batches "
+                           "first"));
+  }
+  const Index r = adapter.rank(), out = adapter.out_features(), in = adapter.in_features();
+  const Scalar inverse = Scalar(1) / static_cast<Scalar>(batches);
+  if (options.dense_reduce) {
+    RowMatrix<Scalar> sum = local.sum();
+    comm.all_reduce_sum(sum.data(), sum.size());
+    sum *= inverse;
+    return detail_lora_ga::finish(
+        adapter,
+        linalg::randomized_svd(sum, 2 * r, detail_lora_ga::svd_options(r, out, in, options)),
+        weight, options);
+  }
+  linalg::RandomizedSvdOptions o = detail_lora_ga::svd_options(r, out, in, options);
+  if (options.sketch_q != 0) o.q = options.sketch_q;
+  o.niter = options.sketch_niter;
+  // A non-finite sum on one worker would stall the others mid-sketch: agree first.
+  std::int64_t bad = local.sum().allFinite() ? 0 : 1;
+  comm.all_reduce_sum(&bad, 1);
+  if (bad != 0) {
+    PEFT_THROW(numerical_error(std::string(where) + ": the gradient sum of " + std::to_string(bad) +
+                               " worker(s) holds non-finite values"));
+  }
+  const linalg::SummedOperator<RowMatrix<Scalar>> op(local.sum(), comm, inverse);
+  return detail_lora_ga::finish(adapter, linalg::randomized_svd_of(op, 2 * r, o, where), weight,
+                                options);
 }
 
 /// Undoes the offset: W ← W + s B₀ A₀ gives back the original weight (up to rounding).

@@ -5,7 +5,9 @@
 #pragma once
 #include <peft/config.hpp>
 #include <peft/detail/checks.hpp>
+#include <peft/dist/communicator.hpp>
 #include <peft/error.hpp>
+#include <peft/linalg/distributed_svd.hpp>
 #include <peft/linalg/randomized_svd.hpp>
 #include <peft/types.hpp>
 
@@ -15,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 PEFT_NAMESPACE_BEGIN
 namespace linalg {
@@ -89,9 +92,57 @@ class IncrementalPca {
     return fit_rows(x.template cast<double>(), &mask);
   }
 
+  /**
+   * Data-parallel partial_fit: every worker passes its own rows of one batch and the result is
+   * that of partial_fit() on all of them stacked, up to rounding; no row leaves its worker.
+   * Collective (every worker calls it, with its rows, possibly none). What travels per worker:
+   * the row count, sum and non-finite count `[features + 2]`, the centred squares
+   * `[features]`, then the randomized SVD of the split stack (linalg::RowSplitOperator): per
+   * power iteration a gathered R `[≤ q, q]` and Mᵀ Q `[features, q]`, then Qᵀ M `[q, features]`
+   * (q = 2k). The state kept from the stack's first k rows (the previous fit and the mean
+   * correction) is worker 0's: its state is the one that counts, and the others' equals it on
+   * identical hardware (broadcast_state() makes it so everywhere).
+   * With `exact` the centred rows are gathered and decomposed densely on every worker.
+   */
+  template <typename Derived>
+  bool partial_fit(const Eigen::MatrixBase<Derived>& x, dist::Communicator& comm) {
+    return fit_split(x.template cast<double>(), nullptr, comm);
+  }
+  template <typename Derived, typename MaskDerived>
+  bool partial_fit(const Eigen::MatrixBase<Derived>& x, const Eigen::DenseBase<MaskDerived>& keep,
+                   dist::Communicator& comm) {
+    if (keep.size() != x.rows()) {
+      PEFT_THROW(dimension_error("IncrementalPca::partial_fit(): row mask has " +
+                                 std::to_string(keep.size()) +
+                                 " entries, expected one per row of x (x is " +
+                                 detail::shape_string(x.rows(), x.cols()) + ")"));
+    }
+    const Eigen::Array<bool, Eigen::Dynamic, 1> mask = keep.derived().template cast<bool>();
+    return fit_split(x.template cast<double>(), &mask, comm);
+  }
+
+  /// Copies worker `root`'s state (counts, mean, variance, components, spectra) to every worker.
+  void broadcast_state(dist::Communicator& comm, int root = 0) {
+    std::int64_t n = n_seen_;
+    comm.broadcast(&n, 1, root);
+    n_seen_ = static_cast<long>(n);
+    Index k = components_.rows();
+    comm.broadcast(&k, 1, root);
+    components_.resize(k, features_);
+    singular_values_.resize(k);
+    explained_variance_.resize(k);
+    ratio_.resize(k);
+    comm.broadcast(mean_.data(), mean_.size(), root);
+    comm.broadcast(var_.data(), var_.size(), root);
+    comm.broadcast(components_.data(), components_.size(), root);
+    comm.broadcast(singular_values_.data(), k, root);
+    comm.broadcast(explained_variance_.data(), k, root);
+    comm.broadcast(ratio_.data(), k, root);
+  }
+
  private:
   template <typename Dense>
-  bool fit_rows(const Dense& x_in, const Eigen::Array<bool, Eigen::Dynamic, 1>* keep) {
+  Matrix masked(const Dense& x_in, const Eigen::Array<bool, Eigen::Dynamic, 1>* keep) const {
     constexpr const char* where = "IncrementalPca::partial_fit()";
     if (x_in.cols() != features_) {
       PEFT_THROW(dimension_error(std::string(where) + ": x has " + std::to_string(x_in.cols()) +
@@ -106,6 +157,91 @@ class IncrementalPca {
     } else {
       x = x_in;
     }
+    return x;
+  }
+
+  template <typename Dense>
+  bool fit_split(const Dense& x_in, const Eigen::Array<bool, Eigen::Dynamic, 1>* keep,
+                 dist::Communicator& comm) {
+    constexpr const char* where = "IncrementalPca::partial_fit()";
+    Matrix x = masked(x_in, keep);
+    // Count, non-finite count and sum in one reduction: every worker decides alike.
+    const bool finite = x.allFinite();
+    Vector<double> stats = Vector<double>::Zero(features_ + 2);
+    stats(0) = static_cast<double>(x.rows());
+    stats(1) = finite ? 0.0 : 1.0;
+    if (finite) stats.tail(features_) = x.colwise().sum().transpose();
+    comm.all_reduce_sum(stats.data(), stats.size());
+    if (stats(1) != 0.0) {
+      PEFT_THROW(numerical_error(std::string(where) + ": x holds non-finite values on " +
+                                 std::to_string(static_cast<long>(stats(1))) + " worker(s)"));
+    }
+    const Index n = static_cast<Index>(stats(0));
+    if (n < k_) return false;
+    const double n_old = static_cast<double>(n_seen_), n_new = static_cast<double>(n);
+    const double n_total = n_old + n_new;
+    const Vector<double> batch_mean = stats.tail(features_) / n_new;
+    x.rowwise() -= batch_mean.transpose();
+    Vector<double> batch_m2 = x.colwise().squaredNorm().transpose();
+    comm.all_reduce_sum(batch_m2.data(), batch_m2.size());
+    const Vector<double> delta = batch_mean - mean_;
+    const Vector<double> m2 =
+        var_ * n_old + batch_m2 + delta.cwiseAbs2() * (n_old * n_new / n_total);
+
+    // Worker 0 adds the rows every worker holds alike: the previous fit and the mean correction.
+    const bool carry = n_seen_ > 0;
+    Matrix local;
+    if (carry && comm.rank() == 0) {
+      local.resize(k_ + x.rows() + 1, features_);
+      local.topRows(k_) = singular_values_.asDiagonal() * components_;
+      local.middleRows(k_, x.rows()) = x;
+      local.bottomRows(1) = std::sqrt(n_old * n_new / n_total) * (mean_ - batch_mean).transpose();
+    } else {
+      local = std::move(x);
+    }
+    const Index stack_rows = n + (carry ? k_ + 1 : 0);
+    SvdResult<double> svd;
+    if (options_.exact) {
+      const Matrix stack = comm.all_gather_rows(local);
+      const auto full = detail::thin_svd(stack, where);
+      svd = {full.u.leftCols(k_), full.s.head(k_), full.v.leftCols(k_)};
+    } else {
+      RandomizedSvdOptions o;
+      o.q = std::min(2 * k_, std::min(stack_rows, features_));
+      o.niter = options_.niter;
+      o.seed = options_.seed;
+      const RowSplitOperator<double> op(local, comm);
+      svd = randomized_svd_of(op, k_, o, where);
+    }
+    update(svd, m2, delta, n_new, n_total);
+    return true;
+  }
+
+  // svd_flip, the spectra, then mean, variance and count: the end of every partial fit.
+  void update(SvdResult<double>& svd, const Vector<double>& m2, const Vector<double>& delta,
+              double n_new, double n_total) {
+    // svd_flip on V: the largest-|entry| of each component is positive, so signs are stable
+    // from one batch to the next (the convergence test compares signed cosines).
+    for (Index c = 0; c < k_; ++c) {
+      Index arg = 0;
+      svd.v.col(c).cwiseAbs().maxCoeff(&arg);
+      if (svd.v(arg, c) < 0) svd.v.col(c) *= -1.0;
+    }
+    components_ = svd.v.transpose();
+    singular_values_ = svd.s;
+    explained_variance_ = svd.s.cwiseAbs2() / std::max(n_total - 1.0, 1.0);
+    const double total_variance = m2.sum();
+    ratio_ = total_variance > 0 ? Vector<double>(svd.s.cwiseAbs2() / total_variance)
+                                : Vector<double>::Zero(k_);
+    mean_ = mean_ + delta * (n_new / n_total);
+    var_ = m2 / n_total;
+    n_seen_ += static_cast<long>(n_new);
+  }
+
+  template <typename Dense>
+  bool fit_rows(const Dense& x_in, const Eigen::Array<bool, Eigen::Dynamic, 1>* keep) {
+    constexpr const char* where = "IncrementalPca::partial_fit()";
+    Matrix x = masked(x_in, keep);
     if (!x.allFinite()) {
       PEFT_THROW(numerical_error(std::string(where) + ": x holds non-finite values"));
     }
@@ -143,22 +279,7 @@ class IncrementalPca {
       o.seed = options_.seed;
       svd = randomized_svd(stack, k_, o);
     }
-    // svd_flip on V: the largest-|entry| of each component is positive, so signs are stable
-    // from one batch to the next (the convergence test compares signed cosines).
-    for (Index c = 0; c < k_; ++c) {
-      Index arg = 0;
-      svd.v.col(c).cwiseAbs().maxCoeff(&arg);
-      if (svd.v(arg, c) < 0) svd.v.col(c) *= -1.0;
-    }
-    components_ = svd.v.transpose();
-    singular_values_ = svd.s;
-    explained_variance_ = svd.s.cwiseAbs2() / std::max(n_total - 1.0, 1.0);
-    const double total_variance = m2.sum();
-    ratio_ = total_variance > 0 ? Vector<double>(svd.s.cwiseAbs2() / total_variance)
-                                : Vector<double>::Zero(k_);
-    mean_ = mean_ + delta * (n_new / n_total);
-    var_ = m2 / n_total;
-    n_seen_ += n;
+    update(svd, m2, delta, n_new, n_total);
     return true;
   }
 

@@ -34,20 +34,12 @@ struct SvdResult {
   Matrix<Scalar, Eigen::ColMajor> v;
 };
 
-/**
- * Top-`rank` singular triplets of `m` by a seeded randomized range finder: Gaussian test matrix
- * Ω `[n, q]`, Y = M Ω, `niter` power iterations Y ← M (Mᵀ Q) with a QR after each product (so
- * the small singular directions are not lost to rounding), then the exact SVD of the small
- * `[q, n]` matrix Qᵀ M. Cost O(m n q (2 niter + 2)); memory O((m + n) q). Deterministic for a
- * seed. Never decomposes `m` itself: the only dense SVD is of the `[q, n]` sketch.
- */
-template <typename Derived>
-SvdResult<typename Derived::Scalar> randomized_svd(const Eigen::MatrixBase<Derived>& m, Index rank,
-                                                   const RandomizedSvdOptions& options = {}) {
-  using Scalar = typename Derived::Scalar;
-  using Dense = Matrix<Scalar, Eigen::ColMajor>;
-  constexpr const char* where = "peft::linalg::randomized_svd()";
-  const Index rows = m.rows(), cols = m.cols(), smaller = std::min(rows, cols);
+namespace detail_rsvd {
+
+/// The checks every form of the randomized SVD makes; returns q.
+inline Index check_options(const char* where, Index rows, Index cols, Index rank,
+                           const RandomizedSvdOptions& options) {
+  const Index smaller = std::min(rows, cols);
   if (rank <= 0 || rank > smaller) {
     PEFT_THROW(config_error(std::string(where) + ": rank = " + std::to_string(rank) +
                             " must satisfy 0 < rank <= min(m, n) = " + std::to_string(smaller) +
@@ -62,29 +54,91 @@ SvdResult<typename Derived::Scalar> randomized_svd(const Eigen::MatrixBase<Deriv
   if (options.niter < 0) {
     PEFT_THROW(config_error(std::string(where) + ": niter must be >= 0"));
   }
-  if (!m.allFinite()) {
-    PEFT_THROW(numerical_error(std::string(where) + ": the matrix holds non-finite values"));
+  return q;
+}
+
+/// A dense matrix held whole by this process: the serial randomized SVD.
+template <typename Derived>
+class DenseOperator {
+ public:
+  using Scalar = typename Derived::Scalar;
+  using Dense = Matrix<Scalar, Eigen::ColMajor>;
+  explicit DenseOperator(const Eigen::MatrixBase<Derived>& m) : m_(m) {}
+  Index rows() const { return m_.rows(); }
+  Index cols() const { return m_.cols(); }
+  Dense left(const Dense& x) const {
+    Dense y(m_.rows(), x.cols());
+    y.noalias() = m_ * x;
+    return y;
   }
-  Dense omega(cols, q);
+  Dense orthonormal(const Dense& y) const { return detail::orthonormal_columns(y); }
+  Dense right(const Dense& q) const {
+    Dense z(m_.cols(), q.cols());
+    z.noalias() = m_.transpose() * q;
+    return z;
+  }
+  Dense project(const Dense& q) const { return q.transpose() * m_; }
+
+ private:
+  const Eigen::MatrixBase<Derived>& m_;
+};
+
+}  // namespace detail_rsvd
+
+/**
+ * The randomized SVD of a matrix M `[m, n]` known only through its products: the algorithm of
+ * randomized_svd() below, whatever holds M. Its data-parallel forms plug in here:
+ * SummedOperator (M = Σ_w M_w, each worker holding its M_w) and RowSplitOperator (M's rows
+ * split over the workers). `op` provides
+ * - `rows()`, `cols()`: M's shape (the whole of it, on every worker);
+ * - `left(x)`: M x for x `[n, q]`, in the operator's layout of the m side (the whole product for
+ *   a dense or summed M, this worker's rows of it for a row split);
+ * - `orthonormal(y)`: an orthonormal basis of the columns of y, in the same layout;
+ * - `right(q)`: Mᵀ q `[n, q]`, and `project(q)`: Qᵀ M `[q, n]`, both whole on every worker.
+ * The n-side work (the QR after `right`, the SVD of the `[q, n]` sketch) is replicated: with
+ * products that are the same on every worker (a communicator's contract), so are S and V.
+ * U is returned in the m-side layout.
+ */
+template <typename Op>
+SvdResult<typename Op::Scalar> randomized_svd_of(const Op& op, Index rank,
+                                                 const RandomizedSvdOptions& options,
+                                                 const char* where) {
+  using Scalar = typename Op::Scalar;
+  using Dense = Matrix<Scalar, Eigen::ColMajor>;
+  const Index q = detail_rsvd::check_options(where, op.rows(), op.cols(), rank, options);
+  Dense omega(op.cols(), q);
   Rng rng(options.seed);
   rng.fill_normal(omega, 0.0, 1.0);
-  Dense y(rows, q);
-  y.noalias() = m * omega;
-  Dense basis = detail::orthonormal_columns(y);
-  Dense z(cols, q);
+  Dense basis = op.orthonormal(op.left(omega));
   for (Index it = 0; it < options.niter; ++it) {
-    z.noalias() = m.transpose() * basis;
-    z = detail::orthonormal_columns(z);
-    y.noalias() = m * z;
-    basis = detail::orthonormal_columns(y);
+    const Dense z = detail::orthonormal_columns(op.right(basis));
+    basis = op.orthonormal(op.left(z));
   }
-  const Dense small = basis.transpose() * m;  // [q, n]
+  const Dense small = op.project(basis);  // [q, n]
   const auto svd = detail::thin_svd(small, where);
   SvdResult<Scalar> result;
   result.u.noalias() = basis * svd.u.leftCols(rank);
   result.s = svd.s.head(rank);
   result.v = svd.v.leftCols(rank);
   return result;
+}
+
+/**
+ * Top-`rank` singular triplets of `m` by a seeded randomized range finder: Gaussian test matrix
+ * Ω `[n, q]`, Y = M Ω, `niter` power iterations Y ← M (Mᵀ Q) with a QR after each product (so
+ * the small singular directions are not lost to rounding), then the exact SVD of the small
+ * `[q, n]` matrix Qᵀ M. Cost O(m n q (2 niter + 2)); memory O((m + n) q). Deterministic for a
+ * seed. Never decomposes `m` itself: the only dense SVD is of the `[q, n]` sketch.
+ */
+template <typename Derived>
+SvdResult<typename Derived::Scalar> randomized_svd(const Eigen::MatrixBase<Derived>& m, Index rank,
+                                                   const RandomizedSvdOptions& options = {}) {
+  constexpr const char* where = "peft::linalg::randomized_svd()";
+  detail_rsvd::check_options(where, m.rows(), m.cols(), rank, options);
+  if (!m.allFinite()) {
+    PEFT_THROW(numerical_error(std::string(where) + ": the matrix holds non-finite values"));
+  }
+  return randomized_svd_of(detail_rsvd::DenseOperator<Derived>(m), rank, options, where);
 }
 
 #if PEFT_COMPILED

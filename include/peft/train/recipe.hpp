@@ -6,6 +6,7 @@
 #include <peft/adalora.hpp>
 #include <peft/adapter_set.hpp>
 #include <peft/config.hpp>
+#include <peft/dist/communicator.hpp>
 #include <peft/error.hpp>
 #include <peft/init/eva.hpp>
 #include <peft/init/lora_ga.hpp>
@@ -29,10 +30,9 @@ PEFT_NAMESPACE_BEGIN
 namespace train {
 
 /**
- * Where a recipe reduces statistics over data-parallel workers. Every reduction of every recipe
- * goes through one object of this type; the base class is the serial (one-worker) case, whose
- * reductions are the identity. A data-parallel run derives from it and overrides the two
- * collectives (e.g. with MPI_Allreduce / MPI_Allgatherv) and `size()`.
+ * Where a recipe reduces statistics over data-parallel workers: every reduction of every recipe
+ * goes through one `dist::Communicator` (<peft/dist/communicator.hpp>); the default is the serial
+ * one, whose reductions are the identity. The alias keeps the spelling `train::Communicator<T>`.
  *
  * What goes through it:
  * - before every optimizer step, the adapters' gradients (averaged over the workers);
@@ -40,21 +40,7 @@ namespace train {
  * - EVA's calibration activations (gathered, so every worker fits the same decomposition).
  */
 template <typename Scalar>
-class Communicator {
- public:
-  virtual ~Communicator() = default;
-  /// Number of workers.
-  virtual int size() const { return 1; }
-  /// Sums `data[0, count)` element-wise over the workers, in place.
-  virtual void all_reduce_sum(Scalar* data, Index count) {
-    (void)data;  // one worker: its sum is the sum
-    (void)count;
-  }
-  /// Every worker's rows `[n_w, cols]`, stacked in worker order (the worker counts may differ).
-  virtual RowMatrix<Scalar> all_gather_rows(const Eigen::Ref<const RowMatrix<Scalar>>& local) {
-    return local;
-  }
-};
+using Communicator = dist::Communicator;
 
 /// The recipe's place in a run: attach → calibrate (LoRA-GA, EVA) → train → finish.
 enum class Phase { detached, calibrating, training, finished };
@@ -91,13 +77,13 @@ class RecipeBase {
   RecipeBase& operator=(const RecipeBase&) = delete;
 
   /// Routes this recipe's reductions through `communicator` (kept by pointer; set before attach).
-  void set_communicator(Communicator<Scalar>& communicator) {
+  void set_communicator(dist::Communicator& communicator) {
     if (phase_ != Phase::detached) {
       PEFT_THROW(state_error(where("set_communicator") + ": set it before attach()"));
     }
     communicator_ = &communicator;
   }
-  Communicator<Scalar>& communicator() const noexcept { return *communicator_; }
+  dist::Communicator& communicator() const noexcept { return *communicator_; }
 
   Phase phase() const noexcept { return phase_; }
   /// True while the trainer should run calibration batches (LoRA-GA, EVA).
@@ -232,8 +218,8 @@ class RecipeBase {
 
  private:
   const char* name_;
-  Communicator<Scalar> serial_;
-  Communicator<Scalar>* communicator_ = &serial_;
+  dist::Communicator serial_;
+  dist::Communicator* communicator_ = &serial_;
   Set* set_ = nullptr;
   bool in_step_ = false;
   long last_step_ = 0;
@@ -585,12 +571,9 @@ class LoraGaRecipe : public RecipeBase<LoraLinear<Scalar, Order, Storage>> {
         o.seed = options_.ga.seed + i;  // each layer its own test matrix
         auto w = set.writable_weight(name);
         if (comm.size() > 1) {
-          // G = Σ_workers Σ_b dyᵀx / Σ_workers batches: the mean over every worker's batches.
-          RowMatrix<Scalar> sum = g.mean() * static_cast<Scalar>(g.batches());
-          Scalar batches = static_cast<Scalar>(g.batches());
-          comm.all_reduce_sum(sum.data(), sum.size());
-          comm.all_reduce_sum(&batches, 1);
-          inits_.emplace(name, init::lora_ga(set.adapter(name), sum / batches, w, o));
+          // G: the mean over every worker's batches. Only the randomized SVD's sketches of
+          // Σ_workers Σ_b dyᵀx travel (ga.dense_reduce: the dense sums, the reference path).
+          inits_.emplace(name, init::lora_ga(set.adapter(name), g, w, comm, o));
         } else {
           inits_.emplace(name, init::lora_ga(set.adapter(name), g, w, o));
         }
@@ -658,16 +641,18 @@ class EvaRecipe : public RecipeBase<LoraLinear<Scalar, Order, Storage>> {
     if (!eva_.wants(it->second)) return;
     auto& comm = this->communicator();
     if (comm.size() > 1) {
-      eva_.feed(it->second, comm.all_gather_rows(x));  // every worker fits the same PCA
+      eva_.feed(it->second, x, comm);  // statistics and sketches reduced, never the rows
     } else {
       eva_.feed(it->second, x);
     }
   }
 
-  /// Ends one calibration batch (Eva::step); once EVA is done, attaches the adapters.
+  /// Ends one calibration batch (Eva::step, decided on worker 0); once EVA is done, attaches
+  /// the adapters.
   void end_calibration_batch() {
     this->require(Phase::calibrating, "end_calibration_batch");
-    progress_ = eva_.step();
+    auto& comm = this->communicator();
+    progress_ = comm.size() > 1 ? eva_.step(comm) : eva_.step();
     if (!progress_.done) return;
     auto& set = this->set();
     for (const auto& name : modules_) {
