@@ -1,17 +1,29 @@
 // SPDX-FileCopyrightText: The peft authors
 // SPDX-License-Identifier: Apache-2.0
 // The adapter bank (issue 19): a mixed prefill batch over K adapters against the bare base
-// product, one decode token per request against K separate LoraLinear::forward calls, and a
-// VeRA bank of 1,024 tenants against one VeraLinear.
+// product, one decode token per request against the bare K-row product and K separate
+// LoraLinear::forward calls, and a VeRA bank of 1,024 tenants against one VeraLinear. With them,
+// the two yardsticks that bound the decode ratio: a streaming read (one pass over W costs at
+// least its bytes over this) and the bare product's time against its number of rows.
 #include "bench_common.hpp"
 
 #include <peft/bank.hpp>
 #include <peft/vera_bank.hpp>
 
+#ifdef _OPENMP
+#  include <omp.h>
+#endif
+#if defined(__AVX512F__)
+#  include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace peft_bench {
@@ -113,9 +125,18 @@ void vera_bank_prefill(benchmark::State& state) {
   state.counters["bytes_per_adapter"] = double(bank.slot_size() * Index(sizeof(float)));
 }
 
-// Decode: one token for each of K = N requests, each with its own adapter. Paired with K
-// separate one-row LoraLinear::forward calls (how per-request adapters run without a bank), and
-// the bare 32-row base product reported beside it.
+/// Median of `v` (reorders it).
+double median_of(std::vector<double>& v) {
+  std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+  return v[v.size() / 2];
+}
+
+// Decode: one token for each of K = N requests, each with its own adapter. Four calls are timed
+// in every iteration, in an order that rotates from one iteration to the next: the bank's
+// forward (the case's time), the bare K-row product x Wᵀ, K separate one-row
+// LoraLinear::forward calls (how per-request adapters run without a bank), and K one-row bare
+// products (the same passes over W without the adapters). Every ratio is of medians over the
+// same iterations, so the four see the same machine load.
 void bank_decode(benchmark::State& state) {
   const Index k = state.range(0);
   BankFixture f(bank_d, k);
@@ -131,32 +152,200 @@ void bank_decode(benchmark::State& state) {
   const Mat x = random_matrix(k, bank_d, 4);
   std::vector<int> ids(static_cast<std::size_t>(k));
   for (Index j = 0; j < k; ++j) ids[std::size_t(j)] = int(j);
-  Mat y(k, bank_d), z(k, bank_d), base(k, bank_d);
-  f.bank.forward(x, ids, y, f.ws);
-  for (Index j = 0; j < k; ++j) separate[std::size_t(j)]->forward(x.row(j), z.row(j), f.ws);
-  run_paired(
-      state,
-      [&] {
-        for (Index j = 0; j < k; ++j) separate[std::size_t(j)]->forward(x.row(j), z.row(j), f.ws);
-        benchmark::DoNotOptimize(z.data());
-        benchmark::ClobberMemory();
-      },
-      [&] {
-        f.bank.forward(x, ids, y, f.ws);
-        benchmark::DoNotOptimize(y.data());
-        benchmark::ClobberMemory();
-      });
-  // The bare k-row product, timed apart (a yardstick for the decode ratio, not paired).
+  Mat y(k, bank_d), z(k, bank_d), base(k, bank_d), rows(k, bank_d);
+  const std::function<void()> calls[4] = {[&] {
+                                            f.bank.forward(x, ids, y, f.ws);
+                                            benchmark::DoNotOptimize(y.data());
+                                            benchmark::ClobberMemory();
+                                          },
+                                          [&] {
+                                            base.noalias() = x * f.w.transpose();
+                                            benchmark::DoNotOptimize(base.data());
+                                            benchmark::ClobberMemory();
+                                          },
+                                          [&] {
+                                            for (Index j = 0; j < k; ++j)
+                                              separate[std::size_t(j)]->forward(x.row(j), z.row(j),
+                                                                                f.ws);
+                                            benchmark::DoNotOptimize(z.data());
+                                            benchmark::ClobberMemory();
+                                          },
+                                          [&] {
+                                            for (Index j = 0; j < k; ++j)
+                                              rows.row(j).noalias() = x.row(j) * f.w.transpose();
+                                            benchmark::DoNotOptimize(rows.data());
+                                            benchmark::ClobberMemory();
+                                          }};
+  for (const auto& call : calls) call();  // warm-up: workspaces sized, pages touched
   using Clock = std::chrono::steady_clock;
-  std::vector<double> t;
-  for (int rep = 0; rep < 20; ++rep) {
-    const auto t0 = Clock::now();
-    base.noalias() = x * f.w.transpose();
-    benchmark::DoNotOptimize(base.data());
-    t.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+  std::vector<double> t[4];
+  int turn = 0;
+  for (auto _ : state) {
+    for (int c = 0; c < 4; ++c) {
+      const int which = (turn + c) % 4;
+      const auto t0 = Clock::now();
+      calls[which]();
+      t[which].push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    }
+    state.SetIterationTime(t[0].back());
+    ++turn;
   }
-  std::nth_element(t.begin(), t.begin() + 10, t.end());
-  state.counters["base_ms"] = t[10] * 1e3;
+  if (t[0].empty()) return;
+  const double bank = median_of(t[0]), bare = median_of(t[1]), sep = median_of(t[2]),
+               one_row = median_of(t[3]);
+  state.counters["base_ms"] = bare * 1e3;
+  state.counters["base_ratio"] = bank / bare;
+  state.counters["separate_ms"] = sep * 1e3;
+  state.counters["separate_speedup"] = sep / bank;
+  state.counters["one_row_passes_ms"] = one_row * 1e3;
+  state.counters["base_speedup_over_one_row"] = one_row / bare;
+  state.counters["bytes_per_adapter"] = double(f.bank.slot_size() * Index(sizeof(float)));
+}
+
+// The bare product y = x Wᵀ (d = 4096) at N ∈ {1, 8, 32, 128, 512} rows, each N once per
+// iteration in a rotating order: how the time grows with the rows, t(N) ≈ t₀ + N·t₁, separates
+// the cost paid once per pass over W (streaming and packing it) from the arithmetic per row.
+void bank_rows_sweep(benchmark::State& state) {
+  const Mat w = random_matrix(bank_d, bank_d, 3, 0.02);
+  const std::vector<Index> ns{1, 8, 32, 128, 512};
+  std::vector<Mat> xs, ys;
+  for (const Index n : ns) {
+    xs.push_back(random_matrix(n, bank_d, 4));
+    ys.emplace_back(n, bank_d);
+  }
+  const auto run = [&](std::size_t i) {
+    ys[i].noalias() = xs[i] * w.transpose();
+    benchmark::DoNotOptimize(ys[i].data());
+    benchmark::ClobberMemory();
+  };
+  for (std::size_t i = 0; i < ns.size(); ++i) run(i);
+  using Clock = std::chrono::steady_clock;
+  std::vector<std::vector<double>> t(ns.size());
+  std::size_t turn = 0;
+  double total = 0;
+  for (auto _ : state) {
+    double sum = 0;
+    for (std::size_t c = 0; c < ns.size(); ++c) {
+      const std::size_t i = (turn + c) % ns.size();
+      const auto t0 = Clock::now();
+      run(i);
+      const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+      t[i].push_back(s);
+      sum += s;
+    }
+    state.SetIterationTime(sum);
+    total += sum;
+    ++turn;
+  }
+  if (t[0].empty()) return;
+  for (std::size_t i = 0; i < ns.size(); ++i) {
+    const double ms = median_of(t[i]) * 1e3;
+    const double gflops = 2.0 * double(ns[i]) * double(bank_d) * double(bank_d) / (ms * 1e6);
+    state.counters["ms_N" + std::to_string(ns[i])] = ms;
+    state.counters["gflops_N" + std::to_string(ns[i])] = gflops;
+  }
+}
+
+#if defined(__AVX512F__)
+/**
+ * y = x Wᵀ for a few rows, reading W where it lies: for 4 rows of W at a time and 4 rows of x,
+ * 16 accumulators over the whole depth, then one horizontal sum each. No packing of W, which
+ * Eigen's GEMM does on every call (its cost is paid again for every product, so a 32-row product
+ * cannot amortise it). A measuring stick for what the decode product could cost, not the
+ * library's kernel. Rows of x and W in multiples of 4, depth in multiples of 16.
+ */
+void rows_in_place(const Mat& x, const Mat& w, Mat& y) {
+  const Index n = x.rows(), depth = x.cols(), out = w.rows();
+#  pragma omp parallel for schedule(static)
+  for (Index j = 0; j < out; j += 4) {
+    const float* wr[4] = {w.row(j).data(), w.row(j + 1).data(), w.row(j + 2).data(),
+                          w.row(j + 3).data()};
+    for (Index i = 0; i < n; i += 4) {
+      const float* xr[4] = {x.row(i).data(), x.row(i + 1).data(), x.row(i + 2).data(),
+                            x.row(i + 3).data()};
+      __m512 acc[4][4];
+      for (auto& row : acc)
+        for (auto& v : row) v = _mm512_setzero_ps();
+      for (Index k = 0; k < depth; k += 16) {
+        __m512 wv[4], xv[4];
+        for (int q = 0; q < 4; ++q) wv[q] = _mm512_loadu_ps(wr[q] + k);
+        for (int p = 0; p < 4; ++p) xv[p] = _mm512_loadu_ps(xr[p] + k);
+        for (int p = 0; p < 4; ++p)
+          for (int q = 0; q < 4; ++q) acc[p][q] = _mm512_fmadd_ps(xv[p], wv[q], acc[p][q]);
+      }
+      for (int p = 0; p < 4; ++p)
+        for (int q = 0; q < 4; ++q) y(i + p, j + q) = _mm512_reduce_add_ps(acc[p][q]);
+    }
+  }
+}
+
+// The bare N-row product through Eigen and through rows_in_place, in the same iterations
+// (alternating which goes first): how much of the product's time is the packing of W.
+void bank_rows_in_place(benchmark::State& state) {
+  const Index n = state.range(0);
+  const Mat w = random_matrix(bank_d, bank_d, 3, 0.02);
+  const Mat x = random_matrix(n, bank_d, 4);
+  Mat y(n, bank_d), z(n, bank_d);
+  const std::function<void()> calls[2] = {[&] {
+                                            y.noalias() = x * w.transpose();
+                                            benchmark::DoNotOptimize(y.data());
+                                            benchmark::ClobberMemory();
+                                          },
+                                          [&] {
+                                            rows_in_place(x, w, z);
+                                            benchmark::DoNotOptimize(z.data());
+                                            benchmark::ClobberMemory();
+                                          }};
+  for (const auto& call : calls) call();
+  using Clock = std::chrono::steady_clock;
+  std::vector<double> t[2];
+  int turn = 0;
+  for (auto _ : state) {
+    for (int c = 0; c < 2; ++c) {
+      const int which = (turn + c) % 2;
+      const auto t0 = Clock::now();
+      calls[which]();
+      t[which].push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    }
+    state.SetIterationTime(t[1].back());
+    ++turn;
+  }
+  if (t[0].empty()) return;
+  const double eigen = median_of(t[0]), in_place = median_of(t[1]);
+  state.counters["eigen_ms"] = eigen * 1e3;
+  state.counters["speedup"] = eigen / in_place;
+  state.counters["max_abs_diff"] = double((y - z).cwiseAbs().maxCoeff());
+  report_flops(state, 2.0 * double(n) * double(bank_d) * double(bank_d));
+}
+#endif
+
+// A streaming read of 256 MiB (a sum, several accumulators), split over the OpenMP threads: the
+// memory bandwidth one pass of a one-row product over a 64 MiB W can use at best.
+void stream_read(benchmark::State& state) {
+  const Index n = state.range(0);
+  const Vec a = Vec::Constant(n, 1.0f);
+  const auto read = [&] {
+    float total = 0;
+#pragma omp parallel reduction(+ : total)
+    {
+#ifdef _OPENMP
+      const Index t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+      const Index t = 0, nt = 1;
+#endif
+      const Index begin = n * t / nt, end = n * (t + 1) / nt;
+      total += a.segment(begin, end - begin).sum();
+    }
+    return total;
+  };
+  float s = read();
+  benchmark::DoNotOptimize(s);
+  for (auto _ : state) {
+    s = read();
+    benchmark::DoNotOptimize(s);
+    benchmark::ClobberMemory();
+  }
+  report_bytes(state, 4.0 * static_cast<double>(n));
 }
 
 const bool registered = [] {
@@ -175,7 +364,28 @@ const bool registered = [] {
   benchmark::RegisterBenchmark("bank_decode_vs_separate", bank_decode)
       ->ArgNames({"K"})
       ->Arg(32)
+      ->Iterations(15)  // ~0.15 s each: the medians need a fixed number of samples
       ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
+  benchmark::RegisterBenchmark("bank_rows_sweep", bank_rows_sweep)
+      ->ArgNames({"d"})
+      ->Arg(bank_d)
+      ->Iterations(15)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
+#if defined(__AVX512F__)
+  benchmark::RegisterBenchmark("bank_rows_in_place", bank_rows_in_place)
+      ->ArgNames({"N", "d"})
+      ->Args({8, bank_d})
+      ->Args({32, bank_d})
+      ->Iterations(15)
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
+#endif
+  benchmark::RegisterBenchmark("stream_read", stream_read)
+      ->ArgNames({"n"})
+      ->Arg(Index{1} << 26)  // 256 MiB, 8x the L3
+      ->UseRealTime()
       ->Unit(benchmark::kMillisecond);
   return true;
 }();

@@ -5,7 +5,8 @@
 
 Inputs in --results: peft-<backend>-<t>t.json (Google Benchmark JSON, backend eigen or blas),
 torch-<t>t.json (benchmarks/torch_peer.py), memory.txt and memory_tokens32.txt (peft-memory ...
-all), machine.txt (lscpu), load_before.txt / load_after.txt (uptime). Every ratio is computed here from medians of cases
+all), machine.txt (lscpu), load_before.txt / load_after.txt (uptime); bank/ holds the same kinds
+of file for the adapter bank (peft-bench's bank cases, benchmarks/bank_torch.py, peft-bank-memory). Every ratio is computed here from medians of cases
 that ran in the same process, so it compares like with like.
 """
 import argparse
@@ -183,6 +184,275 @@ def machine_summary(results):
         if line.startswith(("Linux", "OPENBLAS_CORETYPE")):
             rows.append(("system" if line.startswith("Linux") else "env", line.strip()))
     return rows
+
+
+def bank_memory(text):
+    """peft-bank-memory's lines as {first word: [{key: value}, ...]}."""
+    out = {}
+    for line in (text or "").splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        f = line.split("#")[0].split()
+        entry = {}
+        if len(f) % 2 == 1:
+            for k, v in zip(f[1::2], f[2::2]):
+                try:
+                    entry[k] = float(v)
+                except ValueError:
+                    entry[k] = v
+        elif len(f) == 2:
+            entry["value"] = float(f[1])
+        out.setdefault(f[0], []).append(entry)
+    return out
+
+
+def bank_section(w, results, analysis):
+    """The adapter bank (issue 19): results/bank/ from scripts/bench.sh's run_bank."""
+    runs, torch = {}, {}
+    for path in sorted(glob.glob(os.path.join(results, "peft-*-*t.json"))):
+        runs[os.path.basename(path)[len("peft-"):-len(".json")]] = load_gbench(path)[1]
+    for path in sorted(glob.glob(os.path.join(results, "torch-*t.json"))):
+        with open(path, encoding="utf-8") as f:
+            torch[os.path.basename(path)[len("torch-"):-len(".json")]] = json.load(f)
+    if not runs:
+        return
+    order = sorted(runs, key=lambda k: (int(k.split("-")[1][:-1]), k.split("-")[0] != "eigen"))
+
+    def c(run, name, key):
+        entry = runs[run].get(name)
+        if entry is None:
+            return None
+        return entry["ms"] if key == "ms" else entry.get(key)
+
+    def t_ms(t, name):
+        return torch.get(t, {}).get("medians_ms", {}).get(name)
+
+    def t_ratio(t, name):
+        return torch.get(t, {}).get("paired_ratios", {}).get(name)
+
+    decode = "bank_decode_vs_separate/K:32"
+    vera = "vera_bank_prefill/N:512/K:1024"
+    prefill = [(k, z, g) for k in (1, 4, 16, 64) for z in (0, 1) for g in (0, 1)
+               if k > 1 or z == 0]
+    w("## Adapter bank (issue 19)")
+    w("")
+    w("`peft::AdapterBank` and `peft::VeraBank` (`benchmarks/bank.cpp`, fp32, d = 4096, r = 16), "
+      "run apart from the rest by `scripts/bench.sh` (`--bank` runs only them) into "
+      "`benchmarks/results/bank/`. Every ratio is paired: the calls it compares run in the same "
+      "iterations (the decode case rotates the order of its four calls from one iteration to the "
+      "next) and the ratio is of their medians, so both sides see the same load of this shared "
+      "machine. The torch peers (`benchmarks/bank_torch.py`) time their calls the same way; "
+      "each thread count runs peft-bench and then torch, back to back.")
+    w("")
+    for name, label in (("load_before.txt", "load before"), ("load_after.txt", "load after")):
+        text = text_file(results, name)
+        if text:
+            w(f"- {label}: `{text.strip()}`")
+    for k, v in machine_summary(results):
+        if k in ("Model name", "machine kind", "L1d cache", "L2 cache", "L3 cache"):
+            w(f"- {k}: `{v}`")
+    w("")
+    w("| target | " + " | ".join(order) + " |")
+    w("|---|" + "---|" * len(order))
+
+    def row(label, values, limit, lower=True):
+        cells = []
+        for v in values:
+            if v is None:
+                cells.append("–")
+            else:
+                ok = v <= limit if lower else v >= limit
+                cells.append(f"{fmt(v)} {'yes' if ok else '**no**'}")
+        w(f"| {label} | " + " | ".join(cells) + " |")
+
+    def k16_worst(run):
+        vals = [c(run, f"bank_prefill/N:512/K:16/zipf:{z}/grouped:{g}", "paired_ratio")
+                for z in (0, 1) for g in (0, 1)]
+        vals = [v for v in vals if v is not None]
+        return max(vals) if vals else None
+
+    row("prefill N=512, K=16, worst of uniform/Zipf × shuffled/grouped, / `base_forward` (≤ 1.10)",
+        [k16_worst(r) for r in order], 1.10)
+    row("decode N=K=32 / bare 32-row product (≤ 1.6)",
+        [c(r, decode, "base_ratio") for r in order], 1.6)
+    row("decode N=K=32: 32 separate `LoraLinear::forward` / bank (≥ 10)",
+        [c(r, decode, "separate_speedup") for r in order], 10, lower=False)
+    row("VeRA bank, 1,024 tenants, N=512 / one VeRA forward (≤ 1.05)",
+        [c(r, vera, "paired_ratio") for r in order], 1.05)
+    w("")
+    # prefill
+    w("### Prefill: N = 512 rows over K adapters")
+    w("")
+    w("ratio = bank / bare `x Wᵀ` over the same rows, paired. Torch: PEFT's mixed-batch loop and "
+      "vLLM's gather + einsum, each / torch's `F.linear` over the same rows, paired the same way "
+      "(their ids follow the same distributions, drawn by torch's generator).")
+    w("")
+    tts = sorted(torch, key=lambda t: int(t[:-1]))
+    head = "| K | ids | rows |" + "".join(f" {r} ms | ratio |" for r in order) + \
+        "".join(f" torch PEFT {t} | torch vLLM {t} |" for t in tts)
+    w(head)
+    w("|---|---|---|" + "---|---|" * len(order) + "---|---|" * len(tts))
+    for k, z, g in prefill:
+        name = f"bank_prefill/N:512/K:{k}/zipf:{z}/grouped:{g}"
+        suffix = name.split("/", 1)[1]
+        cells = "".join(f" {fmt(c(r, name, 'ms'))} | {fmt(c(r, name, 'paired_ratio'))} |"
+                        for r in order)
+        tcells = ""
+        for t in tts:
+            tcells += (f" {fmt(t_ratio(t, f'bank_prefill_peft/{suffix}'))} |"
+                       f" {fmt(t_ratio(t, f'bank_prefill_vllm/{suffix}'))} |")
+        w(f"| {k} | {'Zipf' if z else 'uniform'} | {'grouped' if g else 'shuffled'} |" + cells +
+          tcells)
+    w("")
+    for t in tts:
+        base = t_ms(t, "base_forward/N:512/K:16/zipf:0/grouped:0")
+        peft_ms = t_ms(t, "bank_prefill_peft/N:512/K:16/zipf:0/grouped:0")
+        vllm_ms = t_ms(t, "bank_prefill_vllm/N:512/K:16/zipf:0/grouped:0")
+        if base:
+            w(f"- torch {t}, K = 16 uniform shuffled: `F.linear` {fmt(base)} ms, PEFT's loop "
+              f"{fmt(peft_ms)} ms, vLLM's gather {fmt(vllm_ms)} ms.")
+    if tts:
+        w("")
+    # decode
+    w("### Decode: one token for each of 32 requests, each with its own adapter")
+    w("")
+    w("Four calls timed in the same iterations (medians over the iterations, then the median of "
+      "the repetitions; ms): the bank's forward, the bare "
+      "32-row product, 32 separate one-row `LoraLinear::forward` calls, and 32 one-row bare "
+      "products (the same 32 passes over W without adapters).")
+    w("")
+    w("| | " + " | ".join(order) + "".join(f" | torch {t}" for t in tts) + " |")
+    w("|---|" + "---|" * (len(order) + len(tts)))
+    lines = [
+        ("bank forward (torch: PEFT's loop / vLLM's gather)", "ms", "bank_decode_peft/K:32"),
+        ("bare 32-row product", "base_ms", "decode_base/K:32"),
+        ("32 separate LoRA forwards", "separate_ms", "decode_separate/K:32"),
+        ("32 one-row bare products", "one_row_passes_ms", "decode_one_row_passes/K:32"),
+        ("bank / bare 32-row product", "base_ratio", None),
+        ("speed-up of the bank over separate calls", "separate_speedup", None),
+        ("speed-up of the bare 32-row product over 32 one-row ones", "base_speedup_over_one_row",
+         "decode_base/K:32/speedup_over_one_row"),
+    ]
+    for label, key, tkey in lines:
+        if key == "ms":  # the bank's median: the case's own time is the mean of its iterations
+            cells = [fmt(c(r, decode, "base_ms") * c(r, decode, "base_ratio")
+                         if c(r, decode, "base_ratio") else None) for r in order]
+        else:
+            cells = [fmt(c(r, decode, key)) for r in order]
+        for t in tts:
+            if tkey == "bank_decode_peft/K:32":
+                cells.append(f"{fmt(t_ms(t, tkey))} / {fmt(t_ms(t, 'bank_decode_vllm/K:32'))}")
+            elif key == "base_ratio":
+                cells.append(f"{fmt(t_ratio(t, 'bank_decode_peft/K:32'))} / "
+                             f"{fmt(t_ratio(t, 'bank_decode_vllm/K:32'))}")
+            elif key == "separate_speedup":
+                cells.append(f"{fmt(t_ratio(t, 'bank_decode_peft/K:32/separate_speedup'))} / "
+                             f"{fmt(t_ratio(t, 'bank_decode_vllm/K:32/separate_speedup'))}")
+            elif tkey and tkey.startswith("decode_base/K:32/"):
+                cells.append(fmt(t_ratio(t, tkey)))
+            else:
+                cells.append(fmt(t_ms(t, tkey)) if tkey else "–")
+        w(f"| {label} | " + " | ".join(cells) + " |")
+    w("")
+    # the bound
+    w("### What bounds the decode speed-up")
+    w("")
+    w("32 one-row passes each stream W (64 MiB, twice the L3) from memory: at best 32 × 64 MiB / "
+      "B, with B the streaming-read bandwidth (`stream_read`, 256 MiB summed). One 32-row "
+      "product does 2 · 32 · 4096² FLOP: at best that over the GEMM peak P (`gemm_peak`, a 4096³ "
+      "GEMM). The speed-up of one over the other is at most (32 · 4 · d² / B) / (2 · 32 · d² / P) "
+      "= 2P / B, whatever d. `bank_rows_sweep` times the bare product at N rows in the same "
+      "iterations; a line through N = 32 and 128, t(N) = t₀ + N · t₁, splits its time into t₀, "
+      "paid once per pass over W whatever the rows, and t₁ per row.")
+    w("")
+    w("| run | B GB/s | P GFLOP/s | 32 passes at B, ms | 32 rows at P, ms | bound 2P/B | "
+      "bare 32-row product, ms (GFLOP/s) | t₀ ms | t₁ ms/row (GFLOP/s) | W at B, ms |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
+    sweep = "bank_rows_sweep/d:4096"
+    for r in order:
+        read = c(r, "stream_read/n:67108864", "ms")
+        bw = 4 * (1 << 26) / (read * 1e-3) / 1e9 if read else None
+        peak_ms = c(r, "gemm_peak/d:4096", "ms")
+        peak = 2 * 4096 ** 3 / (peak_ms * 1e-3) / 1e9 if peak_ms else None
+        passes = 32 * 4 * 4096 ** 2 / (bw * 1e9) * 1e3 if bw else None
+        rows32 = 2 * 32 * 4096 ** 2 / (peak * 1e9) * 1e3 if peak else None
+        m32, m128 = c(r, sweep, "ms_N32"), c(r, sweep, "ms_N128")
+        t1 = (m128 - m32) / 96 if m32 and m128 else None
+        t0 = m32 - 32 * t1 if t1 else None
+        g1 = 2 * 4096 ** 2 / (t1 * 1e6) if t1 else None
+        g32 = c(r, sweep, "gflops_N32")
+        w(f"| {r} | {fmt(bw)} | {fmt(peak)} | {fmt(passes)} | {fmt(rows32)} | "
+          f"{fmt(2 * peak / bw if peak and bw else None)} | {fmt(m32)} ({fmt(g32)}) | {fmt(t0)} | "
+          f"{fmt(t1)} ({fmt(g1)}) | {fmt(4 * 4096 ** 2 / (bw * 1e9) * 1e3 if bw else None)} |")
+    w("")
+    w("| run | " + " | ".join(f"N = {n}: ms (GFLOP/s)" for n in (1, 8, 32, 128, 512)) + " |")
+    w("|---|" + "---|" * 5)
+    for r in order:
+        w(f"| {r} | " + " | ".join(f"{fmt(c(r, sweep, f'ms_N{n}'))} "
+                                   f"({fmt(c(r, sweep, f'gflops_N{n}'))})"
+                                   for n in (1, 8, 32, 128, 512)) + " |")
+    w("")
+    inplace = [r for r in order if c(r, "bank_rows_in_place/N:32/d:4096", "ms")]
+    if inplace:
+        w("`bank_rows_in_place` runs the same bare product through a plain register-blocked "
+          "kernel that reads W where it lies (benchmarks/bank.cpp, AVX-512 builds only), in the "
+          "same iterations as Eigen's: the difference is what packing W costs on every call.")
+        w("")
+        w("| run | N | Eigen ms | in place ms (GFLOP/s) | Eigen / in place |")
+        w("|---|---|---|---|---|")
+        for r in inplace:
+            for n in (8, 32):
+                name = f"bank_rows_in_place/N:{n}/d:4096"
+                w(f"| {r} | {n} | {fmt(c(r, name, 'eigen_ms'))} | {fmt(c(r, name, 'ms'))} "
+                  f"({fmt(c(r, name, 'GFLOP/s'))}) | {fmt(c(r, name, 'speedup'))} |")
+        w("")
+    # VeRA
+    w("### VeRA bank")
+    w("")
+    w("| run | bank ms | one VeraLinear ms | ratio |")
+    w("|---|---|---|---|")
+    for r in order:
+        w(f"| {r} | {fmt(c(r, vera, 'ms'))} | {fmt(c(r, vera, 'yardstick_ms'))} | "
+          f"{fmt(c(r, vera, 'paired_ratio'))} |")
+    w("")
+    # memory
+    mem = bank_memory(text_file(results, "memory.txt"))
+    if mem:
+        w("### Resident memory per adapter")
+        w("")
+        w("`peft-bank-memory` (`benchmarks/memory/bank_memory.cpp`) constructs banks of capacity K "
+          "with every slot loaded and measures the heap in use (glibc `mallinfo2`) and the "
+          "resident set before and after; a line through the capacities gives the bytes per "
+          "adapter and the fixed cost. W (64 MiB) is viewed, not copied, and not counted.")
+        w("")
+        w("| bank | K | heap bytes | resident bytes |")
+        w("|---|---|---|---|")
+        for e in mem.get("adapter_bank", []):
+            w(f"| AdapterBank d=4096 r=16 | {e['K']:.0f} | {e['heap_bytes']:,.0f} | "
+              f"{e['rss_bytes']:,.0f} |")
+        for e in mem.get("vera_bank", []):
+            w(f"| VeraBank d=4096 r={e['r']:.0f} | {e['K']:.0f} | {e['heap_bytes']:,.0f} | "
+              f"{e['rss_bytes']:,.0f} |")
+        w("")
+        fit = (mem.get("adapter_bank_fit") or [{}])[0]
+        formula = (mem.get("slot_formula_bytes") or [{}])[0].get("value")
+        if fit:
+            w(f"- AdapterBank, per loaded adapter: {fit['per_adapter_heap']:,.0f} bytes of heap "
+              f"({fit['per_adapter_rss']:,.0f} resident); r · (in + out) floats are "
+              f"{formula:,.0f} bytes, the rest is the slot's record. Fixed: "
+              f"{fit['fixed_heap']:,.0f} bytes of heap (the object and the records' vector).")
+        for e in mem.get("vera_bank", []):
+            w(f"- VeraBank, per tenant: {e['per_tenant_heap']:,.0f} bytes; (r + out) floats are "
+              f"{e['slot_formula_bytes']:,.0f} bytes.")
+        for e in mem.get("workspace", []):
+            w(f"- A reader's workspace after its first forward at N = {e['N']:.0f} (K = 32, "
+              f"shuffled ids): {e['heap_bytes']:,.0f} bytes, and {e['grows_after_warmup']:,.0f} "
+              f"more on the next call.")
+        w("")
+    if analysis and os.path.exists(analysis):
+        with open(analysis, encoding="utf-8") as f:
+            w(f.read().strip())
+        w("")
 
 
 def build(args):
@@ -539,6 +809,7 @@ def build(args):
         w(mem.strip())
         w("```")
         w("")
+    bank_section(w, os.path.join(args.results, "bank"), args.bank_analysis)
     if args.analysis and os.path.exists(args.analysis):
         with open(args.analysis, encoding="utf-8") as f:
             w(f.read().strip())
@@ -548,11 +819,13 @@ def build(args):
     w("```sh")
     w("./scripts/bench.sh            # everything, ~15 minutes on 2 cores; rewrites this page")
     w("./scripts/bench.sh --quick    # d = 4096, r = 16 only; report in build/bench/quick/")
+    w("./scripts/bench.sh --bank     # the adapter bank only (results/bank/); rewrites this page")
     w("OMP_NUM_THREADS=1 build/bench/benchmarks/peft-bench --benchmark_filter='^lora_forward/N:512/d:4096'")
     w("```")
     w("")
     w("Raw results: `benchmarks/results/*.json` (Google Benchmark JSON, and the torch peer's "
-      "medians), `memory.txt`, `machine.txt`, `load_*.txt`. Benchmarks are never part of "
+      "medians), `memory.txt`, `machine.txt`, `load_*.txt`; the adapter bank's in "
+      "`benchmarks/results/bank/`. Benchmarks are never part of "
       "`scripts/test.sh` or CI, and no test asserts a timing.")
     return "\n".join(L) + "\n"
 
@@ -563,6 +836,8 @@ def main():
     parser.add_argument("--out", default="docs/performance.md")
     parser.add_argument("--analysis", default="benchmarks/analysis.md",
                         help="hand-written analysis appended before 'Reproduce'")
+    parser.add_argument("--bank-analysis", default="benchmarks/bank_analysis.md",
+                        help="hand-written analysis of the adapter bank's numbers")
     parser.add_argument("--note", default="", help="a line under the machine table")
     args = parser.parse_args()
     text = build(args)

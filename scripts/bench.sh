@@ -8,8 +8,12 @@
 #                               PyTorch peer, peft-memory; JSON in benchmarks/results/
 #   ./scripts/bench.sh --quick  d = 4096, r = 16 only, one repetition, no memory run; results and
 #                               the report go to build/bench/quick/ (docs/ is left alone)
+#   ./scripts/bench.sh --bank   the adapter bank's cases only (benchmarks/bank.cpp, its torch
+#                               peers, peft-bank-memory) into benchmarks/results/bank/, then the
+#                               report; the other results are kept as they are
 # Environment: PEFT_BENCH_THREADS="1 2" (thread counts), PEFT_BENCH_MIN_TIME (seconds, 0.05),
-# PEFT_BENCH_REPETITIONS (3), PEFT_BENCH_AB_ROUNDS (5), PEFT_BENCH_SKIP_TORCH=1, PEFT_BENCH_SKIP_BLAS=1.
+# PEFT_BENCH_REPETITIONS (3), PEFT_BENCH_AB_ROUNDS (5), PEFT_BENCH_SKIP_TORCH=1, PEFT_BENCH_SKIP_BLAS=1,
+# PEFT_BENCH_BANK_MIN_TIME (seconds per bank case repetition, 1).
 # OpenBLAS (ours and the one torch loads) detects the CPU itself: an OPENBLAS_CORETYPE in the
 # environment is dropped (it can pin slower kernels, e.g. Haswell's on an AVX-512 machine) unless
 # PEFT_BENCH_OPENBLAS_CORETYPE names the core to force.
@@ -18,11 +22,13 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 quick=0
+bank_only=0
 for arg in "$@"; do
   case "$arg" in
     --quick) quick=1 ;;
+    --bank) bank_only=1 ;;
     -h | --help)
-      sed -n '4,15p' "${BASH_SOURCE[0]}"
+      sed -n '4,19p' "${BASH_SOURCE[0]}"
       exit 0
       ;;
     *)
@@ -82,13 +88,69 @@ configure() {  # configure <dir> [cmake args...]
 
 peft_banner "Build: pure Eigen (build/bench)"
 configure build/bench -DPEFT_USE_BLAS=OFF
-cmake --build build/bench -j "$jobs" --target peft-bench peft-memory
+cmake --build build/bench -j "$jobs" --target peft-bench peft-memory peft-bank-memory
 builds=(eigen:build/bench)
 if [ "${PEFT_BENCH_SKIP_BLAS:-0}" != 1 ]; then
   peft_banner "Build: PEFT_USE_BLAS=ON, OpenBLAS (build/bench-blas)"
   configure build/bench-blas -DPEFT_USE_BLAS=ON
   cmake --build build/bench-blas -j "$jobs" --target peft-bench
   builds+=(blas:build/bench-blas)
+fi
+
+machine_info() {
+  lscpu
+  echo "---"
+  uname -srm
+  echo "OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-} (inherited: ${inherited_coretype:-none})"
+}
+
+# The adapter bank (issue 19): its cases, the yardsticks its decode ratio is bounded by, the
+# torch peers and the memory per adapter, in results/bank/. Per thread count, peft-bench (each
+# build) and then the torch peer, so the two see the same stretch of the machine's load; inside
+# each case every call is timed in the same iterations (benchmarks/bank.cpp, bank_torch.py).
+run_bank() {
+  local out=$results/bank t name dir
+  mkdir -p "$out"
+  uptime >"$out/load_before.txt"
+  for t in $threads; do
+    for build in "${builds[@]}"; do
+      name=${build%%:*}
+      dir=${build#*:}
+      peft_banner "Adapter bank: peft-bench ($name, $t thread(s))"
+      OMP_NUM_THREADS=$t OPENBLAS_NUM_THREADS=$t "$dir/benchmarks/peft-bench" \
+        --benchmark_filter="$bank_filter" \
+        --benchmark_min_time="${PEFT_BENCH_BANK_MIN_TIME:-1}" \
+        --benchmark_repetitions="$repetitions" \
+        --benchmark_report_aggregates_only=true \
+        --benchmark_out="$out/peft-$name-${t}t.json" \
+        --benchmark_out_format=json \
+        --benchmark_counters_tabular=false >/dev/null
+      echo "wrote $out/peft-$name-${t}t.json"
+    done
+    if [ "$have_torch" = 1 ]; then
+      peft_banner "Adapter bank: PyTorch peers ($t thread(s))"
+      quick_flag=()
+      [ "$quick" = 1 ] && quick_flag=(--quick)
+      OMP_NUM_THREADS=$t OPENBLAS_NUM_THREADS=$t "$torch_python" benchmarks/bank_torch.py \
+        --out "$out/torch-${t}t.json" "${quick_flag[@]}"
+    else
+      rm -f "$out/torch-${t}t.json"
+    fi
+  done
+  peft_banner "Adapter bank: resident memory (peft-bank-memory)"
+  build/bench/benchmarks/peft-bank-memory | tee "$out/memory.txt"
+  uptime >"$out/load_after.txt"
+  machine_info >"$out/machine.txt"
+}
+bank_filter='^(gemm_peak|stream_read|stream_triad|bank_|vera_bank_)'
+[ "$quick" = 1 ] && bank_filter='^(gemm_peak|stream_read|bank_prefill/N:512/K:16/|bank_decode|bank_rows_sweep|vera_bank_)'
+
+if [ "$bank_only" = 1 ]; then
+  run_bank
+  peft_banner "Report ($report)"
+  python3 benchmarks/report.py --results "$results" --out "$report"
+  peft_banner "Adapter bank benchmarks done in $(peft_elapsed $((SECONDS - start)))"
+  exit 0
 fi
 
 uptime >"$results/load_before.txt"
@@ -99,10 +161,11 @@ for build in "${builds[@]}"; do
     peft_banner "peft-bench ($name, $t thread(s))"
     case_filter=$filter
     if [ -z "$case_filter" ]; then
+      # The bank's cases run apart (run_bank, results/bank/).
       if [ "$name" = eigen ] && [ "$t" = 1 ]; then
-        case_filter='.'  # the LoRA-GA cases (a 16 s dense SVD) run once, single-threaded
+        case_filter='-bank_'  # the LoRA-GA cases (a 16 s dense SVD) run once, single-threaded
       elif [ "$name" = eigen ]; then
-        case_filter='-lora_ga_'
+        case_filter='-(lora_ga_|bank_)'
       else
         # Vendor GEMM matters where the GEMMs are: the yardsticks and LoRA.
         case_filter='^(gemm_peak|stream_triad|base_|lora_forward|lora_backward|lora_merge|lora_unmerge)'
@@ -170,12 +233,9 @@ if [ "$quick" = 0 ]; then
 fi
 uptime >"$results/load_after.txt"
 
+run_bank
+
 peft_banner "Report ($report)"
-{
-  lscpu
-  echo "---"
-  uname -srm
-  echo "OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-} (inherited: ${inherited_coretype:-none})"
-} >"$results/machine.txt"
+machine_info >"$results/machine.txt"
 python3 benchmarks/report.py --results "$results" --out "$report"
 peft_banner "Benchmarks done in $(peft_elapsed $((SECONDS - start)))"
