@@ -23,7 +23,7 @@ trap 'peft_banner "FAILED after $(peft_elapsed $((SECONDS - start)))"' ERR
 
 peft_banner "Dependencies"
 # clang-format-14: the format_check test; clang-14 and its sanitizer runtimes: the sanitizer phase;
-# Open MPI: the data-parallel tests under mpirun -np 2 (label "mpi").
+# Open MPI: the data-parallel tests under mpirun -np 2 (label "mpirun").
 peft_ensure_deps clang-format-14 clang-14 libclang-rt-14-dev "${PEFT_MPI_APT_PACKAGES[@]}"
 
 peft_banner "Release: configure (build/release)"
