@@ -85,8 +85,8 @@ TEST_CASE("MPI: the job has two ranks", "[mpi]") {
 }
 
 TEST_CASE("MPI: sums, broadcasts, gathers and barriers", "[mpi]") {
-  for (const auto sum :
-       {MpiCommunicator::Sum::reduce_broadcast, MpiCommunicator::Sum::all_reduce}) {
+  for (const auto sum : {MpiCommunicator::Sum::same_bits, MpiCommunicator::Sum::reduce_broadcast,
+                         MpiCommunicator::Sum::all_reduce}) {
     MpiCommunicator comm(MPI_COMM_WORLD, sum);
     const int rank = comm.rank(), size = comm.size();
     std::vector<double> d{1.0 + rank, 0.1 * rank, -2.0};
@@ -117,12 +117,19 @@ TEST_CASE("MPI: sums, broadcasts, gathers and barriers", "[mpi]") {
 }
 
 TEST_CASE("MPI: sums of values that round differently are the same bits on every rank", "[mpi]") {
-  MpiCommunicator comm;
-  peft::Rng rng(static_cast<std::uint64_t>(17 + comm.rank()));
-  Vec v(100000);
-  for (Index i = 0; i < v.size(); ++i) v(i) = rng.normal() * std::pow(10.0, rng.normal() * 4);
-  comm.all_reduce_sum(v.data(), v.size());
-  CHECK(same_on_every_rank(comm, v));
+  for (const auto sum : {MpiCommunicator::Sum::same_bits, MpiCommunicator::Sum::reduce_broadcast}) {
+    MpiCommunicator comm(MPI_COMM_WORLD, sum);
+    peft::Rng rng(static_cast<std::uint64_t>(17 + comm.rank()));
+    Vec v(100000);
+    for (Index i = 0; i < v.size(); ++i) v(i) = rng.normal() * std::pow(10.0, rng.normal() * 4);
+    Vec mine = v;
+    comm.all_reduce_sum(v.data(), v.size());
+    CHECK(same_on_every_rank(comm, v));
+    // Both ranks' inputs, added once in rank order: what 2 ranks must get, bit for bit.
+    const RowMatrix<double> both = comm.all_gather_rows(mine.transpose());
+    const Vec expected = (both.row(0) + both.row(1)).transpose();
+    CHECK(same_bits(v, expected));
+  }
 }
 
 TEST_CASE("MPI: a mismatched gather is a dimension_error on every rank", "[mpi]") {

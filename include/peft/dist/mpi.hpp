@@ -139,27 +139,29 @@ class MpiSession {
  * for the communicator's whole life. Errors come back as communication_error carrying MPI's
  * error string (the duplicate uses MPI_ERRORS_RETURN).
  *
- * Sums: `all_reduce_sum` of floating-point values is MPI_Reduce to rank 0, then MPI_Bcast of
- * rank 0's result (`Sum::reduce_broadcast`, the default). MPI_Allreduce does not promise that
- * every rank gets the same bits: its algorithms (recursive doubling, ring, Rabenseifner) add the
- * ranks' contributions in different orders on different ranks, and the choice depends on the
- * message size and the number of ranks. Rank 0's one result, copied, is the same bits everywhere
- * by construction, whatever the implementation, and that is the Communicator contract the
- * recipes rely on (AdaLoRA's masks, replicas that never drift). The cost, measured with
- * Open MPI 4.1 on 2 ranks of this 2-core machine (docs/distributed.md): within 1.3x of
- * MPI_Allreduce over 4 MB and up. `Sum::all_reduce` is kept for that comparison and for trainers
- * that accept replicas drifting apart in the last bits. Integer sums are exact: always
- * MPI_Allreduce.
+ * Sums: the Communicator contract is that every rank gets the same bits (AdaLoRA's masks, replicas
+ * that never drift apart). MPI_Allreduce does not promise it in general: its algorithms (recursive
+ * doubling, ring, Rabenseifner) add the ranks' contributions in different orders on different
+ * ranks, chosen by message size and rank count. `Sum::same_bits` (the default) therefore uses
+ * - with 2 ranks, MPI_Allreduce: each element's sum is then one addition of two values, whatever
+ *   the algorithm, and IEEE addition is commutative (x0 + x1 == x1 + x0 bit for bit), so both
+ *   ranks hold the same bits;
+ * - from 3 ranks on, MPI_Reduce to rank 0 then MPI_Bcast of rank 0's result: one result, copied,
+ *   the same bits everywhere by construction, whatever the implementation.
+ * Why not reduce + broadcast always: measured with Open MPI 4.1 on 2 ranks of this 2-core
+ * machine (docs/distributed.md), it costs 1.6-1.9x MPI_Allreduce from 256 KB to 64 MB, 3.4x at
+ * 4 KB. `Sum::reduce_broadcast` forces it (the tests use it to cover the 3-rank path on 2),
+ * `Sum::all_reduce` forces MPI_Allreduce (for trainers that accept replicas drifting apart in the
+ * last bits from 3 ranks on). Integer sums are exact: always MPI_Allreduce.
  *
  * A collective a peer never joins blocks in MPI (MPI has no timeout); the bound comes from
  * MpiSession: a rank that fails aborts the job, and mpirun stops every rank.
  */
 class MpiCommunicator final : public Communicator {
  public:
-  enum class Sum { reduce_broadcast, all_reduce };
+  enum class Sum { same_bits, reduce_broadcast, all_reduce };
 
-  explicit MpiCommunicator(MPI_Comm comm = MPI_COMM_WORLD, Sum sum = Sum::reduce_broadcast)
-      : sum_(sum) {
+  explicit MpiCommunicator(MPI_Comm comm = MPI_COMM_WORLD, Sum sum = Sum::same_bits) : sum_(sum) {
     detail::check_mpi(MPI_Comm_dup(comm, &comm_), "MpiCommunicator");
     detail::check_mpi(MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN), "MpiCommunicator");
     detail::check_mpi(MPI_Comm_rank(comm_, &rank_), "MpiCommunicator");
@@ -213,7 +215,7 @@ class MpiCommunicator final : public Communicator {
     for (Index at = 0; at < count; at += detail::kMpiChunk) {
       const int n = chunk(count - at);
       T* p = data + at;
-      if (sum_ == Sum::all_reduce) {
+      if (sum_ == Sum::all_reduce || (sum_ == Sum::same_bits && size_ == 2)) {
         detail::check_mpi(MPI_Allreduce(MPI_IN_PLACE, p, n, detail::mpi_type<T>(), MPI_SUM, comm_),
                           "all_reduce_sum");
         continue;
