@@ -93,7 +93,8 @@ inline void terminate_handler() noexcept {
  * instead of leaving its peers blocked in a collective forever.
  *
  * If MPI was initialised already (by the trainer or another library), the session neither
- * initialises nor finalises, but still aborts on failure.
+ * initialises nor finalises, but still aborts on failure. A trainer that catches exceptions in
+ * main() calls abort() in its handler.
  */
 class MpiSession {
  public:
@@ -112,6 +113,12 @@ class MpiSession {
 
   int rank() const noexcept { return rank_; }
   int size() const noexcept { return size_; }
+
+  /// Prints `why` and stops every rank (MPI_Abort). For a trainer that catches an exception
+  /// itself: returning from main with the peers inside a collective would leave them waiting.
+  [[noreturn]] static void abort(const std::string& why) noexcept {
+    detail::abort_job(why.c_str());
+  }
 
  private:
   MpiSession(int* argc, char*** argv) : uncaught_at_start_(std::uncaught_exceptions()) {
