@@ -11,6 +11,7 @@
 
 #include <array>
 #include <cstring>
+#include <string>
 
 using namespace peft_test;
 
@@ -142,4 +143,37 @@ TEST_CASE("Data-parallel dropout: each worker its own stream; one worker keeps t
   CHECK((outputs[0] - outputs[1]).norm() > 0.0);  // same input, same parameters, other masks
   peft::train::LoraRecipe<double> serial;
   CHECK(serial.dropout_seed(42) == 42);  // one worker: the seed as given
+}
+
+namespace {
+/// Rank 1 receives a corrupted copy of every broadcast: a peer whose masks differ.
+struct CorruptBroadcast : Counting {
+  using Counting::Counting;
+  void broadcast_bytes(void* d, std::size_t bytes, int root) override {
+    Counting::broadcast_bytes(d, bytes, root);
+    if (rank() == 1 && bytes > 0) static_cast<unsigned char*>(d)[0] ^= 1;
+  }
+};
+}  // namespace
+
+TEST_CASE("Data-parallel AdaLoRA: a worker whose masks differ stops with communication_error",
+          "[dist][recipe]") {
+  const Task task;
+  std::array<std::string, 2> errors;
+  peft::dist::ThreadGroup group(2, std::chrono::seconds(60));
+  CHECK_THROWS_AS(group.run([&](peft::dist::Communicator& c) {
+    CorruptBroadcast corrupt(c);
+    TwoLayerModel<peft::AdaLoraLinear<double>> model(task);
+    peft::train::AdaLoraRecipe<double> recipe(dist_adalora_options());
+    recipe.set_communicator(corrupt);
+    try {
+      train_split(model, recipe, task, 12, 2e-2);
+    } catch (const peft::communication_error& e) {
+      errors[static_cast<std::size_t>(c.rank())] = e.what();
+      throw;
+    }
+  }),
+                  peft::communication_error);
+  INFO(errors[1]);
+  CHECK(errors[1].find("kept other triplets than worker 0") != std::string::npos);
 }

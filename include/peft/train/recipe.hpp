@@ -191,8 +191,9 @@ class RecipeBase {
    * Every adapted module's gradient averaged over the workers in ONE all_reduce_sum: the
    * gradients are packed into one buffer (registration order), reduced, and unpacked divided by
    * the number of workers. One call per optimizer step pays the collective's latency once rather
-   * than once per module; the two copies cost about what the reduction's own pass over the
-   * buffer does (docs/distributed.md has the measurements). The buffer is kept between steps.
+   * than once per module; the two copies are cheap next to the reduction (docs/distributed.md
+   * times the bucket, copies included, against a call per module). The buffer is kept between
+   * steps.
    */
   void average_gradients() {
     Index total = 0;
