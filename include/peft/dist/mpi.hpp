@@ -155,7 +155,7 @@ class MpiSession {
  *   ranks hold the same bits;
  * - from 3 ranks on, MPI_Reduce to rank 0 then MPI_Bcast of rank 0's result: one result, copied,
  *   the same bits everywhere by construction, whatever the implementation.
- * Why not reduce + broadcast always: measured with Open MPI 4.1 on 2 ranks of this 2-core
+ * Why not reduce + broadcast always: measured with Open MPI 4.1 on 2 ranks of a 2-core
  * machine (docs/distributed.md), it costs 1.6-1.9x MPI_Allreduce from 256 KB to 64 MB, 3.4x at
  * 4 KB. `Sum::reduce_broadcast` forces it (the tests use it to cover the 3-rank path on 2),
  * `Sum::all_reduce` forces MPI_Allreduce (for trainers that accept replicas drifting apart in the
