@@ -10,6 +10,9 @@
 //   peft-lm serve-batch --adapters A,B --ids 0,1,-1  generate for a batch, each row with its own
 //                                                    adapter, one batched forward per token
 //   peft-lm bench-step                               time fine-tuning steps (vs PyTorch)
+//   mpirun -np 2 peft-lm finetune ...                data-parallel fine-tuning (built with MPI):
+//                                                    each rank takes its share of every batch,
+//                                                    rank 0 prints and writes the folder
 //
 // The model (examples/support/transformer.hpp) is the user's code; peft supplies the adapters,
 // the recipes that run each method's protocol, the optimizer and the adapter files. docs/lm.md
@@ -30,6 +33,9 @@
 #include <peft/optim/adamw.hpp>
 #include <peft/optim/schedule.hpp>
 #include <peft/train/recipe.hpp>
+#if PEFT_LM_MPI
+#  include <peft/dist/mpi.hpp>
+#endif
 
 #include <CLI/CLI.hpp>
 
@@ -37,10 +43,13 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <memory>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -76,6 +85,7 @@ struct Options {
   bool quiet = false;
   bool check = false;    // finetune: fail unless the held-out bits/char went down
   bool profile = false;  // bench-step: where the time goes
+  peft::dist::Communicator* communicator = nullptr;  // finetune under mpirun: the ranks
 };
 
 std::string default_base() { return find_data_file("lm/base.safetensors"); }
@@ -201,11 +211,22 @@ int finetune(Options o) {
   r.eval_bytes = o.eval_bytes;
   r.out = o.out;
   r.base_name = std::filesystem::path(o.base).filename().string();
-  r.quiet = o.quiet;
+  const bool leader = !o.communicator || o.communicator->rank() == 0;  // prints, writes
+  r.quiet = o.quiet || !leader;
+  r.communicator = o.communicator;
   const TextSplit text = finetune_text(o);
   const RunResult res = dense                      ? examples::lm::finetune(r, w, text)
                         : o.base_storage == "bf16" ? finetune_bf16(r, w, o.base, text)
                                                    : finetune_q8_0(r, w, o.base, text);
+  if (o.check && !(res.after < res.before)) {  // every rank: the same numbers, the same exit
+    if (leader) std::fprintf(stderr, "peft-lm: fine-tuning did not lower the held-out bits/char\n");
+    return 3;
+  }
+  if (!leader) return 0;
+  if (o.communicator) {
+    std::printf("data-parallel over %d ranks: %ld sequences per rank and step\n",
+                o.communicator->size(), static_cast<long>(r.batch / o.communicator->size()));
+  }
   std::printf("held-out bits/char after:  %.4f (%+.1f%% against the base)\n", res.after,
               100.0 * (res.after / res.before - 1.0));
   if (!o.out.empty()) {
@@ -220,10 +241,6 @@ int finetune(Options o) {
   std::printf("frozen projections: %s bytes in %s; peak resident memory %.1f MB\n",
               thousands(static_cast<double>(res.frozen_bytes)).c_str(), res.storage.c_str(),
               peak_rss_bytes() / 1e6);
-  if (o.check && !(res.after < res.before)) {
-    std::fprintf(stderr, "peft-lm: fine-tuning did not lower the held-out bits/char\n");
-    return 3;
-  }
   return 0;
 }
 
@@ -652,8 +669,27 @@ int bench_step(Options o) {
 
 }  // namespace
 
+#if PEFT_LM_MPI
+/// True when an MPI launcher started this process (Open MPI, MPICH, PMIx): only then is MPI
+/// initialised, so a plain `peft-lm ...` neither pays MPI's start-up nor needs its runtime.
+bool launched_by_mpi() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"})
+    if (std::getenv(v)) return true;
+  return false;
+}
+#endif
+
 int main(int argc, char** argv) {
   Options o;
+#if PEFT_LM_MPI
+  std::optional<peft::dist::MpiSession> session;
+  std::unique_ptr<peft::dist::MpiCommunicator> ranks;
+  if (launched_by_mpi()) {
+    session.emplace(argc, argv);
+    ranks = std::make_unique<peft::dist::MpiCommunicator>();
+    if (ranks->size() > 1) o.communicator = ranks.get();
+  }
+#endif
   CLI::App app{"peft-lm: a byte-level Llama-style language model fine-tuned with peft's adapters"};
   app.require_subcommand(1);
   const auto model_shape = [&](CLI::App* c) {
@@ -771,6 +807,10 @@ int main(int argc, char** argv) {
     if (*bench) return bench_step(o);
     if (*raw) return logits(o);
   } catch (const std::exception& e) {
+#if PEFT_LM_MPI
+    // The other ranks may wait in a collective for this one: stop them all.
+    if (o.communicator) peft::dist::MpiSession::abort(std::string("peft-lm: ") + e.what());
+#endif
     std::fprintf(stderr, "peft-lm: %s\n", e.what());
     return 1;
   }

@@ -11,6 +11,9 @@ cd "$PEFT_ROOT" || exit 1
 
 # Debian packages the build, tests and examples need.
 PEFT_APT_PACKAGES=(cmake g++ make libeigen3-dev catch2 nlohmann-json3-dev libcli11-dev)
+# Open MPI for peft::mpi and the tests under mpirun (tests/mpi); without it they are skipped.
+# shellcheck disable=SC2034  # used by the scripts that source this file
+PEFT_MPI_APT_PACKAGES=(openmpi-bin libopenmpi-dev)
 
 peft_banner() {
   printf '\n==== %s ====\n' "$*"

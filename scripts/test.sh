@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # SPDX-FileCopyrightText: The peft authors
 # SPDX-License-Identifier: Apache-2.0
-# Builds and runs every test: a Release build (unit, compile-fail, packaging, examples), then an
-# ASan + UBSan build (unit and examples). Works from any directory.
+# Builds and runs every test: a Release build (unit, compile-fail, packaging, MPI, examples), then
+# an ASan + UBSan build (unit, MPI and examples). Works from any directory.
 #   PEFT_SKIP_SANITIZE=1 ./scripts/test.sh           skip the sanitizer phase (quick local runs)
 #   PEFT_SANITIZE_CXX=g++ ./scripts/test.sh           the sanitizer phase's compiler (default
 #                                                     clang++-14: at -O0 with ASan + UBSan it
@@ -22,8 +22,9 @@ jobs=$(peft_nproc)
 trap 'peft_banner "FAILED after $(peft_elapsed $((SECONDS - start)))"' ERR
 
 peft_banner "Dependencies"
-# clang-format-14: the format_check test; clang-14 and its sanitizer runtimes: the sanitizer phase.
-peft_ensure_deps clang-format-14 clang-14 libclang-rt-14-dev
+# clang-format-14: the format_check test; clang-14 and its sanitizer runtimes: the sanitizer phase;
+# Open MPI: the data-parallel tests under mpirun -np 2 (label "mpirun").
+peft_ensure_deps clang-format-14 clang-14 libclang-rt-14-dev "${PEFT_MPI_APT_PACKAGES[@]}"
 
 peft_banner "Release: configure (build/release)"
 phase=$SECONDS

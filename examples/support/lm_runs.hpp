@@ -9,6 +9,7 @@
 #include "text.hpp"
 #include "transformer.hpp"
 
+#include <peft/dist/communicator.hpp>
 #include <peft/io/adalora.hpp>
 #include <peft/io/adapter_files.hpp>
 #include <peft/io/codecs.hpp>
@@ -45,6 +46,9 @@ struct RunOptions {
   std::string out;           ///< adapter folder to write (empty: none)
   std::string base_name;     ///< base_model_name_or_path in the folder's config
   bool quiet = false;
+  /// Data-parallel workers (peft-lm finetune under mpirun): every worker draws the same batches
+  /// and trains on its share of each batch's sequences (batch / size); null: one worker.
+  peft::dist::Communicator* communicator = nullptr;
 };
 
 /// What a run measured.
@@ -148,10 +152,24 @@ inline std::string thousands(double v) {
 
 namespace detail {
 
+/// Keeps this worker's share of a batch every worker drew alike: sequences
+/// [rank·b/p, (rank+1)·b/p) of the b in `in` and `target`; returns how many.
+inline Index local_share(std::vector<int>& in, std::vector<int>& target, Index batch, Index context,
+                         const peft::dist::Communicator* comm) {
+  if (!comm || comm->size() == 1) return batch;
+  const Index local = batch / comm->size();
+  const auto from = static_cast<std::ptrdiff_t>(comm->rank() * local * context);
+  const auto n = static_cast<std::ptrdiff_t>(local * context);
+  in = std::vector<int>(in.begin() + from, in.begin() + from + n);
+  target = std::vector<int>(target.begin() + from, target.begin() + from + n);
+  return local;
+}
+
 /// A recipe's calibration (LoRA-GA, EVA; nothing for the others) on training windows.
 template <typename Recipe>
 long calibrate(Recipe& recipe, const Weights<float>& w,
-               peft::AdapterSet<typename Recipe::Adapter>& set, Windows& windows, Index batch) {
+               peft::AdapterSet<typename Recipe::Adapter>& set, Windows& windows, Index batch,
+               const peft::dist::Communicator* comm) {
   Transformer<float> model(w);
   AdaptedLinears<typename Recipe::Adapter, Recipe> lin(set, w, &recipe);
   std::vector<int> in, target;
@@ -160,7 +178,8 @@ long calibrate(Recipe& recipe, const Weights<float>& w,
   long batches = 0;
   while (recipe.calibrating()) {
     windows.next(batch, in, target);
-    model.forward(in, batch, w.cfg.context, tr, lin);
+    const Index local = local_share(in, target, batch, w.cfg.context, comm);
+    model.forward(in, local, w.cfg.context, tr, lin);
     if (recipe.calibration_needs_gradients()) {
       cross_entropy(tr.logits, target, &dlogits);
       model.backward(tr, dlogits, lin);
@@ -192,9 +211,17 @@ RunResult run(const RunOptions& o, Recipe& recipe, Weights<float>& w,
     r.before = held_out_bpc(w, base, text.held_out, o.eval_bytes);
   }
   r.held_out.emplace_back(0, r.before);
-  recipe.attach(set, modules);
-  Windows windows(text.train, w.cfg.context, o.seed + 1);
-  r.calibration_batches = detail::calibrate(recipe, w, set, windows, o.batch);
+  peft::dist::Communicator* comm = o.communicator;
+  if (comm && comm->size() > 1) {
+    if (o.batch % comm->size() != 0) {
+      PEFT_THROW(peft::config_error(format("--batch %ld is not a multiple of the %d workers",
+                                           static_cast<long>(o.batch), comm->size())));
+    }
+    recipe.set_communicator(*comm);  // gradients averaged over the workers before each step
+  }
+  recipe.attach(set, modules);  // the same seed on every worker: the same adapters
+  Windows windows(text.train, w.cfg.context, o.seed + 1);  // the same batches on every worker
+  r.calibration_batches = detail::calibrate(recipe, w, set, windows, o.batch, comm);
   peft::optim::AdamWOptions ao;
   ao.weight_decay = o.weight_decay;
   peft::optim::AdamW<float> opt(ao);
@@ -236,8 +263,13 @@ RunResult run(const RunOptions& o, Recipe& recipe, Weights<float>& w,
   double eval_seconds = 0.0;
   for (long step = 1; step <= o.steps; ++step) {
     windows.next(o.batch, in, target);
-    model.forward(in, o.batch, w.cfg.context, tr, lin);
-    const double loss = cross_entropy(tr.logits, target, &dlogits);
+    const Index local = detail::local_share(in, target, o.batch, w.cfg.context, comm);
+    model.forward(in, local, w.cfg.context, tr, lin);
+    double loss = cross_entropy(tr.logits, target, &dlogits);  // this worker's mean
+    if (comm && comm->size() > 1) {  // the batch's mean, for the progress line and the check
+      comm->all_reduce_sum(&loss, 1);
+      loss /= comm->size();
+    }
     if (!std::isfinite(loss)) {
       PEFT_THROW(peft::state_error(
           format("%s: the loss is %g at step %ld (try a lower --lr)", label.c_str(), loss, step)));
@@ -269,7 +301,7 @@ RunResult run(const RunOptions& o, Recipe& recipe, Weights<float>& w,
   recipe.finish();  // AdaLoRA shrinks to its kept ranks; LoRA-GA exports over the original W
   r.after = held_out_bpc(w, lin, text.held_out, o.eval_bytes);
   r.held_out.emplace_back(o.steps, r.after);
-  if (!o.out.empty()) {
+  if (!o.out.empty() && (!comm || comm->rank() == 0)) {  // one writer; the save is atomic
     config.base_model_name_or_path = o.base_name;
     config.extra["task_type"] = "CAUSAL_LM";
     auto folder = peft::io::to_folder(set, config);

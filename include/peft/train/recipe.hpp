@@ -35,9 +35,9 @@ namespace train {
  * one, whose reductions are the identity. The alias keeps the spelling `train::Communicator<T>`.
  *
  * What goes through it:
- * - before every optimizer step, the adapters' gradients (averaged over the workers);
- * - LoRA-GA's calibration gradient sums and batch counts (summed);
- * - EVA's calibration activations (gathered, so every worker fits the same decomposition).
+ * - before every optimizer step, the adapters' gradients (averaged, in one bucket);
+ * - LoRA-GA's randomized-SVD sketches of the workers' gradient sums (summed; never the dense G);
+ * - EVA's incremental-PCA statistics and sketches (reduced; ranks decided on worker 0).
  */
 template <typename Scalar>
 using Communicator = dist::Communicator;
@@ -84,6 +84,21 @@ class RecipeBase {
     communicator_ = &communicator;
   }
   dist::Communicator& communicator() const noexcept { return *communicator_; }
+
+  /**
+   * The dropout seed of this worker: `seed` itself with one worker, else `seed + rank · γ`
+   * (γ = 0x9E3779B97F4A7C15, the golden-ratio increment), so every worker draws its own masks
+   * (as its own data would) while a run stays reproducible from `seed` and the worker count.
+   * Module i then draws from `dropout_seed(seed) + i` (AdapterSet::enable_dropout).
+   */
+  std::uint64_t dropout_seed(std::uint64_t seed) const {
+    if (communicator_->size() == 1) return seed;
+    return seed + static_cast<std::uint64_t>(communicator_->rank()) * 0x9E3779B97F4A7C15ull;
+  }
+  /// Training mode for every module's dropout, from this worker's dropout_seed(seed).
+  void enable_dropout(std::uint64_t seed) {
+    checked_set("enable_dropout").enable_dropout(dropout_seed(seed));
+  }
 
   Phase phase() const noexcept { return phase_; }
   /// True while the trainer should run calibration batches (LoRA-GA, EVA).
@@ -169,14 +184,36 @@ class RecipeBase {
     }
     in_step_ = true;
     // Average before any recipe adds its own term, so a regulariser is added once, not per worker.
-    if (communicator_->size() > 1) {
-      const Scalar workers = static_cast<Scalar>(communicator_->size());
-      for (const auto& name : set_->adapted_modules()) {
-        auto g = set_->gradient(name);
-        communicator_->all_reduce_sum(g.data(), g.size());
-        g /= workers;
-      }
-    }
+    if (communicator_->size() > 1) average_gradients();
+  }
+
+  /**
+   * Every adapted module's gradient averaged over the workers in ONE all_reduce_sum: the
+   * gradients are packed into one buffer (registration order), reduced, and unpacked divided by
+   * the number of workers. One call per optimizer step pays the collective's latency once rather
+   * than once per module; the two copies are cheap next to the reduction (docs/distributed.md
+   * times the bucket, copies included, against a call per module). The buffer is kept between
+   * steps.
+   */
+  void average_gradients() {
+    Index total = 0;
+    set_->for_each(
+        [&](const std::string& name, const Adapter&) { total += set_->gradient(name).size(); });
+    bucket_.resize(total);
+    Index at = 0;
+    set_->for_each([&](const std::string& name, const Adapter&) {
+      const auto g = set_->gradient(name);
+      bucket_.segment(at, g.size()) = g;
+      at += g.size();
+    });
+    communicator_->all_reduce_sum(bucket_.data(), total);
+    const Scalar workers = static_cast<Scalar>(communicator_->size());
+    at = 0;
+    set_->for_each([&](const std::string& name, const Adapter&) {
+      auto g = set_->gradient(name);
+      g = bucket_.segment(at, g.size()) / workers;
+      at += g.size();
+    });
   }
 
   /// The checks every after_optimizer_step starts with: `step` counts optimizer steps from 1.
@@ -221,6 +258,7 @@ class RecipeBase {
   dist::Communicator serial_;
   dist::Communicator* communicator_ = &serial_;
   Set* set_ = nullptr;
+  Vector<Scalar> bucket_;  // every gradient, packed for the one reduction of a step
   bool in_step_ = false;
   long last_step_ = 0;
   long steps_ = 0;
@@ -409,9 +447,11 @@ class AdaLoraRecipe : public RecipeBase<AdaLoraLinear<Scalar, Order, Storage>> {
     return allocator_->add_orthogonal_regularization();
   }
   /// `step`: optimizer steps taken, 1..budget.total_step (not micro-batches).
+  /// With several workers, a step that masks checks that every worker kept the same triplets.
   void after_optimizer_step(long step) {
     this->end_step(step);
     report_ = allocator_->update_and_allocate(step);
+    if (report_.masked && this->communicator().size() > 1) check_masks_agree(step);
   }
   /// Shrinks every layer to the triplets the last mask kept; ends training.
   void finish() {
@@ -426,6 +466,31 @@ class AdaLoraRecipe : public RecipeBase<AdaLoraLinear<Scalar, Order, Storage>> {
   const typename Allocator::Report& last_report() const noexcept { return report_; }
 
  private:
+  /**
+   * The allocator's inputs are the same bits on every worker: the gradients it scores are the
+   * averaged ones (the communicator's sums are the same bits everywhere), and the parameters are
+   * replicas that applied the same updates. Its scores, budget and masks are therefore the same
+   * on every worker running the same binary, and no state needs to travel. What a worker cannot
+   * rule out alone is a peer built differently (another CPU's vector width changes Eigen's
+   * summation order): rank 0's masks are broadcast (one byte per triplet, on mask steps only)
+   * and a worker whose masks differ stops with communication_error instead of silently training
+   * another model.
+   */
+  void check_masks_agree(long step) {
+    std::vector<std::uint8_t> mine;
+    for (const auto& layer : allocator_->rank_pattern())
+      for (const bool kept : layer) mine.push_back(kept ? 1 : 0);
+    std::vector<std::uint8_t> root = mine;
+    this->communicator().broadcast(root.data(), static_cast<Index>(root.size()), 0);
+    if (root != mine) {
+      PEFT_THROW(communication_error(
+          this->where("after_optimizer_step") + ": at step " + std::to_string(step) + " worker " +
+          std::to_string(this->communicator().rank()) +
+          " kept other triplets than worker 0; the replicas diverged (are all workers the same "
+          "build on the same kind of CPU?)"));
+    }
+  }
+
   AdaLoraRecipeOptions options_;
   std::unique_ptr<Allocator> allocator_;  // by pointer: it keeps pointers into the set
   typename Allocator::Report report_{};
