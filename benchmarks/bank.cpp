@@ -13,9 +13,6 @@
 #ifdef _OPENMP
 #  include <omp.h>
 #endif
-#if defined(__AVX512F__)
-#  include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <chrono>
@@ -246,41 +243,17 @@ void bank_rows_sweep(benchmark::State& state) {
   }
 }
 
-#if defined(__AVX512F__)
-/**
- * y = x Wᵀ for a few rows, reading W where it lies: for 4 rows of W at a time and 4 rows of x,
- * 16 accumulators over the whole depth, then one horizontal sum each. No packing of W, which
- * Eigen's GEMM does on every call (its cost is paid again for every product, so a 32-row product
- * cannot amortise it). A measuring stick for what the decode product could cost, not the
- * library's kernel. Rows of x and W in multiples of 4, depth in multiples of 16.
- */
+#if defined(PEFT_FUSED_DECODE_AVX512) || defined(PEFT_FUSED_DECODE_AVX2)
+/// y = x Wᵀ through the library's in-place small-batch kernel (detail/storage_gemv.hpp's
+/// dense_forward, which the banks' dense float forward takes for 2..64 rows on one thread).
 void rows_in_place(const Mat& x, const Mat& w, Mat& y) {
-  const Index n = x.rows(), depth = x.cols(), out = w.rows();
-#  pragma omp parallel for schedule(static)
-  for (Index j = 0; j < out; j += 4) {
-    const float* wr[4] = {w.row(j).data(), w.row(j + 1).data(), w.row(j + 2).data(),
-                          w.row(j + 3).data()};
-    for (Index i = 0; i < n; i += 4) {
-      const float* xr[4] = {x.row(i).data(), x.row(i + 1).data(), x.row(i + 2).data(),
-                            x.row(i + 3).data()};
-      __m512 acc[4][4];
-      for (auto& row : acc)
-        for (auto& v : row) v = _mm512_setzero_ps();
-      for (Index k = 0; k < depth; k += 16) {
-        __m512 wv[4], xv[4];
-        for (int q = 0; q < 4; ++q) wv[q] = _mm512_loadu_ps(wr[q] + k);
-        for (int p = 0; p < 4; ++p) xv[p] = _mm512_loadu_ps(xr[p] + k);
-        for (int p = 0; p < 4; ++p)
-          for (int q = 0; q < 4; ++q) acc[p][q] = _mm512_fmadd_ps(xv[p], wv[q], acc[p][q]);
-      }
-      for (int p = 0; p < 4; ++p)
-        for (int q = 0; q < 4; ++q) y(i + p, j + q) = _mm512_reduce_add_ps(acc[p][q]);
-    }
-  }
+  const peft::detail::FusedOperands a{x.data(), x.cols(), y.data(), y.cols(), x.cols()};
+  peft::detail::dense_forward(w.data(), w.cols(), w.rows(), x.rows(), a);
 }
 
 // The bare N-row product through Eigen and through rows_in_place, in the same iterations
-// (alternating which goes first): how much of the product's time is the packing of W.
+// (alternating which goes first): how much of the product's time is the packing of W, which the
+// in-place kernel does not do.
 void bank_rows_in_place(benchmark::State& state) {
   const Index n = state.range(0);
   const Mat w = random_matrix(bank_d, bank_d, 3, 0.02);
@@ -373,11 +346,13 @@ const bool registered = [] {
       ->Iterations(15)
       ->UseManualTime()
       ->Unit(benchmark::kMillisecond);
-#if defined(__AVX512F__)
+#if defined(PEFT_FUSED_DECODE_AVX512) || defined(PEFT_FUSED_DECODE_AVX2)
   benchmark::RegisterBenchmark("bank_rows_in_place", bank_rows_in_place)
       ->ArgNames({"N", "d"})
       ->Args({8, bank_d})
       ->Args({32, bank_d})
+      ->Args({64, bank_d})
+      ->Args({128, bank_d})
       ->Iterations(15)
       ->UseManualTime()
       ->Unit(benchmark::kMillisecond);

@@ -9,6 +9,7 @@
 #include "support/no_alloc.hpp"  // first: arms EIGEN_RUNTIME_NO_MALLOC before Eigen is seen
 #include "support/storage_support.hpp"
 
+#include <peft/bank.hpp>
 #include <peft/storage.hpp>
 
 #include <cmath>
@@ -314,6 +315,87 @@ TEST_CASE("Double activations, more tokens and dx keep the panel products", "[st
     }
   }
 }
+
+#if defined(PEFT_FUSED_DECODE_AVX512) || defined(PEFT_FUSED_DECODE_AVX2)
+TEST_CASE("Dense fp32 forward in place: tails, leading dimension, unaligned rows, every n",
+          "[storage][kernel][dense]") {
+  std::uint64_t seed = 900;
+  const Index max_n = peft::detail::dense_decode_max_tokens;
+  // 5: no whole vector; 37: a scalar tail; 4096 + 8: a half vector past the last whole one.
+  for (Index in : {5, 16, 37, 64, 4096 + 8})
+    for (Index out : {1, 3, 7, 13})  // rows left over after whole row blocks, and none at all
+      for (Index n = 1; n <= max_n; ++n) {
+        if (in > 64 && n % 7 != 1 && n != max_n) continue;  // the long rows: a few n only
+        const Index ld = in + 3;  // rows 12 bytes apart beyond the row: no row is aligned
+        const M store = peft_test::random_matrix<float>(1, out * ld + 1, ++seed);
+        const float* w = store.data() + 1;  // 4 bytes in: aligned to 4, not to a vector
+        MD wd(out, in);
+        for (Index r = 0; r < out; ++r)
+          for (Index c = 0; c < in; ++c) wd(r, c) = w[r * ld + c];
+        const M before = store;
+        Activations a(n, in, out, seed);
+        {
+          peft_test::NoMalloc guard;
+          auto x = a.x();
+          auto y = a.y();
+          const peft::detail::FusedOperands ops{x.data(), x.outerStride(), y.data(),
+                                                y.outerStride(), in};
+          peft::detail::dense_forward(w, ld, out, n, ops);
+        }
+        INFO("in = " << in << ", out = " << out << ", n = " << n);
+        check_forward(a.y(), M(a.x()), wd, in);
+        CHECK(a.margins_untouched());
+        CHECK(store == before);  // W is only read
+      }
+}
+
+TEST_CASE("Dense fp32 forward propagates NaN and inf", "[storage][kernel][dense]") {
+  const Index out = 7, in = 40, n = 5;
+  M w = peft_test::random_matrix<float>(out, in, 950);
+  M x = peft_test::random_matrix<float>(n, in, 951);
+  w(2, 3) = std::numeric_limits<float>::quiet_NaN();
+  w(4, 39) = std::numeric_limits<float>::infinity();  // in the scalar tail
+  x(3, 17) = -std::numeric_limits<float>::infinity();
+  M y(n, out);
+  const peft::detail::FusedOperands ops{x.data(), in, y.data(), out, in};
+  peft::detail::dense_forward(w.data(), in, out, n, ops);
+  check_forward(y, x, w.cast<double>(), in);
+}
+
+TEST_CASE("A float bank's decode takes the in-place product, allocating nothing",
+          "[storage][kernel][dense][bank]") {
+  const Index in = 100, out = 45, r = 4, k = 3;
+  const M w = peft_test::random_matrix<float>(out, in, 960);
+  peft::AdapterBank<float> bank(peft::frozen(w), k, r);
+  for (Index j = 0; j < k; ++j)
+    bank.load(peft_test::random_matrix<float>(r, in, 961 + std::uint64_t(j)),
+              peft_test::random_matrix<float>(out, r, 970 + std::uint64_t(j)), 2.0);
+  peft::Workspace<float> ws;
+  for (Index n : {Index{1}, Index{2}, Index{9}, peft::detail::dense_decode_max_tokens,
+                  peft::detail::dense_decode_max_tokens + 1}) {
+    INFO("n = " << n);
+    const M x = peft_test::random_matrix<float>(n, in, 980 + std::uint64_t(n));
+    std::vector<int> ids(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i) ids[std::size_t(i)] = int((i * 5) % k);
+    M y(n, out), base(n, out);
+    bank.forward(x, ids, y, ws);  // warm
+    {
+      peft_test::NoMalloc guard;
+      bank.forward(x, ids, y, ws);
+    }
+    base.noalias() = x * peft::frozen(w).transpose();
+    M expect = base;  // the adapters' terms, added to Eigen's base product
+    for (Index i = 0; i < n; ++i) {
+      const Index j = ids[std::size_t(i)];
+      expect.row(i) +=
+          bank.scaling(j) * ((x.row(i) * bank.a(j).transpose()) * bank.b(j).transpose());
+    }
+    const double tol =
+        4.0 * double(in + r) * eps * (x.cwiseAbs() * w.cwiseAbs().transpose()).maxCoeff();
+    CHECK((y - expect).cwiseAbs().maxCoeff() <= tol);
+  }
+}
+#endif
 
 // Not run by default: the largest error seen at layer sizes, for docs/precision.md.
 TEST_CASE("Fused forward error at layer sizes", "[.measure][storage][kernel]") {

@@ -167,15 +167,38 @@ bool count_bank_rows(const AdapterIds& ids, Index capacity, Index* count, Index*
   return runs == distinct;
 }
 
+/// Whether W, as dense_base_product receives it, is the transposed view of a float FrozenWeight
+/// (the forward's x Wᵀ), which dense_forward reads in place.
+template <typename W>
+inline constexpr bool is_transposed_float_weight =
+    std::is_same_v<std::remove_cv_t<W>, Eigen::Transpose<FrozenWeight<float>>> ||
+    std::is_same_v<std::remove_cv_t<W>, Eigen::Transpose<const FrozenWeight<float>>>;
+
 /**
  * y = x Wᵀ for a dense W through the workspace GEMM (workspace_gemm.hpp), so that a warm
  * workspace makes the base product allocate nothing, as the rank-r products; bit for bit Eigen's
  * `y.noalias() = x * Wᵀ` on one thread. When Eigen runs its products on several threads
  * (OpenMP, Eigen::nbThreads() > 1), Eigen's own product is used instead, to keep them.
+ *
+ * A float forward of dense_decode_min_tokens to dense_decode_max_tokens rows on one thread takes
+ * the in-place kernel (storage_gemv.hpp's dense_forward) where the build compiles it: at decode
+ * Eigen's GEMM packs all of W on every call, half of a 32-row product's time. It sums in another
+ * order, within 2 · in · ε · (|x| |W|) of Eigen's product. dx = dy W keeps Eigen's GEMM.
  */
 template <typename Scalar, typename W>
 void dense_base_product(const Eigen::Ref<const RowMatrix<Scalar>>& x, const W& w_transposed,
                         Eigen::Ref<RowMatrix<Scalar>>& y, Workspace<Scalar>& ws) {
+#if defined(PEFT_FUSED_DECODE_AVX512) || defined(PEFT_FUSED_DECODE_AVX2)
+  if constexpr (std::is_same_v<Scalar, float> && is_transposed_float_weight<W>) {
+    const Index n = x.rows();
+    if (n >= dense_decode_min_tokens && n <= dense_decode_max_tokens && Eigen::nbThreads() == 1) {
+      const auto& w = w_transposed.nestedExpression();
+      const FusedOperands a{x.data(), x.outerStride(), y.data(), y.outerStride(), w.cols()};
+      dense_forward(w.data(), w.outerStride(), w.rows(), n, a);
+      return;
+    }
+  }
+#endif
   if (Eigen::nbThreads() > 1) {
     y.noalias() = x * w_transposed;
   } else {

@@ -12,6 +12,10 @@
 // Eigen's GEMV, so it is not bit for bit "dequantise all, then Eigen's product": each entry is
 // within 2 · in · ε · (|x| |W|) of it (docs/precision.md). Other builds, double activations, more
 // tokens and dx = dy W keep the panel products (storage_gemm.hpp).
+//
+// The same builds also get dense_forward, for a dense row-major float W and 2 to 64 float tokens
+// (the adapter banks' decode, bank_common.hpp): Eigen's GEMM packs all of W on every call, which is
+// half of a 32-row product's time; this kernel reads W in place, with the same error bound.
 #pragma once
 #ifndef PEFT_CONFIG_HPP
 #  error "include <peft/peft.hpp> or a public peft header instead of a detail header"
@@ -52,6 +56,12 @@ inline constexpr bool fused_decode_compiled = false;
 #endif
 /// Largest token count the fused forward takes; more tokens go through the panel GEMM.
 inline constexpr Index fused_decode_max_tokens = 8;
+/// Token counts the dense fp32 forward (dense_forward) takes in place, where compiled: from 2 (one
+/// token is Eigen's GEMV, which reads W in place already) to 64; more tokens go through Eigen's
+/// GEMM, whose packing of W is then a small part of the product (measured in benchmarks/bank.cpp,
+/// `bank_rows_in_place`: faster than Eigen through 64 rows at d = 4096, slower from about 128).
+inline constexpr Index dense_decode_min_tokens = 2;
+inline constexpr Index dense_decode_max_tokens = 64;
 
 #if defined(PEFT_FUSED_DECODE_AVX512) || defined(PEFT_FUSED_DECODE_AVX2)
 
@@ -297,6 +307,81 @@ void fused_forward(const unsigned char* w, Index row_bytes, Index out, Index n,
     default:
       return fused_forward_n<8, Q8>(w, row_bytes, out, a);
   }
+}
+
+/// Rows of W (R) and tokens (T) per register block of the dense forward: R·T accumulators, R
+/// weight vectors and one x vector in the 32 (AVX-512) or 16 (AVX2) registers.
+/// Measured at d = 4096, 32 tokens, over 4×6, 5×5, 3×8, 7×3 and 8×3 (AVX-512) and 2×6, 3×3, 2×5
+/// (AVX2 build): 6×4 and 3×4 were the fastest. A prefetch of the next rows of W measured no gain.
+/// PEFT_DENSE_ROWS and PEFT_DENSE_TOKENS override them, for measuring.
+#  if defined(PEFT_DENSE_ROWS) && defined(PEFT_DENSE_TOKENS)
+inline constexpr int dense_rows = PEFT_DENSE_ROWS, dense_tokens = PEFT_DENSE_TOKENS;
+#  elif defined(PEFT_FUSED_DECODE_AVX512)
+inline constexpr int dense_rows = 6, dense_tokens = 4;
+#  else
+inline constexpr int dense_rows = 3, dense_tokens = 4;
+#  endif
+
+/// y[t0 : t0+T, o0 : o0+R] for R float rows of W at `w` (`ldw` apart) and T tokens from t0: each
+/// step loads R weight vectors and T x vectors and does R·T FMAs, one accumulator each, summed
+/// horizontally at the end of the row; a row's tail that is not whole vectors is summed scalar.
+template <int R, int T>
+void dense_block(const float* w, Index ldw, const FusedOperands& a, Index t0, Index o0) {
+  using V = FusedIsa::V;
+  constexpr Index L = FusedIsa::width;
+  V acc[R][T];
+  PEFT_UNROLL for (int r = 0; r < R; ++r) PEFT_UNROLL for (int t = 0; t < T; ++t) acc[r][t] =
+      FusedIsa::zero();
+  const float* x = a.x + t0 * a.ldx;
+  const Index vec_end = a.in / L * L;
+  for (Index c = 0; c < vec_end; c += L) {
+    V wv[R];
+    PEFT_UNROLL for (int r = 0; r < R; ++r) wv[r] = FusedIsa::load(w + r * ldw + c);
+    PEFT_UNROLL for (int t = 0; t < T; ++t) {
+      const V xv = FusedIsa::load(x + t * a.ldx + c);
+      PEFT_UNROLL for (int r = 0; r < R; ++r) acc[r][t] = FusedIsa::fma(wv[r], xv, acc[r][t]);
+    }
+  }
+  PEFT_UNROLL for (int r = 0; r < R; ++r) PEFT_UNROLL for (int t = 0; t < T; ++t) {
+    float s = FusedIsa::sum(acc[r][t]);
+    const float* wr = w + r * ldw;
+    const float* xt = x + t * a.ldx;
+    for (Index c = vec_end; c < a.in; ++c) s += wr[c] * xt[c];
+    a.y[(t0 + t) * a.ldy + o0 + r] = s;
+  }
+}
+
+/// The last tokens of a row block, fewer than dense_tokens: T = m.
+template <int R, int T = dense_tokens - 1>
+void dense_block_tail(const float* w, Index ldw, const FusedOperands& a, Index t0, Index o0,
+                      Index m) {
+  if constexpr (T >= 1) {
+    if (m == T) return dense_block<R, T>(w, ldw, a, t0, o0);
+    dense_block_tail<R, T - 1>(w, ldw, a, t0, o0, m);
+  }
+}
+
+/// Rows o0 .. o0+R-1 of y, for all n tokens.
+template <int R>
+void dense_rows_all_tokens(const float* w, Index ldw, Index n, const FusedOperands& a, Index o0) {
+  Index t = 0;
+  for (; t + dense_tokens <= n; t += dense_tokens) dense_block<R, dense_tokens>(w, ldw, a, t, o0);
+  if (t < n) dense_block_tail<R>(w, ldw, a, t, o0, n - t);
+}
+
+/**
+ * y = x Wᵀ for n ∈ [1, dense_decode_max_tokens] float tokens over a dense row-major float W
+ * (`out` rows, `ldw` apart), read where it lies: no packing. W is taken dense_rows rows at a
+ * time (R · in floats, which stay in L2 while every token passes over them), so each weight is
+ * read from memory once per call; the tokens go dense_tokens at a time through R · T register
+ * accumulators. Error: within 2 · in · ε · (|x| |W|) of Eigen's product, as the other fused
+ * kernels (another order of summation).
+ */
+inline void dense_forward(const float* w, Index ldw, Index out, Index n, const FusedOperands& a) {
+  Index o = 0;
+  for (; o + dense_rows <= out; o += dense_rows)
+    dense_rows_all_tokens<dense_rows>(w + o * ldw, ldw, n, a, o);
+  for (; o < out; ++o) dense_rows_all_tokens<1>(w + o * ldw, ldw, n, a, o);
 }
 
 #endif  // fused kernel compiled
