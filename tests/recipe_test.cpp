@@ -380,7 +380,8 @@ TEST_CASE("Recipes reduce through the communicator: two identical workers give t
     const Run a = train(serial, one, task, steps, 1, 3e-3);
     const Run b = train(parallel, two, task, steps, 1, 3e-3);
     // Per layer: the dense G, or the sketches Y, (Mᵀ Q, M Z) per power iteration and Qᵀ M; then
-    // one bucket of every gradient a step. Counts: the batches, and (sketches) the non-finite check.
+    // one bucket of every gradient a step. Counts: the batches, and (sketches) the non-finite
+    // check.
     const int per_layer = dense ? 1 : 2 + 2 * int(o.ga.niter);
     CHECK(workers.reductions == 2 * per_layer + steps);  // then 1 bucket a step
     CHECK(workers.counts == 2 * (dense ? 1 : 2));
