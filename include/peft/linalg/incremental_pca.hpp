@@ -170,7 +170,9 @@ class IncrementalPca {
     Vector<double> stats = Vector<double>::Zero(features_ + 2);
     stats(0) = static_cast<double>(x.rows());
     stats(1) = finite ? 0.0 : 1.0;
-    if (finite) stats.tail(features_) = x.colwise().sum().transpose();
+    // A worker may hold no rows of this batch; Eigen's column reductions of an empty matrix
+    // offset a null pointer, so its sums stay the zeros they are.
+    if (finite && x.rows() > 0) stats.tail(features_) = x.colwise().sum().transpose();
     comm.all_reduce_sum(stats.data(), stats.size());
     if (stats(1) != 0.0) {
       PEFT_THROW(numerical_error(std::string(where) + ": x holds non-finite values on " +
@@ -182,7 +184,8 @@ class IncrementalPca {
     const double n_total = n_old + n_new;
     const Vector<double> batch_mean = stats.tail(features_) / n_new;
     x.rowwise() -= batch_mean.transpose();
-    Vector<double> batch_m2 = x.colwise().squaredNorm().transpose();
+    Vector<double> batch_m2 = Vector<double>::Zero(features_);
+    if (x.rows() > 0) batch_m2 = x.colwise().squaredNorm().transpose();
     comm.all_reduce_sum(batch_m2.data(), batch_m2.size());
     const Vector<double> delta = batch_mean - mean_;
     const Vector<double> m2 =
