@@ -9,6 +9,7 @@
 #include <peft/dist/communicator.hpp>
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 namespace peft_test {
@@ -83,6 +84,14 @@ void record_allocator(const peft::train::AdaLoraRecipe<Scalar, Order, Storage>& 
   }
 }
 
+/// Optional hooks of train_split (checkpoint tests): `resume` runs after the optimizer is built
+/// and returns the optimizer steps already taken; `after_step` runs after every optimizer step.
+template <typename Recipe>
+struct SplitHooks {
+  std::function<long(Recipe&, peft::optim::AdamW<double>&)> resume;
+  std::function<void(long, Recipe&, peft::optim::AdamW<double>&)> after_step;
+};
+
 /**
  * `steps` optimizer steps of AdamW over batches of 32 rows; the worker of rank r of `size` takes
  * rows [r·32/size, (r+1)·32/size) of each. Its loss is the mean over its rows, so the average of
@@ -90,18 +99,27 @@ void record_allocator(const peft::train::AdaLoraRecipe<Scalar, Order, Storage>& 
  */
 template <typename Recipe>
 DistRun train_split(TwoLayerModel<typename Recipe::Adapter>& model, Recipe& recipe,
-                    const Task& task, long steps, double lr) {
+                    const Task& task, long steps, double lr, const SplitHooks<Recipe>& hooks = {}) {
   const int rank = recipe.communicator().rank(), size = recipe.communicator().size();
   DistRun run;
+  Mat dout;
   recipe.attach(model.set);
+  for (long batch = 1000; recipe.calibrating(); ++batch) {  // LoRA-GA, EVA: on split batches too
+    const auto [x, y] = task.batch(batch);
+    const Index rows = x.rows() / size;
+    mse(model.forward(x.middleRows(rank * rows, rows), &recipe), y.middleRows(rank * rows, rows),
+        dout);
+    if (recipe.calibration_needs_gradients()) model.backward(dout, &recipe);
+    recipe.end_calibration_batch();
+  }
   run.initial = parameters_of(model.set);
   peft::optim::AdamWOptions o;
   o.weight_decay = 0.0;
   peft::optim::AdamW<double> optimizer(o);
   model.set.register_with(optimizer);
   model.set.zero_grad();
-  Mat dout;
-  for (long step = 1; step <= steps; ++step) {
+  const long done = hooks.resume ? hooks.resume(recipe, optimizer) : 0;
+  for (long step = done + 1; step <= steps; ++step) {
     const auto [x, y] = task.batch(step - 1);
     const Index rows = x.rows() / size;
     const Mat xs = x.middleRows(rank * rows, rows), ys = y.middleRows(rank * rows, rows);
@@ -111,6 +129,7 @@ DistRun train_split(TwoLayerModel<typename Recipe::Adapter>& model, Recipe& reci
     optimizer.step(lr);
     recipe.after_optimizer_step(optimizer.step_count());
     optimizer.zero_grad();
+    if (hooks.after_step) hooks.after_step(step, recipe, optimizer);
   }
   run.parameters = parameters_of(model.set);
   record_allocator(recipe, run);

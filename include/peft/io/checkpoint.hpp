@@ -38,27 +38,29 @@ inline long parse_long(const std::map<std::string, std::string>& meta, const std
     PEFT_THROW(format_error(path + ": metadata '" + key + "' is not an integer"));
   return v;
 }
-}  // namespace detail
 
-/**
- * Writes `path` (atomically): every adapter's flat parameters ("adapter.<module>"), AdamW's state
- * ("adamw.m.<group>", "adamw.v.<group>", its step), AdaLoRA's kept masks and, when given, the
- * RankAllocator's score EMAs, plus `step`. Values are stored in the adapters' own precision
- * (F32 or F64), so nothing is rounded.
- */
-template <typename Adapter,
-          typename Allocator = RankAllocator<typename Adapter::Scalar, Adapter::WeightOrder,
-                                             typename adapter_traits<Adapter>::Storage>>
-void save_checkpoint(const std::string& path, const AdapterSet<Adapter>& set,
-                     const optim::AdamW<typename Adapter::Scalar>& optimizer, long step,
-                     const Allocator* allocator = nullptr) {
+/// "[out, in] r": what a module's saved parameters belong to, checked on load (another method,
+/// rank or shape can have as many parameters).
+template <typename Adapter>
+std::string shape_of(const Adapter& a) {
+  return "[" + std::to_string(a.out_features()) + ", " + std::to_string(a.in_features()) + "] r" +
+         std::to_string(a.rank());
+}
+
+/// save_checkpoint's file, not yet written (a caller may add metadata first).
+template <typename Adapter, typename Allocator>
+SafetensorsWriter checkpoint_writer(const AdapterSet<Adapter>& set,
+                                    const optim::AdamW<typename Adapter::Scalar>& optimizer,
+                                    long step, const Allocator* allocator) {
   using Scalar = typename Adapter::Scalar;
   const Dtype dtype = std::is_same_v<Scalar, double> ? Dtype::f64 : Dtype::f32;
   SafetensorsWriter w;
   w.set_metadata("peft.checkpoint", "1");
   w.set_metadata("step", std::to_string(step));
+  w.set_metadata("adapter", Adapter::class_name);
   set.for_each([&](const std::string& name, const Adapter& a) {
     w.add_vector("adapter." + name, a.parameters(), dtype);
+    w.set_metadata("shape." + name, shape_of(a));
     if constexpr (detail::has_rank_mask<Adapter>::value) {
       std::string flags;
       for (bool k : a.kept()) flags += k ? '1' : '0';
@@ -82,26 +84,48 @@ void save_checkpoint(const std::string& path, const AdapterSet<Adapter>& set,
       w.add_vector("allocator.uncertainty." + std::to_string(l), s.uncertainty[l], dtype);
     }
   }
-  w.save(path);
+  return w;
+}
+}  // namespace detail
+
+/**
+ * Writes `path` (atomically): every adapter's flat parameters ("adapter.<module>"), AdamW's state
+ * ("adamw.m.<group>", "adamw.v.<group>", its step), AdaLoRA's kept masks and, when given, the
+ * RankAllocator's score EMAs, plus `step`. Values are stored in the adapters' own precision
+ * (F32 or F64), so nothing is rounded. (A recipe's run: train::save_checkpoint.)
+ */
+template <typename Adapter,
+          typename Allocator = RankAllocator<typename Adapter::Scalar, Adapter::WeightOrder,
+                                             typename adapter_traits<Adapter>::Storage>>
+void save_checkpoint(const std::string& path, const AdapterSet<Adapter>& set,
+                     const optim::AdamW<typename Adapter::Scalar>& optimizer, long step,
+                     const Allocator* allocator = nullptr) {
+  detail::checkpoint_writer(set, optimizer, step, allocator).save(path);
 }
 
 /**
  * Restores what save_checkpoint wrote into a set, optimizer (and allocator) built the same way
  * (same modules, adapters, registration order). Everything is read and checked before anything
- * changes. Returns the saved step.
+ * changes. Returns the saved step. `file` may be a file or a buffer
+ * (SafetensorsReader::from_buffer).
  */
 template <typename Adapter,
           typename Allocator = RankAllocator<typename Adapter::Scalar, Adapter::WeightOrder,
                                              typename adapter_traits<Adapter>::Storage>>
-long load_checkpoint(const std::string& path, AdapterSet<Adapter>& set,
+long load_checkpoint(const SafetensorsReader& file, AdapterSet<Adapter>& set,
                      optim::AdamW<typename Adapter::Scalar>& optimizer,
                      Allocator* allocator = nullptr) {
   using Scalar = typename Adapter::Scalar;
-  const SafetensorsReader file(path);
+  const std::string& path = file.path();
   const auto& meta = file.metadata();
   if (!meta.count("peft.checkpoint"))
     PEFT_THROW(format_error(path + ": not a peft training checkpoint"));
   const long step = detail::parse_long(meta, "step", path);
+  // Files written before these keys existed lack them; when present they must match.
+  if (const auto it = meta.find("adapter"); it != meta.end() && it->second != Adapter::class_name) {
+    PEFT_THROW(format_error(path + ": the checkpoint holds " + detail::printable(it->second) +
+                            " adapters, the set " + Adapter::class_name));
+  }
 
   std::vector<std::pair<std::string, Vector<Scalar>>> params;
   std::vector<std::pair<std::string, std::vector<bool>>> masks;
@@ -109,6 +133,12 @@ long load_checkpoint(const std::string& path, AdapterSet<Adapter>& set,
     const std::string key = "adapter." + name;
     if (!file.contains(key))
       PEFT_THROW(format_error(path + ": no parameters for module '" + name + "'"));
+    if (const auto it = meta.find("shape." + name);
+        it != meta.end() && it->second != detail::shape_of(set.adapter(name))) {
+      PEFT_THROW(dimension_error(path + ": module '" + name + "' was saved as " +
+                                 detail::printable(it->second) + ", the adapter is " +
+                                 detail::shape_of(set.adapter(name))));
+    }
     Vector<Scalar> p = file.vector<Scalar>(key);
     if (p.size() != set.adapter(name).num_parameters()) {
       PEFT_THROW(dimension_error(path + ": module '" + name + "' has " + std::to_string(p.size()) +
@@ -168,6 +198,16 @@ long load_checkpoint(const std::string& path, AdapterSet<Adapter>& set,
   }
   for (auto& [name, p] : params) set.adapter(name).parameters() = p;
   return step;
+}
+
+/// load_checkpoint from the file at `path`.
+template <typename Adapter,
+          typename Allocator = RankAllocator<typename Adapter::Scalar, Adapter::WeightOrder,
+                                             typename adapter_traits<Adapter>::Storage>>
+long load_checkpoint(const std::string& path, AdapterSet<Adapter>& set,
+                     optim::AdamW<typename Adapter::Scalar>& optimizer,
+                     Allocator* allocator = nullptr) {
+  return load_checkpoint(SafetensorsReader(path), set, optimizer, allocator);
 }
 
 }  // namespace io

@@ -134,9 +134,24 @@ class RecipeBase {
     phase_ = Phase::finished;
   }
 
-  /// Optimizer steps taken (after_optimizer_step calls).
+  /// Optimizer steps taken (after_optimizer_step calls, and the steps a resumed run restored).
   long optimizer_steps() const noexcept { return steps_; }
   const Set& adapters() const { return checked_set("adapters"); }
+  Set& adapters() { return checked_set("adapters"); }
+
+  /**
+   * Marks a run restored from a checkpoint taken after `steps` optimizer steps (what
+   * train::load_checkpoint calls): the next after_optimizer_step takes step `steps + 1`.
+   */
+  void resume_at(long steps) {
+    require(Phase::training, "resume_at");
+    if (in_step_ || steps < 0) {
+      PEFT_THROW(state_error(where("resume_at") +
+                             (in_step_ ? ": inside an optimizer step" : ": negative step count")));
+    }
+    last_step_ = steps;
+    steps_ = steps;
+  }
 
  protected:
   // Only as a base: the recipes hide these hooks (no virtuals), so call them on the recipe's type.
@@ -462,6 +477,7 @@ class AdaLoraRecipe : public RecipeBase<AdaLoraLinear<Scalar, Order, Storage>> {
   }
 
   const Allocator& allocator() const { return *allocator_; }
+  Allocator& allocator() { return *allocator_; }  ///< for train::load_checkpoint
   /// The last update_and_allocate() report (value-initialised before the first step).
   const typename Allocator::Report& last_report() const noexcept { return report_; }
 
