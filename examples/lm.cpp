@@ -10,9 +10,12 @@
 //   peft-lm serve-batch --adapters A,B --ids 0,1,-1  generate for a batch, each row with its own
 //                                                    adapter, one batched forward per token
 //   peft-lm bench-step                               time fine-tuning steps (vs PyTorch)
+//   peft-lm finetune --checkpoint C --resume ...     checkpoint every 50 steps; rerun the same
+//                                                    command to continue an interrupted run
 //   mpirun -np 2 peft-lm finetune ...                data-parallel fine-tuning (built with MPI):
 //                                                    each rank takes its share of every batch,
-//                                                    rank 0 prints and writes the folder
+//                                                    rank 0 prints and writes the folder and
+//                                                    the checkpoints
 //
 // The model (examples/support/transformer.hpp) is the user's code; peft supplies the adapters,
 // the recipes that run each method's protocol, the optimizer and the adapter files. docs/lm.md
@@ -66,6 +69,9 @@ struct Options {
   std::string prompt = "The ", dtype = "bf16", json, tokens;
   std::string base_storage = "f32";  // finetune: the frozen projections' storage
   std::string adapters, ids;         // serve-batch: adapter folders, and each row's adapter
+  std::string checkpoint;            // finetune: the training checkpoint file
+  long checkpoint_every = 50;
+  bool resume = false;               // finetune: continue from `checkpoint` when it exists
   std::vector<std::string> prompts;  // serve-batch: one per row, or one for every row
   Config model;                      // pretrain's shape
   long steps = 0;
@@ -210,6 +216,10 @@ int finetune(Options o) {
   r.calibration_batches = o.calibration_batches;
   r.eval_bytes = o.eval_bytes;
   r.out = o.out;
+  r.checkpoint = o.checkpoint;
+  r.checkpoint_every = o.checkpoint_every;
+  r.resume = o.resume;
+  r.data_name = o.data.empty() ? "jargon-4.4.7" : std::filesystem::path(o.data).filename().string();
   r.base_name = std::filesystem::path(o.base).filename().string();
   const bool leader = !o.communicator || o.communicator->rank() == 0;  // prints, writes
   r.quiet = o.quiet || !leader;
@@ -227,16 +237,21 @@ int finetune(Options o) {
     std::printf("data-parallel over %d ranks: %ld sequences per rank and step\n",
                 o.communicator->size(), static_cast<long>(r.batch / o.communicator->size()));
   }
+  if (res.checkpoints > 0) {
+    std::printf("wrote %ld checkpoints to %s (every %ld steps)\n", res.checkpoints,
+                r.checkpoint.c_str(), r.checkpoint_every);
+  }
   std::printf("held-out bits/char after:  %.4f (%+.1f%% against the base)\n", res.after,
               100.0 * (res.after / res.before - 1.0));
   if (!o.out.empty()) {
     std::printf("wrote %s: a PEFT adapter folder, %zu modules, target_modules %s\n", o.out.c_str(),
                 res.modules, targets_string(r.targets).c_str());
   }
+  const long trained = r.steps - res.resumed_at;
   std::printf(
-      "%ld steps of %ld x %ld tokens in %.1f s (%s tok/s); %.1f s in all\n", r.steps,
+      "%ld steps of %ld x %ld tokens in %.1f s (%s tok/s); %.1f s in all\n", trained,
       static_cast<long>(r.batch), static_cast<long>(w.cfg.context), res.train_seconds,
-      thousands(static_cast<double>(r.steps * r.batch * w.cfg.context) / res.train_seconds).c_str(),
+      thousands(static_cast<double>(trained * r.batch * w.cfg.context) / res.train_seconds).c_str(),
       res.seconds);
   std::printf("frozen projections: %s bytes in %s; peak resident memory %.1f MB\n",
               thousands(static_cast<double>(res.frozen_bytes)).c_str(), res.storage.c_str(),
@@ -737,6 +752,11 @@ int main(int argc, char** argv) {
   fine->add_option("--base-storage", o.base_storage,
                    "frozen projections in f32, bf16 or q8_0 (8-bit blocks), read in place")
       ->capture_default_str();
+  fine->add_option("--checkpoint", o.checkpoint, "training checkpoint file (rank 0 writes it)");
+  fine->add_option("--checkpoint-every", o.checkpoint_every, "steps between checkpoints")
+      ->capture_default_str();
+  fine->add_flag("--resume", o.resume,
+                 "continue from --checkpoint if it exists (the same run: same options)");
   fine->add_flag("--check", o.check, "exit 3 unless the held-out bits/char went down");
   fine->add_flag("--quiet", o.quiet, "no progress line");
   common(fine);

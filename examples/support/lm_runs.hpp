@@ -16,12 +16,15 @@
 #include <peft/io/lora.hpp>
 #include <peft/optim/adamw.hpp>
 #include <peft/optim/schedule.hpp>
+#include <peft/train/checkpoint.hpp>
 #include <peft/train/recipe.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <functional>
+#include <map>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -44,7 +47,13 @@ struct RunOptions {
   Index eval_bytes = 32768;  ///< held-out bytes per evaluation
   long eval_every = 0;       ///< also evaluate every this many steps (0: only before and after)
   std::string out;           ///< adapter folder to write (empty: none)
-  std::string base_name;     ///< base_model_name_or_path in the folder's config
+  /// Training checkpoint (train::save_checkpoint) written every `checkpoint_every` steps; with
+  /// `resume`, a run whose checkpoint exists continues from it (else it starts afresh).
+  std::string checkpoint;
+  long checkpoint_every = 50;
+  bool resume = false;
+  std::string data_name;  ///< the fine-tuning text, as a resumed run must find it again
+  std::string base_name;  ///< base_model_name_or_path in the folder's config
   bool quiet = false;
   /// Data-parallel workers (peft-lm finetune under mpirun): every worker draws the same batches
   /// and trains on its share of each batch's sequences (batch / size); null: one worker.
@@ -61,6 +70,8 @@ struct RunResult {
   std::size_t modules = 0;
   long calibration_batches = 0;
   double train_seconds = 0, seconds = 0;
+  long resumed_at = 0;           ///< optimizer steps restored from the checkpoint (0: a fresh run)
+  long checkpoints = 0;          ///< checkpoints written
   std::string storage = "f32";   ///< the frozen projections' storage
   std::size_t frozen_bytes = 0;  ///< bytes the frozen projections take
 };
@@ -190,6 +201,58 @@ long calibrate(Recipe& recipe, const Weights<float>& w,
   return batches;
 }
 
+/// What a checkpoint's run was: a resumed run must be the same run (checked key by key).
+inline std::map<std::string, std::string> run_identity(const RunOptions& o,
+                                                       const std::string& label,
+                                                       const std::string& storage, Index context) {
+  char lr[32], alpha[32], decay[32];
+  std::snprintf(lr, sizeof lr, "%.17g", o.lr);
+  std::snprintf(alpha, sizeof alpha, "%.17g", o.alpha);
+  std::snprintf(decay, sizeof decay, "%.17g", o.weight_decay);
+  return {{"method", label},
+          {"target", targets_string(o.targets)},
+          {"steps", std::to_string(o.steps)},
+          {"batch", std::to_string(o.batch)},
+          {"rank", std::to_string(o.rank)},
+          {"alpha", alpha},
+          {"lr", lr},
+          {"weight-decay", decay},
+          {"seed", std::to_string(o.seed)},
+          {"calibration-batches", std::to_string(o.calibration_batches)},
+          {"context", std::to_string(context)},
+          {"base", o.base_name},
+          {"base-storage", storage},
+          {"data", o.data_name}};
+}
+
+/**
+ * Restores `o.checkpoint` when resuming and it exists (worker 0 decides, and reads it); returns
+ * the optimizer steps it holds, 0 for a fresh run. config_error when it is another run's.
+ */
+template <typename Recipe>
+long resume(const RunOptions& o, Recipe& recipe, peft::optim::AdamW<float>& opt,
+            const std::map<std::string, std::string>& identity) {
+  if (!o.resume) return 0;
+  std::uint8_t exists = std::filesystem::exists(o.checkpoint) ? 1 : 0;
+  recipe.communicator().broadcast(&exists, 1, 0);  // worker 0's filesystem decides
+  if (!exists) return 0;
+  std::map<std::string, std::string> saved;
+  const long done = peft::train::load_checkpoint(o.checkpoint, recipe, opt, &saved);
+  for (const auto& [key, value] : identity) {
+    const auto it = saved.find(key);
+    const std::string was = it == saved.end() ? "(none)" : it->second;
+    if (was != value) {
+      PEFT_THROW(peft::config_error(o.checkpoint + " is another run's checkpoint: its " + key +
+                                    " is " + was + ", this run's " + value));
+    }
+  }
+  if (done >= o.steps) {
+    PEFT_THROW(peft::config_error(format("%s holds step %ld of %ld: nothing left to resume",
+                                         o.checkpoint.c_str(), done, o.steps)));
+  }
+  return done;
+}
+
 template <typename Recipe>
 RunResult run(const RunOptions& o, Recipe& recipe, Weights<float>& w,
               const StoredProjections<typename Recipe::Adapter::Storage>& stored,
@@ -226,6 +289,9 @@ RunResult run(const RunOptions& o, Recipe& recipe, Weights<float>& w,
   ao.weight_decay = o.weight_decay;
   peft::optim::AdamW<float> opt(ao);
   set.register_with(opt);
+  const auto identity = run_identity(o, label, r.storage, w.cfg.context);
+  r.resumed_at = resume(o, recipe, opt, identity);
+  windows.skip(o.batch, r.resumed_at);  // the batches the checkpointed run already drew
   r.trainable = set.num_parameters();
   r.total = w.num_parameters();
   if constexpr (std::is_same_v<Storage, peft::Dense>) {
@@ -247,6 +313,10 @@ RunResult run(const RunOptions& o, Recipe& recipe, Weights<float>& w,
             ? format("; calibrated on %ld batches", r.calibration_batches).c_str()
             : "");
     std::printf("held-out bits/char before: %.4f\n", r.before);
+    if (r.resumed_at > 0) {
+      std::printf("resumed from %s at step %ld of %ld\n", o.checkpoint.c_str(), r.resumed_at,
+                  o.steps);
+    }
     std::fflush(stdout);
   }
 
@@ -260,8 +330,8 @@ RunResult run(const RunOptions& o, Recipe& recipe, Weights<float>& w,
   double recent = 0.0;
   long count = 0;
   const auto train_start = Clock::now();
-  double eval_seconds = 0.0;
-  for (long step = 1; step <= o.steps; ++step) {
+  double untimed_seconds = 0.0;  // evaluations and checkpoints, left out of tok/s
+  for (long step = r.resumed_at + 1; step <= o.steps; ++step) {
     windows.next(o.batch, in, target);
     const Index local = detail::local_share(in, target, o.batch, w.cfg.context, comm);
     model.forward(in, local, w.cfg.context, tr, lin);
@@ -280,15 +350,21 @@ RunResult run(const RunOptions& o, Recipe& recipe, Weights<float>& w,
     recipe.after_optimizer_step(opt.step_count());
     opt.zero_grad();
     r.train_loss.push_back(loss);
+    if (!o.checkpoint.empty() && step % o.checkpoint_every == 0 && step < o.steps) {
+      const auto t0 = Clock::now();
+      peft::train::save_checkpoint(o.checkpoint, recipe, opt, identity);  // worker 0 writes
+      ++r.checkpoints;
+      untimed_seconds += seconds_since(t0);
+    }
     if (o.eval_every > 0 && step % o.eval_every == 0 && step < o.steps) {
       const auto t0 = Clock::now();
       r.held_out.emplace_back(step, held_out_bpc(w, lin, text.held_out, o.eval_bytes));
-      eval_seconds += seconds_since(t0);
+      untimed_seconds += seconds_since(t0);
     }
     recent += loss;
     ++count;
-    const double tokens = static_cast<double>(step * o.batch * w.cfg.context);
-    const double seconds = seconds_since(train_start) - eval_seconds;
+    const double tokens = static_cast<double>((step - r.resumed_at) * o.batch * w.cfg.context);
+    const double seconds = seconds_since(train_start) - untimed_seconds;
     if (progress.update(
             step, format("%s step %5ld/%ld  loss %.4f  bits/char %.3f  %s tok/s", label.c_str(),
                          step, o.steps, recent / count, recent / count / std::log(2.0),
@@ -297,7 +373,7 @@ RunResult run(const RunOptions& o, Recipe& recipe, Weights<float>& w,
       count = 0;
     }
   }
-  r.train_seconds = seconds_since(train_start) - eval_seconds;
+  r.train_seconds = seconds_since(train_start) - untimed_seconds;
   recipe.finish();  // AdaLoRA shrinks to its kept ranks; LoRA-GA exports over the original W
   r.after = held_out_bpc(w, lin, text.held_out, o.eval_bytes);
   r.held_out.emplace_back(o.steps, r.after);
@@ -396,6 +472,10 @@ RunResult finetune_eva(const RunOptions& o, Weights<Scalar>& w, const TextSplit&
 inline void check_run_options(const RunOptions& o) {
   if (o.steps < 1 || o.batch < 1 || o.rank < 1) {
     PEFT_THROW(peft::config_error("steps, batch and rank must be >= 1"));
+  }
+  if (o.checkpoint_every < 1) PEFT_THROW(peft::config_error("--checkpoint-every must be >= 1"));
+  if (o.resume && o.checkpoint.empty()) {
+    PEFT_THROW(peft::config_error("--resume needs --checkpoint (the file to resume from)"));
   }
 }
 

@@ -123,6 +123,10 @@ class Windows {
       }
     }
   }
+  /// Skips `count` batches of `batch` windows: the draws next() would make (a resumed run).
+  void skip(Index batch, long count) {
+    for (long i = 0; i < count * static_cast<long>(batch); ++i) rng_.next();
+  }
 
  private:
   const std::string& text_;
