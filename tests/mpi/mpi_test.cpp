@@ -10,6 +10,7 @@
 #include <catch2/catch.hpp>
 
 #include <cstring>
+#include <string>
 #include <vector>
 
 using namespace peft_test;
@@ -157,11 +158,43 @@ TEST_CASE("MPI: AdaLoRA over 2 ranks: the serial masks, one allocator state", "[
   equals_serial<peft::train::AdaLoraRecipe<double>>(dist_adalora_options(), 12, 2e-2);
 }
 
+// Run only by the ctest mpi_require_fails (hidden tag): rank 1 fails a REQUIRE while rank 0
+// waits at a barrier; StopJobOnFatalFailure must end the job, not leave rank 0 waiting.
+TEST_CASE("MPI: a REQUIRE failing on one rank stops the job", "[.require_fails]") {
+  MpiCommunicator comm;
+  REQUIRE(comm.rank() != 1);  // fails on purpose on rank 1
+  comm.barrier();
+}
+
+namespace {
+/**
+ * Every rank runs every case, so the collectives inside them pair up. A CHECK that fails only
+ * reports and the rank goes on in step with the others (it exits non-zero at the end, and mpirun
+ * with it). A REQUIRE that fails, or an exception escaping a case, skips that rank's remaining
+ * collectives and would leave the other ranks waiting until ctest's TIMEOUT: such a failure is
+ * printed here and ends the job at once (MPI_Abort).
+ */
+struct StopJobOnFatalFailure : Catch::TestEventListenerBase {
+  using TestEventListenerBase::TestEventListenerBase;
+  bool assertionEnded(const Catch::AssertionStats& stats) override {
+    const Catch::AssertionResult& r = stats.assertionResult;
+    const bool fatal = !r.isOk() && (r.getResultType() == Catch::ResultWas::ThrewException ||
+                                     !Catch::shouldContinueOnFailure(r.m_info.resultDisposition));
+    if (fatal) {
+      const std::string why =
+          r.getSourceInfo().file + std::string(":") + std::to_string(r.getSourceInfo().line) +
+          ": " + std::string(r.getTestMacroName()) + "(" + r.getExpression() + ") failed" +
+          (r.hasMessage() ? ": " + r.getMessage() : std::string()) +
+          " (expanded: " + r.getExpandedExpression() + ")";
+      peft::dist::MpiSession::abort(why);
+    }
+    return true;
+  }
+};
+}  // namespace
+CATCH_REGISTER_LISTENER(StopJobOnFatalFailure)
+
 int main(int argc, char** argv) {
   peft::dist::MpiSession session(argc, argv);
-  // Every rank runs every case, so the collectives inside them pair up. The cases use CHECK
-  // around collectives, never REQUIRE: a REQUIRE failing on one rank would skip that rank's
-  // later collectives and leave the other blocked until ctest's TIMEOUT.
-  // A rank with a failure exits non-zero, and mpirun with it.
   return Catch::Session().run(argc, argv);
 }
