@@ -18,6 +18,18 @@
 #include <vector>
 
 PEFT_NAMESPACE_BEGIN
+namespace detail {
+/// a · b summed over the workers (the same bits on every worker).
+template <typename A, typename B>
+Matrix<typename A::Scalar, Eigen::ColMajor> summed_product(const A& a, const B& b,
+                                                           dist::Communicator& comm) {
+  Matrix<typename A::Scalar, Eigen::ColMajor> p(a.rows(), b.cols());
+  p.noalias() = a * b;
+  comm.all_reduce_sum(p.data(), p.size());
+  return p;
+}
+}  // namespace detail
+
 namespace linalg {
 
 /**
@@ -40,22 +52,11 @@ class SummedOperator {
 
   Index rows() const { return m_.rows(); }
   Index cols() const { return m_.cols(); }
-  Dense left(const Dense& x) const {
-    Dense y(m_.rows(), x.cols());
-    y.noalias() = m_ * x;
-    comm_.all_reduce_sum(y.data(), y.size());
-    return y;
-  }
+  Dense left(const Dense& x) const { return detail::summed_product(m_, x, comm_); }
   Dense orthonormal(const Dense& y) const { return detail::orthonormal_columns(y); }
-  Dense right(const Dense& q) const {
-    Dense z(m_.cols(), q.cols());
-    z.noalias() = m_.transpose() * q;
-    comm_.all_reduce_sum(z.data(), z.size());
-    return z;
-  }
+  Dense right(const Dense& q) const { return detail::summed_product(m_.transpose(), q, comm_); }
   Dense project(const Dense& q) const {
-    Dense b = q.transpose() * m_;
-    comm_.all_reduce_sum(b.data(), b.size());
+    Dense b = detail::summed_product(q.transpose(), m_, comm_);
     if (factor_ != Scalar(1)) b *= factor_;
     return b;
   }
@@ -118,17 +119,9 @@ class RowSplitOperator {
     return result;
   }
   /// Mᵀ q = Σ_w M_wᵀ q_w, whole on every worker.
-  Dense right(const Dense& q) const {
-    Dense z(m_.cols(), q.cols());
-    z.noalias() = m_.transpose() * q;
-    comm_.all_reduce_sum(z.data(), z.size());
-    return z;
-  }
-  Dense project(const Dense& q) const {
-    Dense b = q.transpose() * m_;
-    comm_.all_reduce_sum(b.data(), b.size());
-    return b;
-  }
+  Dense right(const Dense& q) const { return detail::summed_product(m_.transpose(), q, comm_); }
+  /// Qᵀ M = Σ_w Q_wᵀ M_w, whole on every worker.
+  Dense project(const Dense& q) const { return detail::summed_product(q.transpose(), m_, comm_); }
 
  private:
   Eigen::Ref<const Rows> m_;
