@@ -42,7 +42,7 @@ inline long parse_long(const std::map<std::string, std::string>& meta, const std
 /// "[out, in] r": what a module's saved parameters belong to, checked on load (another method,
 /// rank or shape can have as many parameters).
 template <typename Adapter>
-std::string shape_of(const Adapter& a) {
+std::string checkpoint_shape(const Adapter& a) {
   return "[" + std::to_string(a.out_features()) + ", " + std::to_string(a.in_features()) + "] r" +
          std::to_string(a.rank());
 }
@@ -60,7 +60,7 @@ SafetensorsWriter checkpoint_writer(const AdapterSet<Adapter>& set,
   w.set_metadata("adapter", Adapter::class_name);
   set.for_each([&](const std::string& name, const Adapter& a) {
     w.add_vector("adapter." + name, a.parameters(), dtype);
-    w.set_metadata("shape." + name, shape_of(a));
+    w.set_metadata("shape." + name, checkpoint_shape(a));
     if constexpr (detail::has_rank_mask<Adapter>::value) {
       std::string flags;
       for (bool k : a.kept()) flags += k ? '1' : '0';
@@ -134,10 +134,10 @@ long load_checkpoint(const SafetensorsReader& file, AdapterSet<Adapter>& set,
     if (!file.contains(key))
       PEFT_THROW(format_error(path + ": no parameters for module '" + name + "'"));
     if (const auto it = meta.find("shape." + name);
-        it != meta.end() && it->second != detail::shape_of(set.adapter(name))) {
+        it != meta.end() && it->second != detail::checkpoint_shape(set.adapter(name))) {
       PEFT_THROW(dimension_error(path + ": module '" + name + "' was saved as " +
                                  detail::printable(it->second) + ", the adapter is " +
-                                 detail::shape_of(set.adapter(name))));
+                                 detail::checkpoint_shape(set.adapter(name))));
     }
     Vector<Scalar> p = file.vector<Scalar>(key);
     if (p.size() != set.adapter(name).num_parameters()) {
