@@ -218,6 +218,22 @@ TEST_CASE("train checkpoint: bad files and wrong phases change nothing", "[train
                   peft::format_error);
   CHECK(recipe.optimizer_steps() == 0);
 
+  // `accept` sees the saved metadata first and can refuse the file before anything changes.
+  {
+    TwoLayerModel<Recipe::Adapter> other_model(task);
+    Recipe other(lora(false));
+    train_split(other_model, other, task, kStopAt, 1e-2, saving<Recipe>(path));
+  }
+  const auto refuse = [](const std::map<std::string, std::string>& meta) {
+    CHECK(meta.at("run") == "test");
+    throw peft::config_error("another run");
+  };
+  CHECK_THROWS_AS(peft::train::load_checkpoint(path.string(), recipe, optimizer, nullptr, refuse),
+                  peft::config_error);
+  CHECK(same_bits(parameters_of(model.set), before));
+  CHECK(optimizer.step_count() == 0);
+  CHECK(recipe.optimizer_steps() == 0);
+
   // Not a safetensors file at all.
   { std::ofstream(path, std::ios::binary) << "not a checkpoint"; }
   CHECK_THROWS_AS(peft::train::load_checkpoint(path.string(), recipe, optimizer),

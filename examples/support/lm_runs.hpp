@@ -236,16 +236,17 @@ long resume(const RunOptions& o, Recipe& recipe, peft::optim::AdamW<float>& opt,
   std::uint8_t exists = std::filesystem::exists(o.checkpoint) ? 1 : 0;
   recipe.communicator().broadcast(&exists, 1, 0);  // worker 0's filesystem decides
   if (!exists) return 0;
-  std::map<std::string, std::string> saved;
-  const long done = peft::train::load_checkpoint(o.checkpoint, recipe, opt, &saved);
-  for (const auto& [key, value] : identity) {
-    const auto it = saved.find(key);
-    const std::string was = it == saved.end() ? "(none)" : it->second;
-    if (was != value) {
-      PEFT_THROW(peft::config_error(o.checkpoint + " is another run's checkpoint: its " + key +
-                                    " is " + was + ", this run's " + value));
+  const auto same_run = [&](const std::map<std::string, std::string>& saved) {
+    for (const auto& [key, value] : identity) {
+      const auto it = saved.find(key);
+      const std::string was = it == saved.end() ? "(none)" : it->second;
+      if (was != value) {
+        PEFT_THROW(peft::config_error(o.checkpoint + " is another run's checkpoint: its " + key +
+                                      " is " + was + ", this run's " + value));
+      }
     }
-  }
+  };  // checked before the checkpoint changes anything
+  const long done = peft::train::load_checkpoint(o.checkpoint, recipe, opt, nullptr, same_run);
   if (done >= o.steps) {
     PEFT_THROW(peft::config_error(format("%s holds step %ld of %ld: nothing left to resume",
                                          o.checkpoint.c_str(), done, o.steps)));

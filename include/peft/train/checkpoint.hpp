@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <exception>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <string>
 #include <type_traits>
@@ -128,16 +129,18 @@ void save_checkpoint(const std::string& path, const Recipe& recipe,
  * checkpointed run built them: attached with the same options and, for LoRA-GA and EVA,
  * calibrated again on the same batches (calibration is deterministic; the checkpoint holds the
  * training state, not the initialisation). Everything is read and checked before anything
- * changes. Returns the optimizer steps taken; the next optimizer step is that + 1. The saved
- * metadata goes to `*metadata` when given.
+ * changes, `accept` too: it is called with the saved metadata first, and throws to refuse the
+ * file (e.g. another run's options). Returns the optimizer steps taken; the next optimizer step
+ * is that + 1. The saved metadata goes to `*metadata` when given.
  *
  * Collective: worker 0 reads the file and broadcasts its bytes, so only worker 0 needs it. Any
  * worker count may resume any checkpoint (the global batch is what the run defines).
  */
 template <typename Recipe>
-long load_checkpoint(const std::string& path, Recipe& recipe,
-                     optim::AdamW<typename Recipe::Scalar>& optimizer,
-                     std::map<std::string, std::string>* metadata = nullptr) {
+long load_checkpoint(
+    const std::string& path, Recipe& recipe, optim::AdamW<typename Recipe::Scalar>& optimizer,
+    std::map<std::string, std::string>* metadata = nullptr,
+    const std::function<void(const std::map<std::string, std::string>&)>& accept = {}) {
   detail::require_training(recipe, "load_checkpoint");
   dist::Communicator& comm = recipe.communicator();
   std::string bytes;
@@ -160,16 +163,15 @@ long load_checkpoint(const std::string& path, Recipe& recipe,
     PEFT_THROW(format_error(path + ": step " + step_it->second + " is not the optimizer's step " +
                             optimizer_it->second + "; not a recipe's checkpoint"));
   }
+  std::map<std::string, std::string> user;
+  const std::string prefix = detail::user_prefix;
+  for (const auto& [key, value] : meta)
+    if (key.compare(0, prefix.size(), prefix) == 0) user[key.substr(prefix.size())] = value;
+  if (accept) accept(user);
   const long step =
       io::load_checkpoint(file, recipe.adapters(), optimizer, detail::allocator_of(recipe));
   recipe.resume_at(step);
-  if (metadata) {
-    metadata->clear();
-    const std::string prefix = detail::user_prefix;
-    for (const auto& [key, value] : meta)
-      if (key.compare(0, prefix.size(), prefix) == 0)
-        (*metadata)[key.substr(prefix.size())] = value;
-  }
+  if (metadata) *metadata = std::move(user);
   return step;
 }
 
