@@ -66,7 +66,8 @@ SplitHooks<Recipe> resuming(const fs::path& path) {
 /// Straight, saving and resumed runs over `workers` threads; the resumed run's parameters (and
 /// AdaLoRA's masks and allocator averages) must be the straight run's bits on every worker.
 template <typename Recipe, typename Options>
-void check_resume(const Options& options, double lr, int workers, const std::string& name) {
+void check_resume(const Options& options, double lr, int workers, const std::string& name,
+                  bool dropout = false) {
   const Task task;
   const fs::path path = temp_file(name + "_" + std::to_string(workers) + ".safetensors");
   enum { straight, saved, resumed };
@@ -77,9 +78,11 @@ void check_resume(const Options& options, double lr, int workers, const std::str
       TwoLayerModel<typename Recipe::Adapter> model(task);
       Recipe recipe(options);
       recipe.set_communicator(c);
-      const SplitHooks<Recipe> hooks = kind == saved     ? saving<Recipe>(path)
-                                       : kind == resumed ? resuming<Recipe>(path)
-                                                         : SplitHooks<Recipe>{};
+      SplitHooks<Recipe> hooks = kind == saved     ? saving<Recipe>(path)
+                                 : kind == resumed ? resuming<Recipe>(path)
+                                                   : SplitHooks<Recipe>{};
+      // Before load_checkpoint, which then continues each worker's streams where they stood.
+      if (dropout) hooks.start = [](Recipe& r) { r.enable_dropout(21); };
       runs[static_cast<std::size_t>(c.rank())][kind] =
           train_split(model, recipe, task, kSteps, lr, hooks);
     });
@@ -103,6 +106,12 @@ void check_resume(const Options& options, double lr, int workers, const std::str
 peft::train::LoraRecipeOptions lora(bool rslora) {
   peft::train::LoraRecipeOptions o;
   o.lora = dist_lora_options(rslora);
+  return o;
+}
+
+peft::train::LoraRecipeOptions lora_with_dropout() {
+  peft::train::LoraRecipeOptions o = lora(false);
+  o.lora.lora_dropout = 0.25;
   return o;
 }
 
@@ -134,6 +143,13 @@ TEST_CASE("train checkpoint: every method resumes bit-identically, on 1 and 2 wo
     check_resume<peft::train::LoraGaRecipe<double>>(lora_ga(), 3e-3, workers, "lora_ga");
     check_resume<peft::train::EvaRecipe<double>>(eva(), 1e-2, workers, "eva");
   }
+}
+
+TEST_CASE("train checkpoint: each worker's dropout stream resumes where it stood",
+          "[train][checkpoint][dist][dropout]") {
+  for (int workers : {1, 2})
+    check_resume<peft::train::LoraRecipe<double>>(lora_with_dropout(), 1e-2, workers, "dropout",
+                                                  true);
 }
 
 TEST_CASE(
@@ -232,6 +248,20 @@ TEST_CASE("train checkpoint: bad files and wrong phases change nothing", "[train
                   peft::config_error);
   CHECK(same_bits(parameters_of(model.set), before));
   CHECK(optimizer.step_count() == 0);
+  CHECK(recipe.optimizer_steps() == 0);
+
+  // Dropout streams for another set of modules: format_error naming them; nothing changes.
+  {
+    auto file = peft::io::detail::checkpoint_writer(model.set, optimizer, optimizer.step_count(),
+                                                    peft::train::detail::allocator_of(recipe));
+    file.set_metadata("dropout.streams", "1 5 0 1 2 3 4 5");
+    file.save(path.string());
+  }
+  CHECK_THROWS_AS(peft::train::load_checkpoint(path.string(), recipe, optimizer),
+                  peft::format_error);
+  CHECK_THROWS_WITH(peft::train::load_checkpoint(path.string(), recipe, optimizer),
+                    Catch::Matchers::Contains("dropout.streams does not hold 2 modules'"));
+  CHECK(same_bits(parameters_of(model.set), before));
   CHECK(recipe.optimizer_steps() == 0);
 
   // Not a safetensors file at all.

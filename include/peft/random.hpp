@@ -7,6 +7,7 @@
 
 #include <Eigen/Core>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -36,6 +37,22 @@ class Rng {
     std::uint64_t x = seed;
     for (auto& word : state_) word = splitmix64(x);
     has_spare_normal_ = false;
+  }
+
+  /// Where a stream stands: enough to continue it elsewhere (a training checkpoint).
+  struct State {
+    std::array<std::uint64_t, 4> words;
+    bool has_spare_normal;
+    double spare_normal;
+  };
+  State state() const noexcept {
+    return {{state_[0], state_[1], state_[2], state_[3]}, has_spare_normal_, spare_normal_};
+  }
+  /// Continues the stream `s` was taken from: the next draws are the ones it would have made.
+  void restore(const State& s) noexcept {
+    for (int i = 0; i < 4; ++i) state_[i] = s.words[static_cast<std::size_t>(i)];
+    has_spare_normal_ = s.has_spare_normal;
+    spare_normal_ = s.spare_normal;
   }
 
   static constexpr result_type min() noexcept { return 0; }

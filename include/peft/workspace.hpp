@@ -100,6 +100,13 @@ class Workspace {
     mode_ = DropoutMode::sampled;
     mask_owner_ = nullptr;
   }
+  /// The dropout stream's position (kept across modes), e.g. for a training checkpoint.
+  Rng::State dropout_stream() const noexcept { return rng_.state(); }
+  /// Continues a dropout stream saved by dropout_stream(); the mode is unchanged.
+  void restore_dropout_stream(const Rng::State& s) noexcept {
+    rng_.restore(s);
+    mask_owner_ = nullptr;
+  }
   /// Inference mode (default): dropout is the identity.
   void disable_dropout() noexcept {
     mode_ = DropoutMode::off;

@@ -84,10 +84,12 @@ void record_allocator(const peft::train::AdaLoraRecipe<Scalar, Order, Storage>& 
   }
 }
 
-/// Optional hooks of train_split (checkpoint tests): `resume` runs after the optimizer is built
-/// and returns the optimizer steps already taken; `after_step` runs after every optimizer step.
+/// Optional hooks of train_split (checkpoint tests): `start` runs once calibration is done (e.g.
+/// enable_dropout); `resume` runs after the optimizer is built and returns the optimizer steps
+/// already taken; `after_step` runs after every optimizer step.
 template <typename Recipe>
 struct SplitHooks {
+  std::function<void(Recipe&)> start;
   std::function<long(Recipe&, peft::optim::AdamW<double>&)> resume;
   std::function<void(long, Recipe&, peft::optim::AdamW<double>&)> after_step;
 };
@@ -113,6 +115,7 @@ DistRun train_split(TwoLayerModel<typename Recipe::Adapter>& model, Recipe& reci
     recipe.end_calibration_batch();
   }
   run.initial = parameters_of(model.set);
+  if (hooks.start) hooks.start(recipe);
   peft::optim::AdamWOptions o;
   o.weight_decay = 0.0;
   peft::optim::AdamW<double> optimizer(o);

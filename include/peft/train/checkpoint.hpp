@@ -8,13 +8,16 @@
 #include <peft/train/recipe.hpp>
 
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <fstream>
 #include <functional>
 #include <map>
+#include <sstream>
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 PEFT_NAMESPACE_BEGIN
 namespace train {
@@ -100,13 +103,70 @@ inline std::string read_all(const std::string& path) {
 
 constexpr const char* user_prefix = "user.";
 
+/// Every worker's dropout streams ("workers modules" then 6 hex words per module, worker after
+/// worker): each worker has its own (dropout_seed), so worker 0 cannot write them alone.
+constexpr const char* dropout_key = "dropout.streams";
+constexpr std::size_t stream_words = 6;  // 4 state words, the spare-normal flag and its bits
+
+/// Collective: the streams of every worker's modules, registration order, in one string.
+template <typename Set>
+std::string gather_dropout_streams(const Set& set, dist::Communicator& comm) {
+  const std::vector<std::string> names = set.module_names();
+  const std::size_t per_worker = names.size() * stream_words;
+  std::vector<std::int64_t> words(per_worker * static_cast<std::size_t>(comm.size()), 0);
+  std::size_t at = per_worker * static_cast<std::size_t>(comm.rank());
+  for (const auto& name : names) {
+    const Rng::State s = set.module(name).workspace.dropout_stream();
+    std::uint64_t spare = 0;
+    std::memcpy(&spare, &s.spare_normal, sizeof spare);
+    for (const std::uint64_t w : {s.words[0], s.words[1], s.words[2], s.words[3],
+                                  std::uint64_t(s.has_spare_normal), spare}) {
+      std::memcpy(&words[at++], &w, sizeof w);
+    }
+  }
+  // A sum where every other worker adds 0: each worker's words arrive unchanged (integers).
+  if (comm.size() > 1) comm.all_reduce_sum(words.data(), static_cast<Index>(words.size()));
+  std::ostringstream out;
+  out << comm.size() << ' ' << names.size() << std::hex;
+  for (const std::int64_t w : words) out << ' ' << static_cast<std::uint64_t>(w);
+  return out.str();
+}
+
+/// The streams of `worker` of `workers` from gather_dropout_streams' text, one per module;
+/// empty when the checkpoint was taken on another worker count (its streams do not map here).
+inline std::vector<Rng::State> parse_dropout_streams(const std::string& text, std::size_t modules,
+                                                     int worker, int workers,
+                                                     const std::string& path) {
+  std::istringstream in(text);
+  long saved_workers = 0;
+  std::size_t saved_modules = 0;
+  in >> saved_workers >> saved_modules >> std::hex;
+  std::vector<std::uint64_t> words;
+  for (std::uint64_t w = 0; in >> w;) words.push_back(w);
+  if (!in.eof() || saved_workers < 1 || saved_modules != modules ||
+      words.size() != static_cast<std::size_t>(saved_workers) * modules * stream_words) {
+    PEFT_THROW(format_error(path + ": metadata " + dropout_key + " does not hold " +
+                            std::to_string(modules) + " modules' dropout streams per worker"));
+  }
+  std::vector<Rng::State> streams;
+  if (saved_workers != workers) return streams;
+  std::size_t at = static_cast<std::size_t>(worker) * modules * stream_words;
+  for (std::size_t m = 0; m < modules; ++m, at += stream_words) {
+    Rng::State s{{words[at], words[at + 1], words[at + 2], words[at + 3]}, words[at + 4] != 0, 0.0};
+    std::memcpy(&s.spare_normal, &words[at + 5], sizeof s.spare_normal);
+    streams.push_back(s);
+  }
+  return streams;
+}
+
 }  // namespace detail
 
 /**
  * Writes a checkpoint of `recipe`'s run at `path`, atomically: the adapters, AdamW's state, the
  * optimizer's step count and, for AdaLoRA, the kept masks and the allocator's score averages
- * (io::save_checkpoint's file), plus `metadata` (stored as "user.<key>", e.g. the run's options,
- * so a resume can check it continues the same run). Call it between optimizer steps.
+ * (io::save_checkpoint's file), every worker's dropout streams, plus `metadata` (stored as
+ * "user.<key>", e.g. the run's options, so a resume can check it continues the same run). Call it
+ * between optimizer steps.
  *
  * Collective: every worker calls it; worker 0 writes (the replicas hold the same bits) and every
  * worker returns once the file is in place, or throws if worker 0 could not write it.
@@ -116,9 +176,12 @@ void save_checkpoint(const std::string& path, const Recipe& recipe,
                      const optim::AdamW<typename Recipe::Scalar>& optimizer,
                      const std::map<std::string, std::string>& metadata = {}) {
   detail::require_training(recipe, "save_checkpoint");
+  const std::string streams =
+      detail::gather_dropout_streams(recipe.adapters(), recipe.communicator());
   detail::on_worker_zero(recipe.communicator(), [&] {
     auto file = io::detail::checkpoint_writer(recipe.adapters(), optimizer, optimizer.step_count(),
                                               detail::allocator_of(recipe));
+    file.set_metadata(detail::dropout_key, streams);
     for (const auto& [key, value] : metadata) file.set_metadata(detail::user_prefix + key, value);
     file.save(path);
   });
@@ -132,6 +195,10 @@ void save_checkpoint(const std::string& path, const Recipe& recipe,
  * changes, `accept` too: it is called with the saved metadata first, and throws to refuse the
  * file (e.g. another run's options). Returns the optimizer steps taken; the next optimizer step
  * is that + 1. The saved metadata goes to `*metadata` when given.
+ *
+ * Each worker's dropout streams continue where they stood, so call enable_dropout(seed) before
+ * this (after it, the streams would restart); with another worker count than the checkpoint's
+ * they cannot map and stay as they are.
  *
  * Collective: worker 0 reads the file and broadcasts its bytes, so only worker 0 needs it. Any
  * worker count may resume any checkpoint (the global batch is what the run defines).
@@ -167,9 +234,18 @@ long load_checkpoint(
   const std::string prefix = detail::user_prefix;
   for (const auto& [key, value] : meta)
     if (key.compare(0, prefix.size(), prefix) == 0) user[key.substr(prefix.size())] = value;
+  const auto streams_it = meta.find(detail::dropout_key);
+  const std::vector<Rng::State> streams =
+      streams_it == meta.end()
+          ? std::vector<Rng::State>{}
+          : detail::parse_dropout_streams(streams_it->second, recipe.adapters().num_modules(),
+                                          comm.rank(), comm.size(), path);
   if (accept) accept(user);
   const long step =
       io::load_checkpoint(file, recipe.adapters(), optimizer, detail::allocator_of(recipe));
+  const std::vector<std::string> names = recipe.adapters().module_names();
+  for (std::size_t m = 0; m < streams.size(); ++m)
+    recipe.adapters().workspace(names[m]).restore_dropout_stream(streams[m]);
   recipe.resume_at(step);
   if (metadata) *metadata = std::move(user);
   return step;
